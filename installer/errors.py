@@ -1,0 +1,37 @@
+"""The installer's error types.
+
+Every failure a user can cause or fix is an InstallerError: the CLI prints its
+message and hint on one line each and exits with its code, no traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class InstallerError(Exception):
+    """A failure with a one-line message, an optional hint and an exit code."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None, *, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(InstallerError):
+    """Bad input on the command line or in a pins/recipe override (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class RecipeError(UsageError):
+    """A malformed recipe or pins file; the message names the file and key."""
+
+
+class StepFailed(InstallerError):
+    """A recipe step's command failed; its log stays on disk."""
