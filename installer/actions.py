@@ -1,0 +1,57 @@
+"""Named builtin actions a recipe step may call, and the context they get.
+
+Recipes stay data: a step either runs an argv list or names one of these
+actions. Each entry is "module:function", imported only when a step uses it, so
+loading the plan stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from . import proc
+from .errors import RecipeError
+
+ACTIONS: dict[str, str] = {
+    # filled in by the stage modules' issues; one line per action
+}
+
+
+@dataclass
+class StepContext:
+    name: str                      # recipe name
+    prefix: Path
+    cache_dir: Path
+    work_dir: Path                 # PREFIX/.rdna4/work/<name>; kept on failure
+    log: Path                      # PREFIX/.rdna4/logs/<name>.log
+    env: dict[str, str]            # the explicit environment for every command
+    vars: Mapping[str, str]        # interpolation values (pins, prefix, archs, ...)
+    archs: tuple[str, ...]
+    jobs: int
+    offline: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)  # install options
+    ui: Any = None                 # installer.ui.UI
+    facts: dict[str, Any] = field(default_factory=dict)     # recorded in stamp + receipt
+
+    @property
+    def src_dir(self) -> Path:
+        return self.work_dir / "src"
+
+    def run(self, argv: Sequence[str], *, cwd: Path | str | None = None,
+            env: Mapping[str, str] | None = None, on_line: Callable[[str], None] | None = None,
+            what: str | None = None, timeout: float | None = None) -> None:
+        proc.run(argv, env=env if env is not None else self.env, cwd=cwd or self.work_dir,
+                 log=self.log, on_line=on_line, what=what, timeout=timeout)
+
+
+def lookup(name: str, where: str = "") -> Callable[..., None]:
+    try:
+        target = ACTIONS[name]
+    except KeyError:
+        known = ", ".join(sorted(ACTIONS)) or "none"
+        raise RecipeError(f"{where}unknown action {name!r}", hint=f"known actions: {known}") from None
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
