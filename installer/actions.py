@@ -15,6 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 from . import proc
 from .errors import RecipeError
 
+RESOLVERS: dict[str, str] = {
+    # recipe name -> "module:function"; see docs/design.md "Resolvers"
+}
+
 ACTIONS: dict[str, str] = {
     # filled in by the stage modules' issues; one line per action
 }
@@ -35,6 +39,9 @@ class StepContext:
     options: Mapping[str, Any] = field(default_factory=dict)  # install options
     ui: Any = None                 # installer.ui.UI
     facts: dict[str, Any] = field(default_factory=dict)     # recorded in stamp + receipt
+    source: Any = None             # the recipe's interpolated recipes.Source, or None
+    patches: tuple[Path, ...] = ()  # patches/<name>/*.patch in apply order
+    pins: Mapping[str, Any] = field(default_factory=dict)   # this recipe's own pins (resolved)
 
     @property
     def src_dir(self) -> Path:

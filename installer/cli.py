@@ -1,0 +1,296 @@
+"""The command line: parse, call the core, turn InstallerError into one line.
+
+Logic lives in the stage modules; each command here only gathers options,
+calls one core function and prints what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
+from .ui import UI
+
+SUPPORTED_ARCHS = ("gfx1200", "gfx1201")
+
+
+def _default_prefix() -> Path:
+    return Path.home() / ".local" / "share" / "rdna4-install" / "default"
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rdna4-install"
+
+
+class _Group(click.Group):
+    """`rdna4-install --prefix DIR ...` with no command means `install ...`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if a not in ("-v", "-vv", "-vvv", "-q", "--verbose", "--quiet")), None)
+        if first is not None and first.startswith("-") and first not in ("--help", "-h", "--version"):
+            lead = [a for a in args[: args.index(first)]]
+            args = lead + ["install"] + args[len(lead):]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InstallerError as exc:
+            obj = ctx.find_object(Obj)
+            if obj and obj.ui.verbosity >= 2:
+                raise
+            (obj.ui if obj else UI()).error(exc.message, exc.hint)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            UI().error("interrupted; nothing was marked done", "rerun the same command to resume")
+            ctx.exit(130)
+
+
+class Obj:
+    def __init__(self, verbosity: int):
+        self.ui = UI(verbosity)
+
+
+pass_obj = click.make_pass_decorator(Obj)
+
+
+# --- shared options ----------------------------------------------------------
+
+def _path(p: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(p))))
+
+
+prefix_opt = click.option("--prefix", type=click.Path(path_type=Path), envvar="RDNA4_PREFIX",
+                          show_envvar=True, default=None,
+                          help="Install into DIR [default: ~/.local/share/rdna4-install/default].")
+cache_opt = click.option("--cache-dir", type=click.Path(path_type=Path), envvar="RDNA4_CACHE_DIR",
+                         show_envvar=True, default=None,
+                         help="Downloads, git mirrors and wheels shared by all prefixes "
+                              "[default: $XDG_CACHE_HOME/rdna4-install].")
+recipes_opt = click.option("--recipes-dir", type=click.Path(path_type=Path, file_okay=False),
+                           envvar="RDNA4_RECIPES_DIR", show_envvar=True, default=None,
+                           help="Use recipes from DIR (patches from DIR/../patches).")
+
+
+def selection_options(fn):
+    opts = [
+        click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None,
+                     metavar="ARCH[,ARCH]", help="Build for these arches instead of the detected GPUs "
+                     "(gfx1200, gfx1201); needed on a host without the GPU."),
+        click.option("--allow-unsupported-arch", is_flag=True,
+                     help="Accept a --gpu-arch other than gfx1200/gfx1201 (untested; warns)."),
+        click.option("--only", multiple=True, metavar="RECIPE", help="Run only these recipes."),
+        click.option("--skip", multiple=True, metavar="RECIPE", help="Do not run these recipes."),
+        click.option("--without", multiple=True, metavar="RECIPE",
+                     help="Leave out an optional component, e.g. --without flash-attention."),
+        click.option("--jobs", "-j", type=click.IntRange(min=1), envvar="RDNA4_JOBS", show_envvar=True,
+                     default=None, help="Parallel compile jobs [default: from free memory and cores]."),
+        click.option("--set", "sets", multiple=True, metavar="RECIPE.KEY=VALUE",
+                     help="Override one pin, e.g. --set vllm.version=0.33.0."),
+        click.option("--pins", "pins_file", type=click.Path(path_type=Path, dir_okay=False),
+                     envvar="RDNA4_PINS", show_envvar=True, default=None,
+                     help="A TOML file of pins overriding recipes/pins.toml."),
+        click.option("--flash-attention-backend", type=click.Choice(["ck", "triton"]), default=None,
+                     help="ck builds the CK kernels; triton skips that build and uses the Triton kernels."),
+        click.option("--editable", is_flag=True, help="Install vLLM editable from its work tree."),
+        click.option("--offline", is_flag=True, envvar="RDNA4_OFFLINE", show_envvar=True,
+                     help="Use only the download cache; fail on a miss."),
+        recipes_opt, cache_opt, prefix_opt,
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def parse_archs(value: str | None, allow_unsupported: bool, ui: UI) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    archs = tuple(dict.fromkeys(a.strip() for a in value.split(",") if a.strip()))
+    if not archs:
+        raise UsageError("--gpu-arch is empty", hint="for example --gpu-arch gfx1201")
+    for arch in archs:
+        if not arch.startswith("gfx") or not arch[3:].isalnum():
+            raise UsageError(f"--gpu-arch {arch!r} is not a GPU arch", hint="for example gfx1201")
+        if arch not in SUPPORTED_ARCHS:
+            if not allow_unsupported:
+                raise UsageError(f"--gpu-arch {arch} is not an RDNA4 arch",
+                                 hint="use gfx1200 or gfx1201, or add --allow-unsupported-arch")
+            ui.warn(f"{arch} is not an RDNA4 arch; this build is untested")
+    return archs
+
+
+def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool) -> tuple[str, ...]:
+    archs = parse_archs(opts.get("gpu_arch"), opts.get("allow_unsupported_arch", False), ui)
+    if archs:
+        return archs
+    from . import state
+
+    receipt = state.read_receipt(prefix) or {}
+    if not need and receipt.get("archs"):
+        return tuple(receipt["archs"])
+    try:
+        from . import detect
+    except ImportError:  # detection not built yet
+        detect = None
+    if detect is not None:
+        found = detect.detect(prefix=prefix)
+        for warning in found.warnings:
+            ui.warn(warning)
+        if found.target:
+            return tuple(found.target)
+    if receipt.get("archs"):
+        return tuple(receipt["archs"])
+    raise InstallerError("no RDNA4 GPU (gfx1200/gfx1201) found on this machine",
+                         hint="run `rdna4-install detect` to see what was found, or pass "
+                              "--gpu-arch gfx1201 to build for a card in another machine")
+
+
+def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
+              need_gpu: bool = True):
+    from . import recipes as rcp
+    from .plan import Settings
+
+    prefix = _path(opts.get("prefix") or _default_prefix())
+    cache = _path(opts.get("cache_dir") or _default_cache())
+    recipes_dir = _path(opts["recipes_dir"]) if opts.get("recipes_dir") else rcp.default_recipes_dir()
+    sets = tuple(opts.get("sets") or ())
+    if opts.get("flash_attention_backend"):
+        sets += (f"flash-attention.backend={opts['flash_attention_backend']}",)
+    pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
+                               pins_file=opts.get("pins_file"), sets=sets)
+    archs = _target_archs(opts, ui, prefix, need=need_gpu)
+    return Settings(
+        prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
+        jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
+        skip=tuple(opts.get("skip") or ()) + tuple(opts.get("without") or ()),
+        targets=targets, force=force, offline=bool(opts.get("offline")),
+        options={"editable": bool(opts.get("editable"))},
+    )
+
+
+def _print_plan(plan, ui: UI, verbose: bool) -> None:
+    width = max((len(i.name) for i in plan.items), default=0)
+    click.echo(f"plan for {plan.settings.prefix} (target: {','.join(plan.settings.archs)})")
+    for item in plan.items:
+        mark = "will run" if item.action == "run" else "skip    "
+        version = item.vars.get("_version", "")
+        click.echo(f"  {mark}  {item.name:<{width}}  {version:<24}  {item.reason}")
+        if verbose:
+            for key, value in item.inputs.get("pins", {}).items():
+                click.echo(f"      pin {key} = {value}")
+            for key, value in item.inputs.get("source", {}).items():
+                click.echo(f"      source {key} = {value}")
+            for key, value in item.inputs.get("patches", {}).items():
+                click.echo(f"      patch {key} sha256:{value[:16]}")
+            if item.fingerprint:
+                click.echo(f"      fingerprint {item.fingerprint[:16]}")
+
+
+# --- commands ------------------------------------------------------------------
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rdna4-install")
+@click.option("-v", "--verbose", count=True, help="More output; -vv shows tracebacks.")
+@click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """Build and install vLLM for AMD RDNA4 GPUs (gfx1200/gfx1201) without Docker or root.
+
+    `rdna4-install --prefix DIR [options]` is short for `rdna4-install install --prefix DIR [options]`.
+    """
+    ctx.obj = Obj(verbose - quiet)
+
+
+@cli.command()
+@selection_options
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@pass_obj
+def install(obj: Obj, dry_run: bool, **opts: Any) -> None:
+    """Install (or update) the whole stack into a prefix."""
+    from . import engine
+
+    settings = _settings(opts, obj.ui)
+    plan, outcome = engine.install(settings, obj.ui, dry_run=dry_run)
+    if dry_run:
+        _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
+        return
+    if not outcome.ran:
+        obj.ui.success(f"everything in {settings.prefix} is up to date")
+    else:
+        obj.ui.success(f"installed into {settings.prefix}; activate with: . '{settings.prefix}/activate'")
+
+
+@cli.command()
+@selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("-v", "--verbose", count=True, help="Also show every resolved source, pin and patch.")
+@pass_obj
+def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
+    """Show the ordered steps, which will run and why."""
+    from .plan import make_plan
+
+    result = make_plan(_settings(opts, obj.ui, need_gpu=False))
+    if as_json:
+        click.echo(json.dumps(result.to_json(verbose=True), indent=2))
+    else:
+        _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
+@selection_options
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@pass_obj
+def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: Any) -> None:
+    """Rerun RECIPES, then whatever depends on them if its inputs changed."""
+    from . import engine
+
+    settings = _settings(opts, obj.ui, targets=recipes, force=force, need_gpu=False)
+    result, outcome = engine.install(settings, obj.ui, dry_run=dry_run)
+    if dry_run:
+        _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
+    elif not outcome.ran:
+        obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
+
+
+@cli.command()
+@prefix_opt
+@recipes_opt
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_obj
+def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: bool) -> None:
+    """Show each recipe: done / failed / pending, version, when, fingerprint."""
+    from . import engine
+    from . import recipes as rcp
+
+    prefix = _path(prefix or _default_prefix())
+    folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
+    names = list(rcp.load_recipes(folder))
+    rows = engine.status(prefix, names)
+    if as_json:
+        click.echo(json.dumps({"prefix": str(prefix), "recipes": rows}, indent=2))
+        return
+    click.echo(f"status of {prefix}")
+    for row in rows:
+        click.echo(f"  {row['recipe']:<18} {row['status']:<22} {row['version']:<24} "
+                   f"{row['when']:<21} {row['fingerprint'][:12]}")
+
+
+def main() -> None:
+    # a SIGTERM unwinds like Ctrl-C, so children are killed and nothing is stamped done
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cli(prog_name="rdna4-install")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,164 @@
+"""Execute a plan: lock the prefix, run each recipe's steps, stamp what succeeded.
+
+A recipe's stamp is first set to "incomplete" and becomes "done" with its
+fingerprint only after every step and its check succeed, so an interrupted or
+failed run is redone next time and a finished one is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, actions, proc, state
+from . import recipes as rcp
+from .errors import InstallerError, StepFailed
+from .plan import RUN, Item, Plan, Settings, make_plan, find_uv
+from .ui import UI
+
+
+@dataclass
+class Outcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "rdna4-install": __version__}
+    for name, argv in (("uv", [find_uv(), "--version"]), ("git", ["git", "--version"])):
+        got = proc.capture(argv, env=proc.base_env(), timeout=20)
+        out[name] = got.stdout.strip() if got.ok else "not found"
+    return out
+
+
+def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> actions.StepContext:
+    prefix = settings.prefix
+    source = None
+    if item.recipe.source is not None:
+        src = item.recipe.source
+        source = rcp.Source(**rcp.interpolate(dict(src.__dict__), item.vars, str(item.recipe.path)))
+    return actions.StepContext(
+        name=item.name, prefix=prefix, cache_dir=settings.cache_dir,
+        work_dir=state.work_root(prefix) / item.name,
+        log=state.logs_dir(prefix) / f"{item.name}.log",
+        env=env, vars=item.vars, archs=settings.archs, jobs=settings.jobs or 0,
+        offline=settings.offline, options=settings.options, ui=ui,
+        source=source, patches=item.patches,
+        pins={k.split(".", 1)[1]: v for k, v in item.vars.items() if k.startswith(item.name + ".")},
+    )
+
+
+def _run_step(ctx: actions.StepContext, step: rcp.Step, item: Item) -> None:
+    where = f"{item.recipe.path} step {step.name!r}"
+    if step.action:
+        fn = actions.lookup(step.action, f"{item.recipe.path}: ")
+        kwargs = rcp.interpolate(dict(step.args), item.vars, where)
+        fn(ctx, **kwargs)
+    else:
+        argv = rcp.interpolate(list(step.run), item.vars, where)
+        cwd = rcp.interpolate(step.cwd, item.vars, where) if step.cwd else None
+        ctx.run(argv, cwd=cwd, what=f"{item.name}: {step.name}")
+
+
+def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -> None:
+    prefix, name = settings.prefix, item.name
+    ctx_env = proc.base_env(dict(rcp.interpolate(dict(item.recipe.env), item.vars, str(item.recipe.path))))
+    ctx = _context(item, settings, ui, ctx_env)
+    started = state.now()
+    old = state.read_stamp(prefix, name) or {}
+    state.write_stamp(prefix, name, {**old, "status": state.INCOMPLETE, "started": started})
+
+    # a fresh work dir each attempt: a half-built tree from a killed run must not leak in
+    if ctx.work_dir.exists():
+        shutil.rmtree(ctx.work_dir)
+    ctx.work_dir.mkdir(parents=True)
+    ctx.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(ctx.log, "w", encoding="utf-8") as fh:
+        fh.write(f"# rdna4-install {__version__}: {name} ({item.reason}) at {started}\n"
+                 f"# fingerprint {item.fingerprint}\n")
+        for key in sorted(ctx_env):
+            fh.write(f"# env {key}={ctx_env[key]}\n")
+
+    ui.step(f"[{index}/{total}] {name} {item.vars.get('_version', '')}".rstrip() + f"  ({item.reason})")
+    steps = [s for s in item.recipe.steps]
+    if item.recipe.check is not None:
+        steps.append(item.recipe.check)
+    try:
+        for step in steps:
+            unmet = [k for k, v in step.when if item.vars.get(k) != v]
+            if unmet:
+                ui.detail(f"{step.name}: not needed ({unmet[0]} is {item.vars.get(unmet[0])})")
+                continue
+            ui.detail(step.name)
+            _run_step(ctx, step, item)
+    except (InstallerError, OSError) as exc:
+        state.write_stamp(prefix, name, {
+            **old, "status": state.FAILED, "started": started, "failed": state.now(),
+            "attempted_fingerprint": item.fingerprint,
+            "error": getattr(exc, "message", str(exc)),
+        })
+        tail = getattr(exc, "tail", None)
+        if tail:
+            ui.tail(tail, str(ctx.log))
+        if isinstance(exc, OSError):
+            raise InstallerError(f"{name}: {exc.strerror or exc}",
+                                 hint=f"work dir kept at {ctx.work_dir}; log: {ctx.log}") from None
+        if not exc.hint:
+            exc.hint = f"log: {ctx.log}; work dir kept at {ctx.work_dir}"
+        exc.message = f"{name}: {exc.message}" if not exc.message.startswith(name) else exc.message
+        raise
+    state.write_stamp(prefix, name, {
+        "status": state.DONE, "fingerprint": item.fingerprint, "inputs": item.inputs,
+        "version": item.vars.get("_version", ""), "facts": ctx.facts,
+        "source": item.inputs.get("source", {}), "patches": item.inputs.get("patches", {}),
+        "env": item.inputs.get("env", {}), "started": started, "finished": state.now(),
+    })
+    if not item.recipe.keep_work:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    ui.success(f"{name} done")
+
+
+def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan, Outcome]:
+    """Plan, then run what the plan says. Returns the plan and what ran."""
+    state.check_writable(settings.prefix)
+    outcome = Outcome()
+    if dry_run:
+        return make_plan(settings), outcome
+    with state.PrefixLock(settings.prefix):
+        plan = make_plan(settings)
+        todo = plan.to_run
+        tools = tool_versions() if todo else {}
+        try:
+            for n, item in enumerate(todo, 1):
+                run_recipe(item, settings, ui, n, len(todo))
+                outcome.ran.append(item.name)
+        finally:
+            receipt_old = state.read_receipt(settings.prefix) or {}
+            state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins,
+                                tools=tools or receipt_old.get("tools", {}),
+                                installer_version=__version__)
+        outcome.skipped = [i.name for i in plan.items if i.action != RUN]
+    return plan, outcome
+
+
+def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:
+    """One row per recipe: done / failed / pending, with version, time and fingerprint."""
+    stamps = state.all_stamps(prefix)
+    rows = []
+    for name in recipe_names + sorted(set(stamps) - set(recipe_names)):
+        stamp = stamps.get(name) or {}
+        facts = stamp.get("facts") or {}
+        label = stamp.get("status", "pending")
+        if label == state.INCOMPLETE:
+            label = "pending (interrupted)"
+        rows.append({
+            "recipe": name, "status": label,
+            "version": stamp.get("version") or facts.get("version") or facts.get("commit", ""),
+            "when": stamp.get("finished") or stamp.get("failed") or stamp.get("started", ""),
+            "fingerprint": stamp.get("fingerprint", ""),
+        })
+    return rows

@@ -1,0 +1,304 @@
+"""Resolve: recipes + pins + target -> an ordered plan of will-run / skip items.
+
+Each item's fingerprint hashes everything that should force a rebuild when it
+changes: the recipe after pin substitution, the pins it uses, its patch
+contents, its env, its source identity, the target arches and the fingerprints
+of the recipes it depends on. Paths of the prefix and the job count are left
+out on purpose: moving `--jobs` must not rebuild vLLM.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import recipes as rcp
+from . import state
+from .errors import RecipeError, UsageError
+
+RUN, SKIP = "run", "skip"
+CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
+                "archs", "arch_list", "jobs", "patches")
+
+
+@dataclass
+class Settings:
+    prefix: Path
+    cache_dir: Path
+    recipes_dir: Path
+    archs: tuple[str, ...]
+    pins: rcp.Pins
+    jobs: int | None = None
+    only: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()     # `run RECIPE...`
+    force: bool = False
+    offline: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Item:
+    recipe: rcp.Recipe
+    action: str
+    reason: str
+    fingerprint: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    vars: dict[str, str] = field(default_factory=dict)
+    patches: tuple[Path, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def to_json(self, verbose: bool = True) -> dict[str, Any]:
+        out = {"recipe": self.name, "action": self.action, "reason": self.reason,
+               "version": self.vars.get("_version", ""), "fingerprint": self.fingerprint}
+        if verbose:
+            out["depends"] = list(self.recipe.depends)
+            out["pins"] = self.inputs.get("pins", {})
+            out["source"] = self.inputs.get("source", {})
+            out["patches"] = self.inputs.get("patches", {})
+            out["env"] = self.inputs.get("env", {})
+        return out
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    items: list[Item]
+    pins: rcp.Pins
+
+    @property
+    def to_run(self) -> list[Item]:
+        return [i for i in self.items if i.action == RUN]
+
+    def to_json(self, verbose: bool = True) -> dict[str, Any]:
+        s = self.settings
+        return {"prefix": str(s.prefix), "archs": list(s.archs),
+                "steps": [i.to_json(verbose) for i in self.items]}
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hash_json(data: Any) -> str:
+    return _sha256_text(json.dumps(data, sort_keys=True, default=str))
+
+
+def find_uv() -> str:
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:  # the uv that came with rdna4-install as a dependency
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except Exception:  # noqa: BLE001 - any failure means "not installed"
+        return "uv"
+
+
+def context_vars(settings: Settings, name: str) -> dict[str, str]:
+    prefix = settings.prefix
+    work = state.work_root(prefix) / name
+    jobs = settings.jobs or os.cpu_count() or 1
+    return {
+        "prefix": str(prefix), "work": str(work), "src": str(work / "src"),
+        "cache": str(settings.cache_dir), "rocm": str(prefix / "rocm"),
+        "venv": str(prefix / "venv"), "python": str(prefix / "venv" / "bin" / "python"),
+        "uv": find_uv(), "archs": ",".join(settings.archs), "arch_list": ";".join(settings.archs),
+        "jobs": str(jobs), "patches": str(rcp.patches_dir_for(settings.recipes_dir) / name),
+    }
+
+
+def _order(recipes: dict[str, rcp.Recipe]) -> list[str]:
+    """Dependency order; ties broken by name so the plan reads the same every time."""
+    sorter = graphlib.TopologicalSorter({n: r.depends for n, r in recipes.items()})
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        raise RecipeError(f"recipes depend on each other in a cycle: {' -> '.join(exc.args[1])}") from None
+    order: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready())
+        order.extend(ready)
+        sorter.done(*ready)
+    return order
+
+
+def _descendants(recipes: dict[str, rcp.Recipe], roots: set[str]) -> set[str]:
+    out = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for name, recipe in recipes.items():
+            if name not in out and any(d in out for d in recipe.depends):
+                out.add(name)
+                changed = True
+    return out
+
+
+def _check_names(kind: str, names: tuple[str, ...], recipes: dict[str, rcp.Recipe]) -> None:
+    for n in names:
+        if n not in recipes:
+            raise UsageError(f"unknown recipe {n!r} in {kind}",
+                             hint=f"recipes are: {', '.join(sorted(recipes))}")
+
+
+def _resolve(recipe: rcp.Recipe, pins: rcp.Pins, settings: Settings) -> None:
+    from .actions import RESOLVERS
+
+    target = RESOLVERS.get(recipe.resolver)
+    if target is None:
+        raise RecipeError(f"{recipe.path}: unknown resolver {recipe.resolver!r}",
+                          hint=f"known resolvers: {', '.join(sorted(RESOLVERS)) or 'none'}")
+    module, _, func = target.partition(":")
+    fn = getattr(importlib.import_module(module), func)
+    found = fn(pins, settings.archs, offline=settings.offline, cache_dir=settings.cache_dir)
+    pins.setdefault(recipe.name, {}).update({k: str(v) for k, v in found.items()})
+
+
+def _patch_files(recipe: rcp.Recipe, settings: Settings) -> tuple[Path, ...]:
+    folder = rcp.patches_dir_for(settings.recipes_dir) / recipe.name
+    if "patches" not in recipe.raw.get("recipe", {}):
+        return tuple(sorted(folder.glob("*.patch")))
+    files = []
+    for name in recipe.patches:
+        path = folder / name
+        if not path.is_file():
+            raise RecipeError(f"{recipe.path}: patch {name!r} not found in {folder}")
+        files.append(path)
+    return tuple(files)
+
+
+def _when_fails(conds: tuple[tuple[str, str], ...], variables: dict[str, str], where: str) -> str:
+    for key, want in conds:
+        if key not in variables:
+            raise RecipeError(f"{where}: 'when' names unknown pin {key!r}")
+        if variables[key] != want:
+            return f"{key} is {variables[key]}, not {want}"
+    return ""
+
+
+def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
+            patches: tuple[Path, ...], dep_fps: dict[str, str]) -> dict[str, Any]:
+    where = str(recipe.path)
+    symbolic = dict(pin_values)
+    symbolic.update({v: "{" + v + "}" for v in CONTEXT_VARS})
+    used = {k for k in rcp.placeholders(recipe.raw) if k not in CONTEXT_VARS}
+    used |= {k for k in pin_values if k.startswith(recipe.name + ".")}
+    body = rcp.interpolate(dict(recipe.raw), symbolic, where)
+    source = rcp.interpolate(recipe.source.identity(), symbolic, where) if recipe.source else {}
+    return {
+        "recipe": _hash_json(body),
+        "pins": {k: pin_values[k] for k in sorted(used) if k in pin_values},
+        "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in patches},
+        "env": dict(rcp.interpolate(dict(recipe.env), symbolic, where)),
+        "source": source,
+        "archs": list(settings.archs),
+        "deps": dep_fps,
+    }
+
+
+def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Say which input moved, most specific first."""
+    def diff(kind: str) -> list[str]:
+        a, b = old.get(kind) or {}, new.get(kind) or {}
+        keys = sorted(set(a) | set(b))
+        return [k for k in keys if a.get(k) != b.get(k)]
+
+    if moved := diff("pins"):
+        k = moved[0]
+        return f"pin {k}: {old.get('pins', {}).get(k, '-')} -> {new['pins'].get(k, '-')}"
+    if moved := diff("patches"):
+        return "patches changed: " + ", ".join(moved)
+    if moved := diff("env"):
+        return "env changed: " + ", ".join(moved)
+    if old.get("archs") != new.get("archs"):
+        return f"target changed: {','.join(old.get('archs') or [])} -> {','.join(new['archs'])}"
+    if old.get("source") != new.get("source"):
+        return "source changed"
+    if moved := diff("deps"):
+        return "dependency rebuilt: " + ", ".join(moved)
+    if old.get("recipe") != new.get("recipe"):
+        return "recipe file changed"
+    return "inputs changed"
+
+
+def make_plan(settings: Settings) -> Plan:
+    recipes = rcp.load_recipes(settings.recipes_dir)
+    for kind, names in (("--only", settings.only), ("--skip", settings.skip), ("run", settings.targets)):
+        _check_names(kind, names, recipes)
+    pins = {t: dict(v) for t, v in settings.pins.items()}
+    order = _order(recipes)
+
+    if settings.targets:
+        active = _descendants(recipes, set(settings.targets))
+    elif settings.only:
+        active = set(settings.only)
+    else:
+        active = set(recipes)
+    active -= set(settings.skip)
+
+    for name in order:
+        if recipes[name].resolver and name in active:
+            _resolve(recipes[name], pins, settings)
+    pin_values = rcp.pin_vars(pins)
+
+    items: dict[str, Item] = {}
+    for name in order:
+        recipe = recipes[name]
+        stamp = state.read_stamp(settings.prefix, name)
+        not_needed = _when_fails(recipe.when, pin_values, str(recipe.path))
+        dep_fps = {}
+        for dep in recipe.depends:
+            d = items[dep]
+            if d.action == RUN or not (dstamp := state.read_stamp(settings.prefix, dep)):
+                dep_fps[dep] = d.fingerprint
+            else:
+                dep_fps[dep] = dstamp.get("fingerprint", "")
+        patches = _patch_files(recipe, settings)
+        inputs = _inputs(recipe, pin_values, settings, patches, dep_fps)
+        fp = _hash_json(inputs)
+        variables = {**pin_values, **context_vars(settings, name)}
+        variables["_version"] = rcp.interpolate(recipe.version, variables, str(recipe.path))
+        item = Item(recipe, SKIP, "", fp, inputs, variables, patches)
+        items[name] = item
+
+        done = stamp is not None and stamp.get("status") == state.DONE
+        if not_needed:
+            item.action, item.reason, item.fingerprint = SKIP, f"not needed: {not_needed}", ""
+        elif name not in active:
+            item.reason = "up to date" if done and stamp.get("fingerprint") == fp else (
+                "skipped (--skip)" if name in settings.skip else "not selected")
+        elif stamp is None:
+            item.action, item.reason = RUN, "not installed"
+        elif stamp.get("status") == state.FAILED:
+            item.action, item.reason = RUN, "last run failed"
+        elif stamp.get("status") != state.DONE:
+            item.action, item.reason = RUN, "interrupted last time"
+        elif settings.force and (not settings.targets or name in settings.targets):
+            item.action, item.reason = RUN, "forced"
+        elif stamp.get("fingerprint") != fp:
+            item.action, item.reason = RUN, explain_change(stamp.get("inputs") or {}, inputs)
+        else:
+            item.reason = "up to date"
+
+    for item in items.values():
+        if item.action != RUN:
+            continue
+        for dep in item.recipe.depends:
+            d = items[dep]
+            dstamp = state.read_stamp(settings.prefix, dep)
+            if d.action == SKIP and d.fingerprint and not (dstamp and dstamp.get("status") == state.DONE):
+                raise UsageError(f"{item.name} needs {dep}, which is not installed in {settings.prefix}",
+                                 hint=f"run without --only/--skip, or add --only {dep}")
+    return Plan(settings, [items[n] for n in order], pins)

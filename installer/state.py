@@ -1,0 +1,178 @@
+"""What the installer remembers in a prefix: stamps, the lock and the receipt.
+
+A stamp (PREFIX/.rdna4/state/<recipe>.json) is written with write-then-rename,
+so a crash leaves either the old stamp or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import InstallerError
+
+RECEIPT = "rdna4-manifest.json"
+DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
+
+
+def meta_dir(prefix: Path) -> Path:
+    return prefix / ".rdna4"
+
+
+def state_dir(prefix: Path) -> Path:
+    return meta_dir(prefix) / "state"
+
+
+def logs_dir(prefix: Path) -> Path:
+    return meta_dir(prefix) / "logs"
+
+
+def work_root(prefix: Path) -> Path:
+    return meta_dir(prefix) / "work"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # a stamp we cannot read proves nothing: treat the recipe as not done
+        return None
+
+
+def read_stamp(prefix: Path, name: str) -> dict[str, Any] | None:
+    return read_json(state_dir(prefix) / f"{name}.json")
+
+
+def write_stamp(prefix: Path, name: str, stamp: dict[str, Any]) -> None:
+    write_json_atomic(state_dir(prefix) / f"{name}.json", stamp)
+
+
+def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(state_dir(prefix).glob("*.json")):
+        data = read_json(path)
+        if isinstance(data, dict):
+            out[path.stem] = data
+    return out
+
+
+# --- the prefix lock -------------------------------------------------------------
+
+class PrefixLock:
+    """An flock on PREFIX/.rdna4/lock. The kernel drops it when its holder dies,
+    so a lock left by a killed installer is simply taken over."""
+
+    def __init__(self, prefix: Path):
+        self.path = meta_dir(prefix) / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "PrefixLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InstallerError(
+                f"prefix {self.path.parent.parent} is in use by another rdna4-install (PID {holder})",
+                hint="wait for it to finish, or stop that process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "PrefixLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_writable(prefix: Path) -> None:
+    """Fail early, in one line, when the prefix cannot be created or written."""
+    probe = prefix
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InstallerError(f"prefix {prefix} is not a directory ({probe} is a file)",
+                             hint="choose another --prefix")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InstallerError(f"prefix {prefix} is not writable ({probe} belongs to another user)",
+                             hint="choose a --prefix under your home directory; never use sudo")
+    try:
+        meta_dir(prefix).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InstallerError(f"cannot create {prefix}: {exc.strerror}",
+                             hint="choose another --prefix") from None
+
+
+# --- the receipt -----------------------------------------------------------------
+
+def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
+                  installer_version: str) -> dict[str, Any]:
+    old = read_json(prefix / RECEIPT) or {}
+    stamps = all_stamps(prefix)
+    receipt = {
+        "installer_version": installer_version,
+        "prefix": str(prefix),
+        "archs": list(archs),
+        "created": old.get("created", now()),
+        "updated": now(),
+        "tools": tools or old.get("tools", {}),
+        "pins": pins,
+        "components": {
+            name: {k: stamp.get(k) for k in (
+                "status", "version", "fingerprint", "facts", "source", "patches", "env",
+                "started", "finished")}
+            for name, stamp in stamps.items()
+        },
+    }
+    write_json_atomic(prefix / RECEIPT, receipt)
+    return receipt
+
+
+def read_receipt(prefix: Path) -> dict[str, Any] | None:
+    return read_json(prefix / RECEIPT)

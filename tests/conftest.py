@@ -1,0 +1,51 @@
+"""Shared fixtures: a clean environment for every test and a CLI runner.
+
+No test may see the real host's GPU, caches or config: HOME, XDG dirs, the
+sysfs root and every RDNA4_/PIP_/UV_ variable are pointed into tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def uv_cache(tmp_path_factory) -> Path:
+    # one uv cache for the whole session: tests share downloads from the local indexes
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -> Path:
+    for key in list(os.environ):
+        if key.startswith(("RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
+                           "HSA_", "HIP_", "ROCR_", "ROCM_", "PYTORCH_ROCM")):
+            monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    sysfs = tmp_path / "no-gpu-sysfs"
+    sysfs.mkdir()
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(sysfs))
+    monkeypatch.setenv("UV_CACHE_DIR", str(uv_cache))
+    return home
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,116 @@
+"""User errors give one line, a hint and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_fixtures import order, six_recipes
+from installer import __version__
+from installer.cli import cli
+
+
+@pytest.fixture
+def recipes(tmp_path):
+    return six_recipes(tmp_path / "src")
+
+
+def invoke(runner, *args):
+    result = runner.invoke(cli, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_version_and_help(runner):
+    assert __version__ in invoke(runner, "--version").output
+    out = invoke(runner, "--help").output
+    for command in ("install", "plan", "run", "status"):
+        assert command in out
+    install_help = invoke(runner, "install", "--help").output
+    for var in ("RDNA4_PREFIX", "RDNA4_CACHE_DIR", "RDNA4_JOBS", "RDNA4_GPU_ARCH"):
+        assert var in install_help
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--only", "vlm"], 2, ["unknown recipe 'vlm' in --only", "hint: recipes are:"]),
+    (["--skip", "nope"], 2, ["unknown recipe 'nope' in --skip"]),
+    (["--set", "vllm.colour=red"], 2, ["unknown pin 'vllm.colour'", "hint: pins are RECIPE.KEY"]),
+    (["--set", "novalue"], 2, ["expected RECIPE.KEY=VALUE"]),
+    (["--gpu-arch", "gfx1100"], 2, ["gfx1100 is not an RDNA4 arch", "--allow-unsupported-arch"]),
+    (["--gpu-arch", "nvidia"], 2, ["is not a GPU arch"]),
+    (["--jobs", "0"], 2, ["Invalid value for '--jobs'"]),
+])
+def test_bad_input(runner, recipes, tmp_path, args, code, words):
+    gpu = [] if any(a.startswith("--gpu-arch") for a in args) else ["--gpu-arch", "gfx1201"]
+    result = invoke(runner, "install", "--recipes-dir", str(recipes), "--prefix", str(tmp_path / "p"),
+                    *gpu, *args)
+    assert result.exit_code == code, result.output
+    for word in words:
+        assert word in result.output
+
+
+def test_unsupported_arch_is_allowed_with_a_warning(runner, recipes, tmp_path):
+    result = invoke(runner, "install", "--recipes-dir", str(recipes), "--prefix", str(tmp_path / "p"),
+                    "--gpu-arch", "gfx1100", "--allow-unsupported-arch")
+    assert result.exit_code == 0, result.output
+    assert "gfx1100 is not an RDNA4 arch; this build is untested" in result.output
+
+
+def test_unknown_recipe_for_run(runner, recipes, tmp_path):
+    result = invoke(runner, "run", "vlm", "--recipes-dir", str(recipes), "--prefix", str(tmp_path / "p"),
+                    "--gpu-arch", "gfx1201")
+    assert result.exit_code == 2 and "unknown recipe 'vlm' in run" in result.output
+
+
+def test_unwritable_prefix(runner, recipes, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke(runner, "install", "--recipes-dir", str(recipes), "--prefix", str(blocker / "p"),
+                    "--gpu-arch", "gfx1201")
+    assert result.exit_code == 1
+    assert "is not a directory" in result.output and "hint:" in result.output
+
+
+def test_malformed_recipe(runner, recipes, tmp_path):
+    (recipes / "vllm.toml").write_text('[recipe]\nname = "vllm"\nbogus = 1\n')
+    result = invoke(runner, "install", "--recipes-dir", str(recipes), "--prefix", str(tmp_path / "p"),
+                    "--gpu-arch", "gfx1201")
+    assert result.exit_code == 2
+    assert "vllm.toml [recipe]: unknown key 'bogus'" in result.output
+
+
+def test_bad_option_is_a_usage_error(runner):
+    result = invoke(runner, "install", "--frobnicate")
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_no_gpu_and_no_gpu_arch(runner, recipes, tmp_path):
+    result = invoke(runner, "install", "--recipes-dir", str(recipes), "--prefix", str(tmp_path / "p"))
+    assert result.exit_code == 1
+    assert "no RDNA4 GPU" in result.output and "--gpu-arch gfx1201" in result.output
+
+
+def test_prefix_without_a_command_means_install(runner, recipes, tmp_path):
+    prefix = tmp_path / "p"
+    result = invoke(runner, "--prefix", str(prefix), "--recipes-dir", str(recipes), "--gpu-arch", "gfx1201")
+    assert result.exit_code == 0, result.output
+    assert len(order(prefix)) == 6
+    result = invoke(runner, "-q", "--prefix", str(prefix), "--recipes-dir", str(recipes), "--gpu-arch",
+                    "gfx1201", "--dry-run")
+    assert result.exit_code == 0 and "skip" in result.output
+
+
+def test_verbose_shows_the_traceback(runner, recipes, tmp_path):
+    result = runner.invoke(cli, ["-vv", "install", "--recipes-dir", str(recipes), "--only", "x",
+                                 "--prefix", str(tmp_path / "p"), "--gpu-arch", "gfx1201"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_env_vars_configure_options(runner, recipes, tmp_path, monkeypatch):
+    prefix = tmp_path / "from-env"
+    monkeypatch.setenv("RDNA4_PREFIX", str(prefix))
+    monkeypatch.setenv("RDNA4_GPU_ARCH", "gfx1200")
+    monkeypatch.setenv("RDNA4_RECIPES_DIR", str(recipes))
+    result = invoke(runner, "install")
+    assert result.exit_code == 0, result.output
+    assert (prefix / "rdna4-manifest.json").exists()
+    assert '"gfx1200"' in (prefix / "rdna4-manifest.json").read_text()
