@@ -1,0 +1,223 @@
+"""recipes/pins.toml explains itself, and the shipped vLLM patches apply to the pinned sdist.
+
+The fast tests read only files in the repo. The network test downloads the real vLLM
+sdist from PyPI (the URL in pins.toml), checks its sha256 against the pin, and runs
+`git apply --check` and then `git apply` for each patch in order, the way the installer
+does. Later patches therefore see the earlier ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the project supports 3.10 through tomli
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+PINS = ROOT / "recipes" / "pins.toml"
+VLLM_PATCHES = ROOT / "patches" / "vllm"
+FA_PATCHES = ROOT / "patches" / "flash-attention"
+
+# The names other modules code against (docs/design.md, "Pin keys").
+REQUIRED_KEYS = {
+    "therock": {"channel", "version", "family", "sha256"},
+    "torch": {"python", "index_url", "rocm", "torch", "torchvision", "torchaudio", "triton"},
+    "triton-kernels": {"git_url", "commit"},
+    "flash-attention": {"git_url", "commit", "backend"},
+    "vllm": {"version", "sdist_url", "sdist_sha256"},
+}
+
+TABLE = re.compile(r"^\s*\[([^\]]+)\]\s*(#.*)?$")
+KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def load_pins() -> dict:
+    with open(PINS, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def pin_lines(path: Path = PINS) -> list[tuple[str, str, int, str]]:
+    """(table, key, line number, line directly above) for every `key = value` line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found, table = [], None
+    for i, line in enumerate(lines):
+        if m := TABLE.match(line):
+            table = m.group(1).strip()
+        elif (m := KEY.match(line)) and not line.lstrip().startswith("#"):
+            found.append((table, m.group(1), i + 1, lines[i - 1] if i else ""))
+    return found
+
+
+def uncommented(found: list[tuple[str, str, int, str]]) -> list[str]:
+    return [f"line {n}: [{t}] {k}" for t, k, n, above in found
+            if not above.lstrip().startswith("#") or not above.lstrip("# ").strip()]
+
+
+def shipped_patches(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.patch")) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------- pins.toml, fast
+
+
+def test_pins_have_the_keys_other_modules_use():
+    pins = load_pins()
+    for table, keys in REQUIRED_KEYS.items():
+        assert table in pins, f"[{table}] missing from {PINS}"
+        missing = keys - set(pins[table])
+        assert not missing, f"[{table}] lacks {sorted(missing)}"
+        for key, value in pins[table].items():
+            assert isinstance(value, str), f"{table}.{key} must be a string"
+
+
+def test_every_pin_has_a_comment_directly_above():
+    found = pin_lines()
+    # the line scan must see exactly the keys TOML sees, or it could miss a pin
+    scanned = {(t, k) for t, k, _, _ in found}
+    parsed = {(t, k) for t, table in load_pins().items() for k in table}
+    assert scanned == parsed
+    bare = uncommented(found)
+    assert not bare, "pins without a comment right above them:\n" + "\n".join(bare)
+
+
+def test_comment_check_catches_a_bare_pin(tmp_path: Path):
+    pins = tmp_path / "pins.toml"
+    pins.write_text('[a]\n# from somewhere\nx = "1"\n\ny = "2"\n[b]\n#\nz = "3"\n')
+    assert uncommented(pin_lines(pins)) == ["line 5: [a] y", "line 8: [b] z"]
+
+
+def test_pins_agree_with_each_other():
+    pins = load_pins()
+    rocm = pins["torch"]["rocm"]
+    # torch checks at import time that the rocm-sdk wheels have its exact ROCm version, and
+    # the tarball version is the same string as the rocm wheel version
+    assert pins["therock"]["version"] == rocm
+    for name in ("torch", "torchvision", "torchaudio"):
+        assert pins["torch"][name].endswith(f"+rocm{rocm}"), name
+    assert re.fullmatch(rf"\d+\.\d+\.\d+\+git[0-9a-f]{{8}}\.rocm{re.escape(rocm)}",
+                        pins["torch"]["triton"])
+    # the ROCm triton wheel and vLLM's triton_kernels come from one ROCm/triton commit
+    short = pins["torch"]["triton"].split("+git")[1][:8]
+    assert pins["triton-kernels"]["commit"].startswith(short)
+    assert HEX40.match(pins["triton-kernels"]["commit"])
+    assert HEX40.match(pins["flash-attention"]["commit"])
+    assert pins["flash-attention"]["backend"] in ("ck", "triton")
+    assert pins["therock"]["channel"] in ("stable", "nightly", "rc")
+    assert pins["therock"]["sha256"] == "" or re.fullmatch(r"[0-9a-f]{64}",
+                                                           pins["therock"]["sha256"])
+    vllm = pins["vllm"]
+    assert vllm["sdist_url"].startswith("https://files.pythonhosted.org/")
+    assert vllm["sdist_url"].endswith(f"/vllm-{vllm['version']}.tar.gz")
+    assert re.fullmatch(r"[0-9a-f]{64}", vllm["sdist_sha256"])
+    if vllm.get("tag"):
+        assert vllm["tag"] == f"v{vllm['version']}"
+    for table in pins.values():
+        for key, value in table.items():
+            if key.endswith("url"):
+                assert value.startswith("https://"), key
+
+
+# ---------------------------------------------------------------- patch headers, fast
+
+
+ALL_PATCHES = shipped_patches(VLLM_PATCHES) + shipped_patches(FA_PATCHES)
+
+
+def test_patch_names_are_numbered_in_order():
+    for folder in (VLLM_PATCHES, FA_PATCHES):
+        names = [p.name for p in shipped_patches(folder)]
+        numbers = [int(n[:4]) for n in names if re.match(r"^\d{4}-[a-z0-9][a-z0-9.-]*\.patch$", n)]
+        assert len(numbers) == len(names), f"not NNNN-slug.patch: {names}"
+        assert numbers == list(range(1, len(names) + 1)), f"gaps in {folder}: {names}"
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_patch_header_explains_itself(patch: Path):
+    text = patch.read_text(encoding="utf-8")
+    assert text.startswith("From "), "not a git format-patch file"
+    header, sep, _ = text.partition("\ndiff --git ")
+    assert sep, "no diff --git section"
+    assert re.search(r"^Subject: \S.*", header, re.M), "no Subject"
+    assert re.search(r"^(Drop|Remove) when\b.+", header, re.M | re.I), "no 'Drop when' line"
+    assert re.search(r"https://github\.com/\S+/(issues|pull)/\d+", header), "no upstream link"
+    body = header.split("\n\n", 1)[1] if "\n\n" in header else ""
+    assert len(body.split()) >= 20, "the body must say why the patch exists"
+
+
+# ---------------------------------------------------------------- against the real sdist
+
+
+def _download(url: str, dest: Path, sha256: str) -> None:
+    import requests
+
+    digest = hashlib.sha256()
+    part = dest.with_suffix(".part")
+    with requests.get(url, stream=True, timeout=60) as resp:
+        resp.raise_for_status()
+        with open(part, "wb") as fh:
+            for chunk in resp.iter_content(1 << 20):
+                fh.write(chunk)
+                digest.update(chunk)
+    assert digest.hexdigest() == sha256, f"{url}: sha256 {digest.hexdigest()} != pin {sha256}"
+    part.rename(dest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def vllm_sdist(request, tmp_path_factory) -> Path:
+    """The pinned sdist, verified; kept in pytest's cache so a rerun downloads nothing."""
+    pin = load_pins()["vllm"]
+    cache = Path(request.config.cache.mkdir("vllm-sdist"))
+    tarball = cache / pin["sdist_url"].rsplit("/", 1)[1]
+    if tarball.exists() and _sha256(tarball) != pin["sdist_sha256"]:
+        tarball.unlink()
+    if not tarball.exists():
+        _download(pin["sdist_url"], tarball, pin["sdist_sha256"])
+    assert _sha256(tarball) == pin["sdist_sha256"]
+    return tarball
+
+
+def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # GIT_CEILING_DIRECTORIES: the unpacked sdist has no .git; git must not find an
+    # enclosing repository and apply paths relative to its root
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.parent)}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.network
+def test_vllm_patches_apply_to_pinned_sdist(vllm_sdist: Path, tmp_path: Path):
+    assert shutil.which("git") and shutil.which("tar")
+    version = load_pins()["vllm"]["version"]
+    subprocess.run(["tar", "-xzf", str(vllm_sdist), "--no-same-owner", "-C", str(tmp_path)],
+                   check=True)
+    src = tmp_path / f"vllm-{version}"
+    assert (src / "setup.py").is_file(), "unexpected sdist layout"
+    patches = shipped_patches(VLLM_PATCHES)
+    for patch in patches:
+        check = _git(["apply", "--check", str(patch)], src)
+        assert check.returncode == 0, f"{patch.name} does not apply:\n{check.stderr}"
+        done = _git(["apply", str(patch)], src)
+        assert done.returncode == 0, f"{patch.name} failed after its check:\n{done.stderr}"
+        # really applied: the reverse check now passes
+        assert _git(["apply", "--check", "--reverse", str(patch)], src).returncode == 0
+    for patch in patches:
+        for path in re.findall(r"^\+\+\+ b/(\S+\.py)$", patch.read_text(), re.M):
+            compile((src / path).read_text(encoding="utf-8"), path, "exec")
