@@ -128,7 +128,8 @@ def parse_archs(value: str | None, allow_unsupported: bool, ui: UI) -> tuple[str
     return archs
 
 
-def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool) -> tuple[str, ...]:
+def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool,
+                  detection: Any = None) -> tuple[str, ...]:
     archs = parse_archs(opts.get("gpu_arch"), opts.get("allow_unsupported_arch", False), ui)
     if archs:
         return archs
@@ -137,16 +138,14 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool) -> 
     receipt = state.read_receipt(prefix) or {}
     if not need and receipt.get("archs"):
         return tuple(receipt["archs"])
-    try:
+    if detection is None:
         from . import detect
-    except ImportError:  # detection not built yet
-        detect = None
-    if detect is not None:
-        found = detect.detect(prefix=prefix)
-        for warning in found.warnings:
+
+        detection = detect.detect(prefix=prefix)
+        for warning in detection.warnings:
             ui.warn(warning)
-        if found.target:
-            return tuple(found.target)
+    if detection.target:
+        return tuple(detection.target)
     if receipt.get("archs"):
         return tuple(receipt["archs"])
     raise InstallerError("no RDNA4 GPU (gfx1200/gfx1201) found on this machine",
@@ -155,7 +154,7 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool) -> 
 
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
-              need_gpu: bool = True):
+              need_gpu: bool = True, detection: Any = None):
     from . import recipes as rcp
     from .plan import Settings
 
@@ -167,14 +166,37 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         sets += (f"flash-attention.backend={opts['flash_attention_backend']}",)
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets)
-    archs = _target_archs(opts, ui, prefix, need=need_gpu)
+    archs = _target_archs(opts, ui, prefix, need=need_gpu, detection=detection)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()) + tuple(opts.get("without") or ()),
         targets=targets, force=force, offline=bool(opts.get("offline")),
-        options={"editable": bool(opts.get("editable"))},
+        options={"editable": bool(opts.get("editable")),
+                 "visible_devices": detection.visible_devices if detection is not None else ""},
     )
+
+
+def _preflight(settings, detection: Any, ui: UI, archs_given: bool) -> None:
+    """Run doctor's blocking checks before touching the prefix."""
+    from . import buildenv, doctor
+    from .plan import make_plan
+
+    todo = make_plan(settings).to_run
+    need = int(sum(i.recipe.disk_gb for i in todo) * 1024 ** 3)
+    jobs = buildenv.max_jobs("vllm", override=settings.jobs)
+    checks = doctor.run_checks(prefix=settings.prefix, cache_dir=settings.cache_dir, need_bytes=need,
+                               jobs=jobs, archs_given=archs_given, blocking_only=True,
+                               detection=detection)
+    for check in checks:
+        if check.status == "warn":
+            ui.warn(f"{check.name}: {check.detail}")
+    failures = doctor.blocking_failures(checks)
+    if failures:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more; see `rdna4-install doctor`)" if len(failures) > 1 else ""
+        raise InstallerError(f"{first.name}: {first.detail}{more}",
+                             hint=first.fix or "run `rdna4-install doctor` for details")
 
 
 def _print_plan(plan, ui: UI, verbose: bool) -> None:
@@ -213,12 +235,24 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 @cli.command()
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
+              help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
 @pass_obj
-def install(obj: Obj, dry_run: bool, **opts: Any) -> None:
+def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
     """Install (or update) the whole stack into a prefix."""
-    from . import engine
+    from . import detect, engine
 
-    settings = _settings(opts, obj.ui)
+    prefix = _path(opts.get("prefix") or _default_prefix())
+    detection = detect.detect(prefix=prefix)
+    for warning in detection.warnings:
+        obj.ui.warn(warning)
+    settings = _settings(opts, obj.ui, detection=detection)
+    from . import state
+
+    if not dry_run:
+        state.check_writable(settings.prefix)
+    if not dry_run and not no_checks:
+        _preflight(settings, detection, obj.ui, archs_given=bool(opts.get("gpu_arch")))
     plan, outcome = engine.install(settings, obj.ui, dry_run=dry_run)
     if dry_run:
         _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
@@ -261,6 +295,56 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
     elif not outcome.ran:
         obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
+
+
+@cli.command("detect")
+@prefix_opt
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_obj
+def detect_cmd(obj: Obj, prefix: Path | None, as_json: bool) -> None:
+    """List AMD GPUs, where each was found, and the build target."""
+    from . import detect
+
+    found = detect.detect(prefix=_path(prefix or _default_prefix()))
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+        return
+    click.echo(detect.format_table(found))
+    for warning in found.warnings:
+        obj.ui.warn(warning)
+
+
+@cli.command()
+@prefix_opt
+@cache_opt
+@recipes_opt
+@click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None, metavar="ARCH[,ARCH]",
+              help="Building for a GPU elsewhere: GPU checks warn instead of failing.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), envvar="RDNA4_JOBS", show_envvar=True, default=None,
+              help="Parallel compile jobs to check memory for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_obj
+def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
+           gpu_arch: str | None, jobs: int | None, as_json: bool) -> None:
+    """Check the host: driver, device access, groups, disk, memory, tools."""
+    from . import buildenv, state
+    from . import doctor as doc
+    from . import recipes as rcp
+
+    prefix = _path(prefix or _default_prefix())
+    cache = _path(cache_dir or _default_cache())
+    folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
+    # what a full install still needs: every recipe not yet done in this prefix
+    need = sum(r.disk_gb for n, r in rcp.load_recipes(folder).items()
+               if (state.read_stamp(prefix, n) or {}).get("status") != state.DONE)
+    checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
+                            jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
+    if as_json:
+        click.echo(json.dumps({"checks": [c.to_json() for c in checks]}, indent=2))
+    else:
+        click.echo(doc.format_checks(checks))
+    if doc.failed(checks):
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()

@@ -74,6 +74,7 @@ class Recipe:
     depends: tuple[str, ...] = ()
     resolver: str = ""
     keep_work: bool = False
+    disk_gb: float = 0.0           # rough disk need, for doctor's free-space check
     when: tuple[tuple[str, str], ...] = ()
     source: Source | None = None
     patches: tuple[str, ...] = ()
@@ -171,7 +172,7 @@ def load_recipe(path: Path) -> Recipe:
     head = _typed(where, data["recipe"], dict, "[recipe]")
     _check_keys(f"{where} [recipe]", head,
                 {"name", "description", "version", "depends", "resolver", "keep_work", "when",
-                 "patches"},
+                 "patches", "disk_gb"},
                 {"name"})
     name = _typed(where, head["name"], str, "name")
     if name != path.stem:
@@ -187,6 +188,7 @@ def load_recipe(path: Path) -> Recipe:
         depends=_str_list(where, head.get("depends", []), "depends"),
         resolver=_typed(where, head.get("resolver", ""), str, "resolver"),
         keep_work=_typed(where, head.get("keep_work", False), bool, "keep_work"),
+        disk_gb=float(_typed(where, head.get("disk_gb", 0), (int, float), "disk_gb")),
         when=_when(where, head.get("when", {})),
         source=_source(where, data["source"]) if "source" in data else None,
         patches=_str_list(where, head.get("patches", []), "patches"),

@@ -62,7 +62,7 @@ def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         # a stamp we cannot read proves nothing: treat the recipe as not done
@@ -79,7 +79,10 @@ def write_stamp(prefix: Path, name: str, stamp: dict[str, Any]) -> None:
 
 def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
     out = {}
-    for path in sorted(state_dir(prefix).glob("*.json")):
+    folder = state_dir(prefix)
+    if not folder.is_dir():
+        return {}
+    for path in sorted(folder.glob("*.json")):
         data = read_json(path)
         if isinstance(data, dict):
             out[path.stem] = data

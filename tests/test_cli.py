@@ -114,3 +114,27 @@ def test_env_vars_configure_options(runner, recipes, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (prefix / "rdna4-manifest.json").exists()
     assert '"gfx1200"' in (prefix / "rdna4-manifest.json").read_text()
+
+
+def test_detect_and_doctor_commands_on_a_fake_rdna4_host(runner, tmp_path, monkeypatch):
+    import json
+
+    from detect_fixtures import f1_host
+
+    root = tmp_path / "host"
+    f1_host(root)
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(root))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin") + ":/usr/bin:/bin")
+    found = json.loads(invoke(runner, "detect", "--json").output)
+    assert found["target"] == ["gfx1201"]
+    assert found["gpus"][0]["source"]
+    doctor = invoke(runner, "doctor", "--json", "--prefix", str(tmp_path / "p"))
+    checks = {c["name"]: c for c in json.loads(doctor.output)["checks"]}
+    assert checks["gpu"]["status"] == "pass"
+    assert doctor.exit_code == (1 if any(c["status"] == "fail" for c in checks.values()) else 0)
+
+
+def test_doctor_on_this_gpu_less_host_fails_cleanly(runner, tmp_path):
+    result = invoke(runner, "doctor", "--prefix", str(tmp_path / "p"))
+    assert result.exit_code == 1
+    assert "FAIL  gpu" in result.output and "fix:" in result.output

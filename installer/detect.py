@@ -1,0 +1,675 @@
+"""Find the AMD GPUs of this host and pick the RDNA4 build target.
+
+Three sources, merged per physical GPU (keyed by PCI address):
+
+* rocminfo: what the ROCm runtime will expose; needs ROCm userspace and a
+  working /dev/kfd, can hang (hence the timeout), reflects
+  HSA_OVERRIDE_GFX_VERSION.
+* the KFD topology in sysfs: the real hardware target; needs only amdgpu.
+* PCI sysfs: works even when amdgpu or KFD is missing, through an id table.
+
+Every sysfs and /dev path is read under $RDNA4_SYSFS_ROOT (default /) so tests
+can point detection at a fake tree. Format details and their upstream sources
+are in the comments next to each parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from . import proc
+from .errors import UsageError
+
+RDNA4_ARCHS = ("gfx1200", "gfx1201")
+ROCMINFO_TIMEOUT = 10.0  # seconds; rocminfo hangs on some broken setups (ROCm/ROCm#5812)
+SYSFS_ROOT_ENV = "RDNA4_SYSFS_ROOT"
+AMD_VENDOR = 0x1002
+
+# PCI device id -> (arch, integrated, name when the revision is unknown,
+# {revision: marketing name}). Names and revisions are the entries of mesa/drm
+# data/amdgpu.ids (libdrm's marketing-name table; 7550/7551/7590 rows checked
+# there). Id -> arch: ROCm/rocminfo#123 ("gfx1200: 0x7590; gfx1201: 0x7550,
+# 0x7551") and the Chip ID / Name pairs of public rocminfo reports
+# (ROCm/ROCm#5814, #5999, #5745, #5388). Navi 48 = 0x7550/0x7551, Navi 44 =
+# 0x7590 (pci.ids). Ids we could not tie to an arch are left out on purpose.
+PCI_IDS: dict[int, tuple[str, bool, str, dict[int, str]]] = {
+    0x7550: ("gfx1201", False, "AMD Radeon RX 9070 series",
+             {0xC0: "AMD Radeon RX 9070 XT", 0xC2: "AMD Radeon RX 9070 GRE",
+              0xC3: "AMD Radeon RX 9070"}),
+    0x7551: ("gfx1201", False, "AMD Radeon AI PRO R9700 series",
+             {0xC0: "AMD Radeon AI PRO R9700", 0xC8: "AMD Radeon AI PRO R9600D"}),
+    0x7590: ("gfx1200", False, "AMD Radeon RX 9060 series",
+             {0xC0: "AMD Radeon RX 9060 XT", 0xC1: "AMD Radeon RX 9060 XT LP",
+              0xC7: "AMD Radeon RX 9060"}),
+    0x744C: ("gfx1100", False, "AMD Radeon RX 7900 series", {}),
+    0x7448: ("gfx1100", False, "AMD Radeon Pro W7900", {}),
+    0x73DF: ("gfx1031", False, "AMD Radeon RX 6700/6750 XT series", {}),
+    0x1586: ("gfx1151", True, "AMD Radeon 8060S/8050S/8040S Graphics", {}),
+    0x150E: ("gfx1150", True, "AMD Radeon 890M/880M Graphics", {}),
+    0x15BF: ("gfx1103", True, "AMD Radeon 780M/760M/740M Graphics", {}),
+    0x13C0: ("gfx1036", True, "AMD Radeon Graphics (Raphael/Granite Ridge)", {}),
+}
+
+# APU/iGPU targets, for GPUs only KFD saw (KFD has no "APU" flag; rocminfo's
+# "Memory Properties: APU" wins when present).
+INTEGRATED_ARCHS = frozenset({"gfx90c", "gfx1033", "gfx1035", "gfx1036", "gfx1103",
+                              "gfx1150", "gfx1151", "gfx1152"})
+
+# libdrm's name when the device id is missing from the system's amdgpu.ids
+# (ROCm/TheRock#1737 shows a 9070 XT named like this).
+GENERIC_NAME = "AMD Radeon Graphics"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_AGENT = re.compile(r"^\s*Agent\s+\d+\s*$")
+_ARCH = re.compile(r"^gfx[0-9a-f]+$")
+_LEADING_INT = re.compile(r"^\s*(\d+)")
+_MODULE_VERSION = re.compile(r"ROCk module version (\S+) is loaded")
+_OVERRIDE = "HSA_OVERRIDE_GFX_VERSION"
+
+
+def resolve_root(root: Path | str | None = None) -> Path:
+    return Path(root if root is not None else (os.environ.get(SYSFS_ROOT_ENV) or "/"))
+
+
+def under(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def clean(text: str) -> str:
+    """Drop ANSI colour codes (rocminfo writes them even into pipes) and CRs."""
+    return _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _int(value: str | None) -> int | None:
+    m = _LEADING_INT.match(value or "")
+    return int(m.group(1)) if m else None
+
+
+def gfx_name(version: int | None) -> str | None:
+    """KFD gfx_target_version -> gfx target name; None for CPUs (0) and junk.
+
+    The kernel (drivers/gpu/drm/amd/amdkfd/kfd_device.c, kgd2kfd_probe) stores
+    major*10000 + minor*100 + stepping in decimal, e.g. GC 12.0.1 -> 120001;
+    libhsakmt decodes it with HSA_GET_GFX_VERSION_MAJOR/MINOR/STEP
+    ((v/10000)%100, (v/100)%100, v%100; ROCR-Runtime libhsakmt/src/libhsakmt.h),
+    and LLVM's offload-arch (clang/tools/offload-arch/AMDGPUArchByKFD.cpp)
+    prints "gfx" + major + minor + stepping as one hex digit (90010 -> gfx90a).
+    """
+    if not version or version < 0:
+        return None
+    major, minor, step = version // 10000 % 100, version // 100 % 100, version % 100
+    if major == 0 or minor > 15 or step > 15:
+        return None
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def bdf(domain: int, location: int) -> str:
+    """PCI address from KFD domain/location_id or rocminfo BDFID ((bus<<8)|devfn)."""
+    return f"{domain:04x}:{location >> 8:02x}:{(location >> 3) & 0x1f:02x}.{location & 7:x}"
+
+
+# ---------------------------------------------------------------- rocminfo
+
+@dataclass
+class Agent:
+    """One HSA agent block of rocminfo output."""
+
+    name: str = ""
+    device_type: str = ""
+    marketing_name: str = ""
+    uuid: str = ""
+    node: int | None = None
+    chip_id: int | None = None
+    bdfid: int | None = None
+    compute_units: int | None = None
+    apu: bool = False
+    coarse_kib: int | None = None   # first GLOBAL COARSE GRAINED pool: VRAM on a dGPU
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device_type == "GPU"
+
+
+@dataclass
+class RocminfoParse:
+    agents: list[Agent]
+    module_version: str | None     # amdgpu-dkms version from "ROCk module version X is loaded"
+
+    @property
+    def gpus(self) -> list[Agent]:
+        return [a for a in self.agents if a.is_gpu]
+
+
+_FIELDS = {"Name": "name", "Device Type": "device_type", "Marketing Name": "marketing_name",
+           "Uuid": "uuid"}
+_INT_FIELDS = {"Node": "node", "Chip ID": "chip_id", "BDFID": "bdfid",
+               "Compute Unit": "compute_units"}
+
+
+def parse_rocminfo(text: str) -> RocminfoParse:
+    """Parse rocminfo output, padded or pasted with whitespace stripped.
+
+    Layout (rocminfo.cc): labels padded to 25 columns, values to 35, so split
+    on the first colon and strip; labels of 25+ characters touch their value
+    and some end in "::". Blocks open with an "Agent N" line. The first Name:
+    of a block is the agent's; later ones belong to ISA entries (including
+    generic ISAs such as gfx12-generic, which are not GPUs).
+    """
+    text = clean(text)
+    m = _MODULE_VERSION.search(text)
+    agents: list[Agent] = []
+    agent: Agent | None = None
+    seen: set[str] = set()
+    segment = ""
+    for line in text.split("\n"):
+        if _AGENT.match(line):
+            agent = Agent()
+            agents.append(agent)
+            seen, segment = set(), ""
+            continue
+        if agent is None:
+            continue
+        label, sep, value = line.partition(":")
+        if not sep:
+            continue
+        label, value = label.strip(), value.lstrip(":").strip()
+        if label == "Segment":
+            segment = value
+            continue
+        if label == "Size" and re.search(r"GLOBAL;.*\bFLAGS:\s*COARSE GRAINED$", segment):
+            if agent.coarse_kib is None:
+                agent.coarse_kib = _int(value)
+            continue
+        if label in seen:
+            continue
+        seen.add(label)
+        if label in _FIELDS:
+            setattr(agent, _FIELDS[label], value)
+        elif label in _INT_FIELDS:
+            setattr(agent, _INT_FIELDS[label], _int(value))
+        elif label == "Memory Properties":
+            agent.apu = "APU" in value.split()
+    return RocminfoParse(agents, m.group(1) if m else None)
+
+
+@dataclass(frozen=True)
+class RocminfoFailure:
+    kind: str     # missing hang not-loaded not-live no-group relogin no-user no-kfd
+    #               blocked refused out-of-resources hsa-error no-gpu error
+    summary: str  # one line, for warnings and doctor details
+
+
+def classify_rocminfo(returncode: int, timed_out: bool, text: str,
+                      parsed: RocminfoParse | None = None) -> RocminfoFailure | None:
+    """Name the reason a rocminfo run failed, from its exit and messages.
+
+    Messages and exit paths are those of rocminfo.cc (CheckInitialState, the
+    /dev/kfd open, hsa_init); the causes are from the reports cited in the
+    facts sheet (ROCm/ROCm#5102, #1798, #1211, #4043, #5657, #2232, #4382,
+    #1088, #5812).
+    """
+    text = clean(text)
+    first = next((ln.strip() for ln in text.split("\n")
+                  if ln.strip() and not ln.startswith("ROCk module version")
+                  and ln.strip() != "ROCk module is loaded"), "")
+    if timed_out:
+        return RocminfoFailure("hang", f"rocminfo did not finish within {ROCMINFO_TIMEOUT:.0f}s")
+    if returncode == 127:
+        return RocminfoFailure("missing", "rocminfo not found")
+    if "ROCk module is NOT loaded" in text:
+        return RocminfoFailure("not-loaded", "amdgpu kernel module is not loaded (rocminfo)")
+    if "ROCk module is NOT live" in text:
+        return RocminfoFailure("not-live", "amdgpu is loaded but not live (no GPU initialised)")
+    kfd = re.search(r"Unable to open /dev/kfd read-write: ([^\n]*)", text)
+    if kfd:
+        reason = kfd.group(1).strip().rstrip(".")
+        if "is not member of" in text:
+            return RocminfoFailure("no-group", f"/dev/kfd: {reason}; user is not in its group")
+        if "No such file" in reason:
+            return RocminfoFailure("no-kfd", "/dev/kfd does not exist")
+        if "Operation not permitted" in reason:
+            return RocminfoFailure("blocked", "/dev/kfd: Operation not permitted (device cgroup or policy)")
+        if "Invalid argument" in reason:
+            return RocminfoFailure("refused", "/dev/kfd: Invalid argument (KFD refused this process)")
+        if "Cannot allocate memory" in reason:
+            return RocminfoFailure("out-of-resources",
+                                   "/dev/kfd: Cannot allocate memory (KFD could not set up the GPU)")
+        if "Failed to get user name" in text or "Failed to find pwd entry" in text:
+            return RocminfoFailure("no-user", f"/dev/kfd: {reason}; no login name (container?)")
+        if "is member of" in text:
+            return RocminfoFailure("relogin", f"/dev/kfd: {reason} although the user is in its group")
+        return RocminfoFailure("error", f"/dev/kfd: {reason}")
+    if "HSA_STATUS_ERROR_OUT_OF_RESOURCES" in text or re.search(r"Call returned 4104\b", text):
+        return RocminfoFailure("out-of-resources", "HSA runtime: HSA_STATUS_ERROR_OUT_OF_RESOURCES")
+    if "hsa api call failure" in text:
+        status = re.search(r"Call returned (\S+?):?\s", text + " ")
+        return RocminfoFailure("hsa-error", f"HSA runtime error {status.group(1) if status else ''}".strip())
+    if returncode != 0:
+        return RocminfoFailure("error", f"rocminfo exited with {returncode}: {first}".rstrip(": "))
+    parsed = parsed or parse_rocminfo(text)
+    if not parsed.gpus:
+        return RocminfoFailure("no-gpu", "rocminfo lists no GPU agent")
+    return None
+
+
+@dataclass
+class RocminfoRun:
+    path: str
+    returncode: int
+    timed_out: bool
+    output: str                     # stdout + stderr, ANSI codes removed
+    parsed: RocminfoParse
+    failure: RocminfoFailure | None
+
+
+def find_rocminfo(prefix: Path | None = None) -> str | None:
+    """rocminfo from PATH, else the one in the unpacked toolchain."""
+    found = proc.which("rocminfo")
+    if found:
+        return found
+    if prefix is not None:
+        candidate = Path(prefix) / "rocm" / "bin" / "rocminfo"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def run_rocminfo(path: str, env: Mapping[str, str] | None = None) -> RocminfoRun:
+    # No arguments: -g/-c drop the Agent banners the parser splits on.
+    # Overrides are passed on so rocminfo shows what the runtime would see;
+    # visibility variables are not, so every GPU is listed.
+    source = os.environ if env is None else env
+    extra = {k: v for k, v in source.items() if k.startswith(_OVERRIDE)}
+    cap = proc.capture([path], env=proc.base_env(extra), timeout=ROCMINFO_TIMEOUT)
+    text = clean(cap.stdout + ("\n" + cap.stderr if cap.stderr else ""))
+    parsed = parse_rocminfo(text)
+    failure = classify_rocminfo(cap.returncode, cap.timed_out, text, parsed)
+    return RocminfoRun(path, cap.returncode, cap.timed_out, text, parsed, failure)
+
+
+# ---------------------------------------------------------------- KFD sysfs
+
+KFD_NODES = "sys/class/kfd/kfd/topology/nodes"
+
+
+@dataclass
+class KfdNode:
+    index: int
+    props: dict[str, int]
+    vram_bytes: int | None = None   # mem_banks/0 size_in_bytes (dGPUs)
+
+    def get(self, key: str) -> int:
+        return self.props.get(key, 0)
+
+    @property
+    def is_gpu(self) -> bool:
+        # simd_count is 0 on CPU nodes (the kernel forces it); old kernels lack
+        # gfx_target_version, so it is not required here.
+        return self.get("simd_count") > 0 and (
+            "gfx_target_version" not in self.props or self.get("gfx_target_version") > 0)
+
+    @property
+    def pci(self) -> str:
+        return bdf(self.get("domain"), self.get("location_id"))
+
+
+def parse_properties(text: str) -> dict[str, int]:
+    """KFD "name value" lines (kfd_topology.c node_show, decimal); unknown keys kept."""
+    props: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            props[parts[0]] = int(parts[1])
+    return props
+
+
+def read_kfd(root: Path) -> tuple[list[KfdNode], list[str]]:
+    """KFD topology nodes in node order, plus warnings for unreadable ones."""
+    base = under(root, KFD_NODES)
+    nodes: list[KfdNode] = []
+    warnings: list[str] = []
+    try:
+        entries = sorted((int(p.name), p) for p in base.iterdir() if p.name.isdigit())
+    except OSError:
+        return nodes, warnings
+    for index, path in entries:
+        try:
+            props = parse_properties((path / "properties").read_text())
+        except PermissionError:
+            # kfd_topology.c returns EPERM when a device cgroup hides the GPU
+            warnings.append(f"KFD node {index} is hidden from this process (EPERM: device cgroup?)")
+            continue
+        except OSError:
+            continue
+        node = KfdNode(index, props)
+        try:
+            bank = parse_properties((path / "mem_banks" / "0" / "properties").read_text())
+            node.vram_bytes = bank.get("size_in_bytes") or None
+        except OSError:
+            pass
+        nodes.append(node)
+    return nodes, warnings
+
+
+# ---------------------------------------------------------------- PCI sysfs
+
+PCI_DEVICES = "sys/bus/pci/devices"
+
+
+@dataclass
+class PciDevice:
+    address: str
+    device: int
+    revision: int
+    pci_class: int
+    driver: str | None
+    vram_bytes: int | None      # amdgpu's mem_info_vram_total on the PCI device
+
+
+def _read_hex(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def read_pci(root: Path) -> list[PciDevice]:
+    """AMD display-class PCI functions (drivers/pci/pci-sysfs.c: "0x%04x" ids, "0x%06x" class).
+
+    Vendor 0x1002 alone is not enough: the same card carries AMD PCIe switch
+    ports (class 0x0604) and HDMI audio (0x0403).
+    """
+    base = under(root, PCI_DEVICES)
+    found: list[PciDevice] = []
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return found
+    for path in entries:
+        if _read_hex(path / "vendor") != AMD_VENDOR:
+            continue
+        pci_class = _read_hex(path / "class")
+        device = _read_hex(path / "device")
+        if pci_class is None or device is None or pci_class >> 16 != 0x03:
+            continue
+        link = path / "driver"
+        driver = os.path.basename(os.readlink(link)) if link.is_symlink() else None
+        vram = None
+        try:
+            vram = int((path / "mem_info_vram_total").read_text().strip()) or None
+        except (OSError, ValueError):
+            pass
+        found.append(PciDevice(path.name, device, _read_hex(path / "revision") or 0,
+                               pci_class, driver, vram))
+    return found
+
+
+# ---------------------------------------------------------------- merge
+
+@dataclass
+class GPU:
+    arch: str                       # real hardware target, "unknown" if no source knows it
+    marketing_name: str
+    pci: str | None                 # DDDD:BB:DD.F
+    vram_mib: int | None
+    integrated: bool
+    source: str                     # e.g. "rocminfo+kfd+pci"
+    node: int | None = None         # KFD node index
+    uuid: str | None = None         # GPU-<16 hex>, None when the GPU has no unique id
+    chip_id: int | None = None
+    reported_arch: str | None = None  # rocminfo's Name when it differs (an override)
+    driver: str | None = None
+    render_minor: int | None = None
+
+    @property
+    def targeted(self) -> bool:
+        return self.arch in RDNA4_ARCHS and not self.integrated
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, "marketing_name": self.marketing_name, "pci": self.pci,
+                "vram_mib": self.vram_mib, "integrated": self.integrated, "source": self.source}
+
+
+@dataclass
+class Detection:
+    gpus: list[GPU]
+    target: tuple[str, ...]         # distinct arches of discrete RDNA4 GPUs, sorted
+    visible_devices: str            # ROCR_VISIBLE_DEVICES value; "" = leave the variable unset
+    warnings: list[str] = field(default_factory=list)
+    rocminfo: RocminfoRun | None = None
+    kfd_present: bool = False
+    module_version: str | None = None  # amdgpu-dkms version, when that module is loaded
+
+    @property
+    def visible_env(self) -> dict[str, str]:
+        """Variables for the activation script (empty when nothing must be hidden)."""
+        return {"ROCR_VISIBLE_DEVICES": self.visible_devices} if self.visible_devices else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpus": [g.to_json() for g in self.gpus], "target": list(self.target),
+                "visible_devices": self.visible_devices, "warnings": list(self.warnings)}
+
+
+@dataclass
+class _Seen:
+    agent: Agent | None = None
+    kfd: KfdNode | None = None
+    pci: PciDevice | None = None
+
+    def address(self) -> str | None:
+        if self.kfd:
+            return self.kfd.pci
+        if self.pci:
+            return self.pci.address
+        if self.agent and self.agent.bdfid is not None:
+            return bdf(0, self.agent.bdfid)   # rocminfo leaves out the PCI domain
+        return None
+
+
+def _same_function(a: str | None, b: str | None) -> bool:
+    # compare bus:dev.fn only when one side (rocminfo) has no domain
+    return bool(a and b) and a[-7:] == b[-7:]
+
+
+def _merge(agents: Sequence[Agent], nodes: Sequence[KfdNode],
+           pcis: Sequence[PciDevice]) -> list[_Seen]:
+    seen = [_Seen(kfd=n) for n in nodes if n.is_gpu]
+    for agent in agents:
+        match = next((s for s in seen if s.kfd and s.agent is None and agent.bdfid is not None
+                      and s.kfd.get("location_id") == agent.bdfid), None)
+        match = match or next((s for s in seen if s.kfd and s.agent is None
+                               and s.kfd.index == agent.node), None)
+        if match:
+            match.agent = agent
+        else:
+            seen.append(_Seen(agent=agent))
+    for dev in pcis:
+        match = next((s for s in seen if s.pci is None and (
+            s.address() == dev.address or (not s.kfd and _same_function(s.address(), dev.address)))),
+            None)
+        if match:
+            match.pci = dev
+        else:
+            seen.append(_Seen(pci=dev))
+    return seen
+
+
+def _uuid(s: _Seen) -> str | None:
+    if s.agent and re.fullmatch(r"GPU-[0-9a-f]{16}", s.agent.uuid or ""):
+        return s.agent.uuid
+    unique = s.kfd.get("unique_id") if s.kfd else 0
+    # ROCr prints GPU-%016lx of unique_id, GPU-XX when it is 0 (amd_gpu_agent.cpp)
+    return f"GPU-{unique:016x}" if unique else None
+
+
+def _gpu(s: _Seen) -> GPU:
+    agent, kfd, pci = s.agent, s.kfd, s.pci
+    chip = (kfd.get("device_id") if kfd else 0) or (pci.device if pci else 0) or (
+        agent.chip_id if agent else 0) or None
+    table = PCI_IDS.get(chip) if chip else None
+    reported = agent.name if agent and _ARCH.match(agent.name) else None
+    arch = (gfx_name(kfd.get("gfx_target_version")) if kfd else None) or (
+        table[0] if table else None) or reported or "unknown"
+    integrated = bool(agent and agent.apu) or (table[1] if table else arch in INTEGRATED_ARCHS)
+    name = agent.marketing_name if agent else ""
+    if not name or name == GENERIC_NAME:
+        if table:
+            name = table[3].get(pci.revision, table[2]) if pci else table[2]
+        name = name or (f"AMD GPU 1002:{chip:04x}" if chip else "AMD GPU")
+    vram = None
+    if agent and agent.coarse_kib and not integrated:
+        vram = agent.coarse_kib // 1024
+    elif kfd and kfd.vram_bytes and not integrated:
+        vram = kfd.vram_bytes >> 20
+    elif pci and pci.vram_bytes:
+        vram = pci.vram_bytes >> 20
+    sources = [n for n, v in (("rocminfo", agent), ("kfd", kfd), ("pci", pci)) if v]
+    return GPU(arch=arch, marketing_name=name, pci=s.address(), vram_mib=vram,
+               integrated=integrated, source="+".join(sources),
+               node=kfd.index if kfd else (agent.node if agent else None), uuid=_uuid(s),
+               chip_id=chip, reported_arch=reported if reported and reported != arch else None,
+               driver=pci.driver if pci else None,
+               render_minor=(kfd.get("drm_render_minor") or None) if kfd else None)
+
+
+def _visible_devices(gpus: Sequence[GPU]) -> str:
+    """ROCR_VISIBLE_DEVICES that shows only the targeted GPUs, or "" if none needs hiding.
+
+    ROCr numbers GPU agents in KFD node order (amd_filter_device.h); UUIDs
+    survive reordering, devices without one (GPU-XX, e.g. every iGPU) can only
+    be named by index.
+    """
+    runtime = [g for g in gpus if g.node is not None]
+    chosen = [g for g in runtime if g.targeted]
+    if not chosen or len(chosen) == len(runtime):
+        return ""
+    return ",".join(g.uuid or str(runtime.index(g)) for g in chosen)
+
+
+def _describe(g: GPU) -> str:
+    return f"{g.marketing_name} at {g.pci or '?'}"
+
+
+def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
+           prefix: Path | None = None, env: Mapping[str, str] | None = None) -> Detection:
+    """Find GPUs from rocminfo, KFD and PCI sysfs; never raises for a broken host.
+
+    `rocminfo` is the executable to run (default: PATH, then
+    PREFIX/rocm/bin/rocminfo); without one, sysfs alone is used.
+    """
+    root = resolve_root(sysfs_root)
+    env = os.environ if env is None else env
+    warnings: list[str] = []
+    run: RocminfoRun | None = None
+    exe = rocminfo or find_rocminfo(prefix)
+    if exe:
+        run = run_rocminfo(exe, env)
+        if run.failure and run.failure.kind != "no-gpu":
+            warnings.append(f"rocminfo failed: {run.failure.summary}")
+    nodes, kfd_warnings = read_kfd(root)
+    warnings += kfd_warnings
+    agents = run.parsed.gpus if run else []
+    gpus = [_gpu(s) for s in _merge(agents, nodes, read_pci(root))]
+    gpus.sort(key=lambda g: (g.node is None, g.node or 0, g.pci or ""))
+
+    for g in gpus:
+        if g.reported_arch:
+            keys = ([f"{_OVERRIDE}_{g.node}"] if g.node is not None else []) + [_OVERRIDE]
+            var = next((f"{k}={env[k]}" for k in keys if k in env), None)
+            why = f"{var} is active" if var else f"an {_OVERRIDE} setting is active"
+            warnings.append(f"rocminfo reports {g.reported_arch} for {_describe(g)} but the chip "
+                            f"is {g.arch}: {why}; using {g.arch} (unset the override)")
+        if g.source == "pci":
+            if g.driver is None:
+                why = "no driver is bound to it"
+            elif g.driver != "amdgpu":
+                why = f"it is bound to {g.driver}, not amdgpu"
+            else:
+                why = "KFD has no node for it (kernel too old for this GPU, or PCIe atomics missing)"
+            warnings.append(f"{_describe(g)} ({g.arch}) is on the PCI bus but not usable for "
+                            f"compute: {why}")
+    overrides = sorted(k for k in env if k.startswith(_OVERRIDE))
+    if overrides and any(g.targeted for g in gpus) and not any(g.reported_arch for g in gpus):
+        warnings.append(f"{', '.join(overrides)} is set; RDNA4 needs no override (unset it)")
+    for var in ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        if var in env:
+            warnings.append(f"{var}={env[var]} is set in this shell; the activation script "
+                            "sets the GPU visibility itself")
+
+    target = tuple(sorted({g.arch for g in gpus if g.targeted}))
+    visible = _visible_devices(gpus)
+    if visible:
+        hidden = [g for g in gpus if g.node is not None and not g.targeted]
+        warnings.append("hidden at run time (not a build target): "
+                        + "; ".join(f"{_describe(g)} ({g.arch})" for g in hidden))
+    module_version = run.parsed.module_version if run else None
+    try:
+        module_version = under(root, "sys/module/amdgpu/version").read_text().strip() or module_version
+    except OSError:
+        pass
+    return Detection(gpus, target, visible, warnings, run,
+                     kfd_present=under(root, KFD_NODES).is_dir(), module_version=module_version)
+
+
+def _split_archs(gpu_arch: str | Iterable[str]) -> list[str]:
+    items = [gpu_arch] if isinstance(gpu_arch, str) else list(gpu_arch)
+    return [a for item in items for a in re.split(r"[,;\s]+", item.strip().lower()) if a]
+
+
+def choose_target(detection: Detection, gpu_arch: str | Iterable[str] | None,
+                  allow_unsupported: bool) -> tuple[str, ...]:
+    """The arches to build for: --gpu-arch if given, else the detected RDNA4 arches.
+
+    Warnings (an unsupported arch allowed, a target that differs from the
+    detected GPUs) are appended to detection.warnings.
+    """
+    found = ", ".join(f"{g.arch} {g.marketing_name}" for g in detection.gpus) or "no AMD GPU"
+    if gpu_arch is None or not _split_archs(gpu_arch):
+        if detection.target:
+            return detection.target
+        raise UsageError(f"no RDNA4 GPU found ({found})",
+                         hint="pass --gpu-arch gfx1201 (RX 9070 series, R9700) or gfx1200 "
+                              "(RX 9060 series) to build without one; `rdna4-install doctor` "
+                              "shows why no GPU was found")
+    archs = sorted(set(_split_archs(gpu_arch)))
+    for arch in archs:
+        if not _ARCH.match(arch):
+            raise UsageError(f"--gpu-arch {arch!r} is not a gfx target name",
+                             hint="e.g. --gpu-arch gfx1201 or --gpu-arch gfx1200,gfx1201")
+    odd = [a for a in archs if a not in RDNA4_ARCHS]
+    if odd and not allow_unsupported:
+        raise UsageError(f"--gpu-arch {','.join(odd)} is not an RDNA4 target",
+                         hint="supported: gfx1200, gfx1201; add --allow-unsupported-arch to "
+                              "build anyway (untested)")
+    if odd:
+        detection.warnings.append(f"building for unsupported arch {','.join(odd)} "
+                                  "(--allow-unsupported-arch): expect failures")
+    if detection.target and set(archs) != set(detection.target):
+        detection.warnings.append(f"building for {','.join(archs)} but this host's target is "
+                                  f"{','.join(detection.target)}")
+    return tuple(archs)
+
+
+def format_table(detection: Detection) -> str:
+    rows = [("ARCH", "NAME", "PCI", "VRAM", "KIND", "FOUND BY", "TARGET")]
+    for g in detection.gpus:
+        rows.append((g.arch + (f" (reports {g.reported_arch})" if g.reported_arch else ""),
+                     g.marketing_name, g.pci or "-",
+                     f"{g.vram_mib / 1024:.1f} GiB" if g.vram_mib else "-",
+                     "integrated" if g.integrated else "discrete", g.source,
+                     "yes" if g.targeted else "no"))
+    lines: list[str] = []
+    if detection.gpus:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    else:
+        lines.append("no AMD GPU found")
+    lines.append(f"target: {', '.join(detection.target) or 'none (no discrete RDNA4 GPU)'}")
+    if detection.visible_devices:
+        lines.append(f"run time: ROCR_VISIBLE_DEVICES={detection.visible_devices}")
+    lines += [f"warning: {w}" for w in detection.warnings]
+    return "\n".join(lines)

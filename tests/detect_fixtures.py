@@ -1,0 +1,195 @@
+"""Fake GPUs for tests: rocminfo executables and sysfs trees.
+
+The captured outputs in tests/data/detect/ come from the fact sheet
+(/work/shared/facts/detection.md §8, rebuilt from public ROCm issue reports):
+rocminfo-F1/F3/F4 (RX 9070 XT + gfx1036 iGPU, RX 9060 XT, Strix Halo + NPU),
+rocminfo-E1..E8 (failure outputs, ESC bytes real) and the S1 KFD properties
+files. S3/S4 and the PCI fixture P are small tables there and live below.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping
+
+DATA = Path(__file__).parent / "data" / "detect"
+
+# exit status of each captured failure (facts §2 / §8 E)
+EXIT_CODES = {"E1": 1, "E2": 1, "E3": 1, "E4": 1, "E5": 1, "E6": 8, "E7": 8, "E8": 1}
+
+
+def fixture(name: str) -> str:
+    """A captured rocminfo output, bytes as stored (trailing spaces, ESC codes)."""
+    with open(DATA / f"rocminfo-{name}.txt", encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def fake_rocminfo(tmp_path: Path, text: str = "", *, hang: bool = False, exit: int = 0,
+                  name: str = "rocminfo") -> Path:
+    """Write an executable that prints `text`, then hangs or exits with `exit`.
+
+    Returns its path; put its parent first on PATH. The hang keeps what was
+    printed so far in the pipe, like a stuck rocminfo.
+    """
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    data = bindir / f"{name}.out"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    # absolute paths: tests often run these with a PATH holding only fakes
+    system_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin"])
+    cat, sleep = shutil.which("cat", path=system_path), shutil.which("sleep", path=system_path)
+    tail = f"exec {sleep} 600\n" if hang else f"exit {exit}\n"
+    exe = bindir / name
+    exe.write_text(f"#!/bin/sh\n{cat} '{data}'\n{tail}")
+    exe.chmod(0o755)
+    return exe
+
+
+# ------------------------------------------------------------------ sysfs
+
+def s1_kfd() -> dict[int, str]:
+    """S1: the F1 machine's KFD nodes (CPU, RX 9070 XT, gfx1036 iGPU)."""
+    return {n: (DATA / f"kfd-S1-node{n}.properties").read_text() for n in (0, 1, 2)}
+
+
+S1_MEM_BANKS = {1: (DATA / "kfd-S1-node1-mem_banks0.properties").read_text()}
+
+CPU_NODE = {"cpu_cores_count": 32, "simd_count": 0, "gfx_target_version": 0, "vendor_id": 0,
+            "device_id": 0, "location_id": 0, "domain": 0, "drm_render_minor": 0}
+
+# S3: Strix Halo node 1 (facts §8 S3)
+S3_KFD = {0: CPU_NODE, 1: {"cpu_cores_count": 0, "simd_count": 80, "gfx_target_version": 110501,
+                           "vendor_id": 4098, "device_id": 5510, "location_id": 49408,
+                           "domain": 0, "drm_render_minor": 128, "unique_id": 0}}
+
+# S4: RX 9060 XT node 1 (facts §8 S4); vendor_id is the AMD constant
+S4_KFD = {0: {**CPU_NODE, "cpu_cores_count": 4},
+          1: {"cpu_cores_count": 0, "simd_count": 64, "gfx_target_version": 120000,
+              "vendor_id": 4098, "device_id": 30096, "location_id": 1024, "domain": 0}}
+
+# P: PCI functions of the F1 machine (facts §8 P): bridges and audio must be rejected
+P_PCI = [
+    {"address": "0000:01:00.0", "device": 0x1478, "class": 0x060400, "revision": 0x24},
+    {"address": "0000:02:00.0", "device": 0x1479, "class": 0x060400, "revision": 0x24},
+    {"address": "0000:03:00.0", "device": 0x7550, "class": 0x030000, "revision": 0xC0,
+     "driver": "amdgpu"},
+    {"address": "0000:03:00.1", "device": 0xAB40, "class": 0x040300, "revision": 0x00},
+    {"address": "0000:76:00.0", "device": 0x13C0, "class": 0x030000, "revision": 0xC5,
+     "driver": "amdgpu"},
+    {"address": "0000:76:00.1", "device": 0x1640, "class": 0x040300, "revision": 0x00},
+]
+
+
+def _props(value: str | Mapping[str, int]) -> str:
+    if isinstance(value, str):
+        return value
+    return "".join(f"{k} {v}\n" for k, v in value.items())
+
+
+def fake_sysfs(root: Path, *, kfd: Mapping[int, str | Mapping[str, int]] | None = None,
+               mem_banks: Mapping[int, str | Mapping[str, int]] | None = None,
+               pci: Iterable[Mapping] = (), amdgpu: str | None = None,
+               initstate: str | None = "live", kfd_dev: int | None = None,
+               render: Mapping[int, int] | None = None) -> Path:
+    """Build a fake /sys + /dev tree under `root` (point RDNA4_SYSFS_ROOT at it).
+
+    kfd: node index -> properties text or dict (None: no /sys/class/kfd at all).
+    pci: dicts with address, device, class, revision and optional driver, vram.
+    amdgpu: None (module absent), "in-tree", or a DKMS version such as "6.16.13".
+    initstate: "live", another state, or None (amdgpu built into the kernel).
+    kfd_dev: mode of a fake /dev/kfd (None: absent); render: minor -> mode.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if kfd is not None:
+        nodes = root / "sys/class/kfd/kfd/topology/nodes"
+        nodes.mkdir(parents=True)
+        (nodes.parent / "generation_id").write_text("1\n")
+        for index, props in kfd.items():
+            node = nodes / str(index)
+            node.mkdir()
+            (node / "properties").write_text(_props(props))
+            text = _props(props)
+            is_gpu = re.search(r"^simd_count [1-9]", text, re.M) is not None
+            (node / "gpu_id").write_text(f"{4000 + index if is_gpu else 0}\n")
+            (node / "name").write_text("ip discovery\n" if is_gpu else "\n")
+            if mem_banks and index in mem_banks:
+                bank = node / "mem_banks" / "0"
+                bank.mkdir(parents=True)
+                (bank / "properties").write_text(_props(mem_banks[index]))
+    devices = root / "sys/bus/pci/devices"
+    devices.mkdir(parents=True, exist_ok=True)
+    drivers = root / "sys/bus/pci/drivers"
+    for fn in pci:
+        d = devices / fn["address"]
+        d.mkdir()
+        (d / "vendor").write_text(f"0x{fn.get('vendor', 0x1002):04x}\n")
+        (d / "device").write_text(f"0x{fn['device']:04x}\n")
+        (d / "class").write_text(f"0x{fn['class']:06x}\n")
+        (d / "revision").write_text(f"0x{fn.get('revision', 0):02x}\n")
+        if fn.get("driver"):
+            (drivers / fn["driver"]).mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(drivers / fn["driver"], d), d / "driver")
+        if fn.get("vram"):
+            (d / "mem_info_vram_total").write_text(f"{fn['vram']}\n")
+    if amdgpu is not None:
+        module = root / "sys/module/amdgpu"
+        module.mkdir(parents=True)
+        if initstate is not None:
+            (module / "initstate").write_text(f"{initstate}\n")
+        if amdgpu != "in-tree":
+            (module / "version").write_text(f"{amdgpu}\n")
+    if kfd_dev is not None:
+        (root / "dev").mkdir(exist_ok=True)
+        (root / "dev/kfd").write_text("")
+        (root / "dev/kfd").chmod(kfd_dev)
+    for minor, mode in (render or {}).items():
+        dri = root / "dev/dri"
+        dri.mkdir(parents=True, exist_ok=True)
+        (dri / f"renderD{minor}").write_text("")
+        (dri / f"renderD{minor}").chmod(mode)
+    return root
+
+
+def f1_host(root: Path, **kw) -> Path:
+    """The F1 machine: S1 KFD nodes, the P PCI functions, DKMS 6.14.14, devices 0660."""
+    args = dict(kfd=s1_kfd(), mem_banks=S1_MEM_BANKS, pci=P_PCI, amdgpu="6.14.14",
+                kfd_dev=0o660, render={128: 0o660, 129: 0o660})
+    args.update(kw)
+    return fake_sysfs(root, **args)
+
+
+def gpuless_host(root: Path) -> Path:
+    """A build box: no amdgpu, no KFD, no AMD PCI functions, no /dev/kfd."""
+    return fake_sysfs(root, kfd=None, pci=[{"address": "0000:00:02.0", "vendor": 0x8086,
+                                             "device": 0x3e92, "class": 0x030000}])
+
+
+# ------------------------------------------------------------------ noise
+
+_ESC = "\x1b"
+
+
+def add_noise(text: str, seed: int, *, strip: bool = False) -> str:
+    """The same output as a terminal, a CRLF file or a paste would carry it.
+
+    Adds random trailing whitespace, ANSI colour codes around lines, CRLF line
+    ends; `strip` instead drops all leading and trailing whitespace of every
+    line (a GitHub paste).
+    """
+    rng = random.Random(seed)
+    out = []
+    for line in text.split("\n"):
+        if strip:
+            out.append(line.strip())
+            continue
+        if rng.random() < 0.3:
+            line = f"{_ESC}[{rng.choice(['31', '37', '1;32', '0'])}m{line}{_ESC}[0m"
+        line += rng.choice([" ", "  ", "\t", " " * rng.randint(1, 40)])
+        out.append(line)
+    sep = "\n" if strip else rng.choice(["\r\n", "\n"])
+    return sep.join(out)

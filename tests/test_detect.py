@@ -1,0 +1,380 @@
+"""GPU detection: captured rocminfo outputs and fake sysfs trees (facts §8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+from installer import detect
+from installer.errors import UsageError
+
+from detect_fixtures import (EXIT_CODES, P_PCI, S3_KFD, S4_KFD, CPU_NODE, add_noise,
+                             f1_host, fake_rocminfo, fake_sysfs, fixture, gpuless_host)
+
+ALL_OUTPUTS = ["F1", "F3", "F4"] + [f"E{i}" for i in range(1, 9)]
+
+
+@pytest.fixture
+def no_rocm(monkeypatch, tmp_path):
+    """No ROCm on PATH, no GPU variables, sysfs root unset."""
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    for var in ("RDNA4_SYSFS_ROOT", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                "CUDA_VISIBLE_DEVICES", "HSA_OVERRIDE_GFX_VERSION", "HSA_OVERRIDE_GFX_VERSION_1"):
+        monkeypatch.delenv(var, raising=False)
+    return empty
+
+
+def gpu_view(parse):
+    return [(a.name, a.marketing_name, a.node, a.chip_id, a.bdfid, a.compute_units, a.apu,
+             a.coarse_kib, a.uuid) for a in parse.gpus]
+
+
+# ---------------------------------------------------------------- parsing
+
+def test_f1_parse_matches_the_report():
+    parse = detect.parse_rocminfo(fixture("F1"))
+    assert [a.device_type for a in parse.agents] == ["CPU", "GPU", "GPU"]
+    assert gpu_view(parse) == [
+        ("gfx1201", "AMD Radeon RX 9070 XT", 1, 0x7550, 768, 64, False, 16695296,
+         "GPU-2b09110b94528d60"),
+        ("gfx1036", "AMD Radeon Graphics", 2, 0x13C0, 30208, 2, True, 64686176, "GPU-XX"),
+    ]
+    assert parse.module_version == "6.14.14"
+    assert detect.bdf(0, 768) == "0000:03:00.0" and detect.bdf(0, 30208) == "0000:76:00.0"
+
+
+def test_f3_parse_rx9060xt():
+    parse = detect.parse_rocminfo(fixture("F3"))
+    assert len(parse.agents) == 2
+    assert gpu_view(parse) == [("gfx1200", "AMD Radeon RX 9060 XT", 1, 0x7590, 1024, 32, False,
+                                16695296, "GPU-76d4de1a1944b098")]
+    assert parse.module_version == "6.16.13"
+
+
+def test_f4_strix_halo_ignores_the_npu_and_generic_isa():
+    parse = detect.parse_rocminfo(fixture("F4"))
+    assert [a.device_type for a in parse.agents] == ["CPU", "GPU", "DSP"]
+    [gpu] = parse.gpus
+    assert (gpu.name, gpu.apu, gpu.chip_id, gpu.bdfid, gpu.compute_units) == (
+        "gfx1151", True, 0x1586, 49408, 40)
+    assert parse.module_version is None      # in-tree driver: "ROCk module is loaded"
+
+
+@pytest.mark.parametrize("name", ALL_OUTPUTS)
+@pytest.mark.parametrize("seed", range(4))
+def test_noise_does_not_change_the_parse(name, seed):
+    text = fixture(name)
+    code = EXIT_CODES.get(name, 0)
+    want = detect.parse_rocminfo(text)
+    want_failure = detect.classify_rocminfo(code, False, text)
+    assert add_noise(text, seed) != text
+    for noisy in (add_noise(text, seed), add_noise(text, seed, strip=True)):
+        got = detect.parse_rocminfo(noisy)
+        assert got == want
+        assert detect.classify_rocminfo(code, False, noisy) == want_failure
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("E1", "not-loaded"), ("E2", "no-group"), ("E3", "relogin"), ("E4", "no-kfd"),
+    ("E5", "refused"), ("E6", "out-of-resources"), ("E7", "out-of-resources"),
+    ("E8", "not-live"),
+])
+def test_failures_are_classified(name, kind):
+    text = fixture(name)
+    assert detect.parse_rocminfo(text).agents == []
+    failure = detect.classify_rocminfo(EXIT_CODES[name], False, text)
+    assert failure is not None and failure.kind == kind
+    assert "\x1b" not in failure.summary
+
+
+def test_success_outputs_are_not_failures():
+    for name in ("F1", "F3", "F4"):
+        assert detect.classify_rocminfo(0, False, fixture(name)) is None
+    cpu_only = fixture("F3").split("*******                  \nAgent 2")[0]
+    assert detect.classify_rocminfo(0, False, cpu_only).kind == "no-gpu"
+    assert detect.classify_rocminfo(-1, True, "").kind == "hang"
+
+
+@pytest.mark.parametrize("version, name", [
+    # kfd_device.c gfx_target_version values (facts §3.3)
+    (120001, "gfx1201"), (120000, "gfx1200"), (110501, "gfx1151"), (110000, "gfx1100"),
+    (110003, "gfx1103"), (100306, "gfx1036"), (90010, "gfx90a"), (90012, "gfx90c"),
+    (90402, "gfx942"), (0, None), (None, None),
+])
+def test_gfx_target_version_decoding(version, name):
+    assert detect.gfx_name(version) == name
+
+
+# ---------------------------------------------------------------- detect()
+
+def test_f1_machine_all_sources(tmp_path, no_rocm, monkeypatch):
+    root = f1_host(tmp_path / "root")
+    exe = fake_rocminfo(tmp_path, fixture("F1"))
+    monkeypatch.setenv("PATH", str(exe.parent))
+    d = detect.detect(sysfs_root=root)
+    dgpu, igpu = d.gpus
+    assert dgpu.to_json() == {"arch": "gfx1201", "marketing_name": "AMD Radeon RX 9070 XT",
+                              "pci": "0000:03:00.0", "vram_mib": 16695296 // 1024,
+                              "integrated": False, "source": "rocminfo+kfd+pci"}
+    assert (igpu.arch, igpu.integrated, igpu.pci, igpu.source, igpu.vram_mib) == (
+        "gfx1036", True, "0000:76:00.0", "rocminfo+kfd+pci", None)
+    assert d.target == ("gfx1201",)
+    # the iGPU (no unique id) is hidden by naming the dGPU by UUID
+    assert d.visible_devices == "GPU-2b09110b94528d60"
+    assert d.visible_env == {"ROCR_VISIBLE_DEVICES": "GPU-2b09110b94528d60"}
+    assert d.module_version == "6.14.14"
+    assert d.rocminfo is not None and d.rocminfo.failure is None
+    out = json.loads(json.dumps(d.to_json()))
+    assert set(out) == {"gpus", "target", "visible_devices", "warnings"}
+    assert out["target"] == ["gfx1201"]
+    assert any("hidden at run time" in w and "gfx1036" in w for w in out["warnings"])
+
+
+def test_sysfs_alone_gives_the_same_gpus(tmp_path, no_rocm):
+    root = f1_host(tmp_path / "root")
+    d = detect.detect(sysfs_root=root)
+    assert d.rocminfo is None
+    assert [(g.arch, g.pci, g.integrated, g.source) for g in d.gpus] == [
+        ("gfx1201", "0000:03:00.0", False, "kfd+pci"),
+        ("gfx1036", "0000:76:00.0", True, "kfd+pci")]
+    # KFD unique_id in hex is rocminfo's Uuid (S1 node 1 vs F1 agent 2)
+    assert d.gpus[0].uuid == "GPU-2b09110b94528d60"
+    assert d.gpus[0].vram_mib == 17095983104 >> 20
+    assert d.gpus[0].marketing_name == "AMD Radeon RX 9070 XT"    # device 7550 rev c0
+    assert d.visible_devices == "GPU-2b09110b94528d60"
+
+
+def test_sysfs_root_comes_from_the_environment(tmp_path, no_rocm, monkeypatch):
+    root = f1_host(tmp_path / "root")
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(root))
+    assert detect.detect().target == ("gfx1201",)
+
+
+def test_pci_only_uses_the_id_table(tmp_path, no_rocm):
+    root = fake_sysfs(tmp_path / "root", kfd=None, pci=P_PCI)
+    d = detect.detect(sysfs_root=root)
+    assert [(g.arch, g.pci, g.integrated, g.source) for g in d.gpus] == [
+        ("gfx1201", "0000:03:00.0", False, "pci"), ("gfx1036", "0000:76:00.0", True, "pci")]
+    assert d.target == ("gfx1201",)
+    assert d.visible_devices == ""          # no runtime index known: nothing to hide by
+    assert sum("not usable for compute" in w for w in d.warnings) == 2
+
+
+def test_f3_with_s4_rx9060xt(tmp_path, no_rocm, monkeypatch):
+    root = fake_sysfs(tmp_path / "root", kfd=S4_KFD, amdgpu="6.16.13",
+                      pci=[{"address": "0000:04:00.0", "device": 0x7590, "class": 0x030000,
+                            "revision": 0xC0, "driver": "amdgpu"}])
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, fixture("F3")).parent))
+    d = detect.detect(sysfs_root=root)
+    [g] = d.gpus
+    assert (g.arch, g.marketing_name, g.pci, g.source) == (
+        "gfx1200", "AMD Radeon RX 9060 XT", "0000:04:00.0", "rocminfo+kfd+pci")
+    assert d.target == ("gfx1200",) and d.visible_devices == "" and d.warnings == []
+
+
+def test_f4_with_s3_strix_halo_is_not_a_target(tmp_path, no_rocm, monkeypatch):
+    root = fake_sysfs(tmp_path / "root", kfd=S3_KFD, amdgpu="in-tree")
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, fixture("F4")).parent))
+    d = detect.detect(sysfs_root=root)
+    [g] = d.gpus
+    assert (g.arch, g.integrated, g.pci, g.vram_mib) == ("gfx1151", True, "0000:c1:00.0", None)
+    assert d.target == ()
+    with pytest.raises(UsageError) as err:
+        detect.choose_target(d, None, False)
+    assert "gfx1151" in err.value.message and "--gpu-arch" in err.value.hint
+    assert detect.choose_target(d, "gfx1201", False) == ("gfx1201",)
+
+
+def test_override_is_seen_and_the_real_arch_wins(tmp_path, no_rocm, monkeypatch):
+    # ROCm/ROCm#5657: an RX 9060 XT reported as gfx1100 under HSA_OVERRIDE_GFX_VERSION
+    text = fixture("F3").replace("  Name:                    gfx1200   ",
+                                 "  Name:                    gfx1100   ", 1)
+    assert text != fixture("F3")
+    root = fake_sysfs(tmp_path / "root", kfd=S4_KFD)
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, text).parent))
+    monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION", "11.0.0")
+    d = detect.detect(sysfs_root=root)
+    [g] = d.gpus
+    assert (g.arch, g.reported_arch) == ("gfx1200", "gfx1100")
+    assert d.target == ("gfx1200",)
+    assert any("HSA_OVERRIDE_GFX_VERSION=11.0.0" in w and "gfx1100" in w for w in d.warnings)
+    monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION")
+    monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION_1", "11.0.0")
+    d = detect.detect(sysfs_root=root)
+    assert any("HSA_OVERRIDE_GFX_VERSION_1=11.0.0" in w for w in d.warnings)
+
+
+def test_override_without_kfd_is_caught_by_the_chip_id(tmp_path, no_rocm, monkeypatch):
+    text = fixture("F3").replace("Name:                    gfx1200", "Name:                    gfx1100", 1)
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, text).parent))
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root"))
+    assert [(g.arch, g.reported_arch, g.source) for g in d.gpus] == [
+        ("gfx1200", "gfx1100", "rocminfo")]
+    assert any("an HSA_OVERRIDE_GFX_VERSION setting is active" in w for w in d.warnings)
+
+
+@pytest.mark.parametrize("name", [f"E{i}" for i in range(1, 9)])
+def test_rocminfo_failures_fall_back_to_sysfs(tmp_path, no_rocm, monkeypatch, name):
+    root = f1_host(tmp_path / "root")
+    exe = fake_rocminfo(tmp_path, fixture(name), exit=EXIT_CODES[name])
+    monkeypatch.setenv("PATH", str(exe.parent))
+    d = detect.detect(sysfs_root=root)
+    assert d.target == ("gfx1201",)
+    assert [g.source for g in d.gpus] == ["kfd+pci", "kfd+pci"]
+    assert d.rocminfo.failure is not None
+    assert any(w.startswith("rocminfo failed") for w in d.warnings)
+
+
+def test_e9_hang_is_stopped_by_the_timeout(tmp_path, no_rocm, monkeypatch):
+    monkeypatch.setattr(detect, "ROCMINFO_TIMEOUT", 1.0)
+    root = f1_host(tmp_path / "root")
+    half = fixture("F1")[:4000]   # output stops mid-agent, then nothing (ROCm/ROCm#5812)
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, half, hang=True).parent))
+    start = time.monotonic()
+    d = detect.detect(sysfs_root=root)
+    assert time.monotonic() - start < 8
+    assert d.rocminfo.timed_out and d.rocminfo.failure.kind == "hang"
+    assert d.target == ("gfx1201",)
+
+
+def test_rocminfo_from_the_prefix_toolchain(tmp_path, no_rocm):
+    prefix = tmp_path / "prefix"
+    exe = fake_rocminfo(tmp_path, fixture("F3"))
+    (prefix / "rocm" / "bin").mkdir(parents=True)
+    (prefix / "rocm" / "bin" / "rocminfo").symlink_to(exe)
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root"), prefix=prefix)
+    assert d.rocminfo.path == str(prefix / "rocm" / "bin" / "rocminfo")
+    assert d.target == ("gfx1200",)
+
+
+def test_visibility_variables_do_not_reach_rocminfo(tmp_path, no_rocm, monkeypatch):
+    exe = fake_rocminfo(tmp_path, fixture("F3"))
+    # a rocminfo that honours ROCR_VISIBLE_DEVICES=-1 would list no GPU
+    exe.write_text(exe.read_text().replace("exit 0", '[ -n "$ROCR_VISIBLE_DEVICES" ] && exit 3\nexit 0'))
+    monkeypatch.setenv("PATH", str(exe.parent))
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "-1")
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root"))
+    assert d.rocminfo.failure is None
+    assert any("ROCR_VISIBLE_DEVICES=-1 is set" in w for w in d.warnings)
+
+
+# ---------------------------------------------------------------- S6 negative cases
+
+def test_cpu_only_topology_with_an_rdna4_card_on_pci(tmp_path, no_rocm):
+    # kernel too old or PCIe atomics rejected: lspci shows 1002:7550, KFD has node 0 only
+    root = fake_sysfs(tmp_path / "root", kfd={0: CPU_NODE}, pci=P_PCI[2:3], amdgpu="in-tree")
+    d = detect.detect(sysfs_root=root)
+    [g] = d.gpus
+    assert (g.arch, g.source) == ("gfx1201", "pci")
+    assert any("KFD has no node" in w for w in d.warnings)
+
+
+def test_unreadable_kfd_node_is_reported(tmp_path, no_rocm, monkeypatch):
+    root = f1_host(tmp_path / "root")
+    hidden = root / "sys/class/kfd/kfd/topology/nodes/2/properties"
+    real_read = type(hidden).read_text
+
+    def read_text(self, *a, **kw):
+        # a device cgroup makes the kernel answer EPERM (kfd_topology.c); root
+        # ignores file modes, so the error is injected here
+        if self == hidden:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(type(hidden), "read_text", read_text)
+    d = detect.detect(sysfs_root=root)
+    assert any("KFD node 2 is hidden" in w for w in d.warnings)
+    assert [(g.arch, g.source) for g in d.gpus] == [("gfx1201", "kfd+pci"), ("gfx1036", "pci")]
+
+
+def test_missing_kfd_and_gpuless_host(tmp_path, no_rocm):
+    d = detect.detect(sysfs_root=gpuless_host(tmp_path / "root"))
+    assert d.gpus == [] and d.target == () and d.visible_devices == ""
+    assert not d.kfd_present
+    assert "no AMD GPU found" in detect.format_table(d)
+    with pytest.raises(UsageError):
+        detect.choose_target(d, None, False)
+    assert detect.choose_target(d, "gfx1201", False) == ("gfx1201",)
+
+
+def test_this_machine_does_not_crash():
+    d = detect.detect()
+    json.dumps(d.to_json())
+    assert isinstance(detect.format_table(d), str)
+
+
+# ---------------------------------------------------------------- several GPUs
+
+def _dgpu(index, version, device, location, unique):
+    return {"cpu_cores_count": 0, "simd_count": 128, "gfx_target_version": version,
+            "vendor_id": 4098, "device_id": device, "location_id": location, "domain": 0,
+            "drm_render_minor": 127 + index, "unique_id": unique}
+
+
+def test_two_rdna4_archs_and_an_igpu(tmp_path, no_rocm):
+    kfd = {0: CPU_NODE, 1: _dgpu(1, 120001, 0x7550, 768, 0x81BA7E079F6F7889),
+           2: _dgpu(2, 120000, 0x7590, 1024, 0x5C9359C20EF65D63),
+           3: {**_dgpu(3, 100306, 0x13C0, 30208, 0), "simd_count": 4}}
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root", kfd=kfd))
+    assert [g.arch for g in d.gpus] == ["gfx1201", "gfx1200", "gfx1036"]
+    assert d.target == ("gfx1200", "gfx1201")
+    assert d.visible_devices == "GPU-81ba7e079f6f7889,GPU-5c9359c20ef65d63"
+    assert detect.choose_target(d, None, False) == ("gfx1200", "gfx1201")
+
+
+def test_gpu_without_unique_id_is_named_by_index(tmp_path, no_rocm):
+    kfd = {0: CPU_NODE, 1: {**_dgpu(1, 100306, 0x13C0, 30208, 0), "simd_count": 4},
+           2: _dgpu(2, 120001, 0x7550, 768, 0)}
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root", kfd=kfd))
+    assert d.visible_devices == "1"      # ROCr index among GPU agents, iGPU first here
+
+
+# ---------------------------------------------------------------- choose_target
+
+def _detection(*archs):
+    gpus = [detect.GPU(a, "x", None, None, False, "kfd", node=i) for i, a in enumerate(archs)]
+    return detect.Detection(gpus, tuple(sorted({a for a in archs if a in detect.RDNA4_ARCHS})), "")
+
+
+def test_choose_target_accepts_lists_and_refuses_other_arches():
+    d = _detection()
+    assert detect.choose_target(d, "gfx1201,gfx1200", False) == ("gfx1200", "gfx1201")
+    assert detect.choose_target(d, ["gfx1201", "gfx1201"], False) == ("gfx1201",)
+    with pytest.raises(UsageError) as err:
+        detect.choose_target(d, "gfx1100", False)
+    assert "--allow-unsupported-arch" in err.value.hint
+    assert detect.choose_target(d, "gfx1100", True) == ("gfx1100",)
+    assert any("unsupported arch gfx1100" in w for w in d.warnings)
+    with pytest.raises(UsageError):
+        detect.choose_target(d, "rx9070", True)
+
+
+def test_choose_target_warns_when_the_choice_differs_from_the_host():
+    d = _detection("gfx1201")
+    assert detect.choose_target(d, None, False) == ("gfx1201",)
+    assert d.warnings == []
+    assert detect.choose_target(d, "gfx1200", False) == ("gfx1200",)
+    assert any("this host's target is gfx1201" in w for w in d.warnings)
+
+
+def test_format_table_lists_every_gpu(tmp_path, no_rocm, monkeypatch):
+    root = f1_host(tmp_path / "root")
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, fixture("F1")).parent))
+    table = detect.format_table(detect.detect(sysfs_root=root))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["ARCH", "NAME", "PCI"]
+    assert "gfx1201" in lines[1] and "discrete" in lines[1] and "yes" in lines[1]
+    assert "gfx1036" in lines[2] and "integrated" in lines[2]
+    assert "target: gfx1201" in table
+    assert "ROCR_VISIBLE_DEVICES=GPU-2b09110b94528d60" in table
+
+
+def test_gpu_json_has_exactly_the_documented_keys():
+    g = detect.GPU("gfx1201", "n", "0000:03:00.0", 1, False, "pci")
+    assert list(g.to_json()) == ["arch", "marketing_name", "pci", "vram_mib", "integrated", "source"]
+    assert dataclasses.is_dataclass(detect.Detection)
