@@ -1,0 +1,610 @@
+"""The Python environment: a uv venv holding TheRock's ROCm PyTorch.
+
+TheRock's torch is welded to one ROCm version: its local version is +rocm<V>,
+it requires rocm[libraries]==V and checks that version when imported. So the
+whole stack is pinned exactly, local segment included, V is the toolchain
+tarball's version, and the index setup never lets PyPI (whose torch is a CUDA
+build with a higher plain version) supply torch. Later installs into the venv
+go through `guarded_install`, which holds the stack with a constraints file and
+fails loudly if anything moved anyway.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import platform
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Iterable, Mapping
+from urllib.parse import unquote, urlsplit
+
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
+from . import proc
+from .errors import InstallerError, StepFailed, UsageError
+
+PYPI_URL = "https://pypi.org/simple"
+CONSTRAINTS = "rdna4-constraints.txt"
+AMDSMI_PTH = "rdna4-amdsmi.pth"
+RESOLVE = ("auto", "latest")  # a pin value meaning "the newest matching build on the index"
+# The packages a later install must not move. amdsmi is watched so a PyPI copy
+# (vLLM's build requirements name amdsmi==7.0.2) cannot shadow the SDK's one,
+# which is registered in place and so is no distribution of its own.
+GUARDED = ("torch", "torchvision", "torchaudio", "triton", "pytorch-triton-rocm", "rocm", "amdsmi")
+GUARDED_PREFIXES = ("rocm-sdk-", "amd-torch")
+# uv settings a step may inherit; any other UV_*/PIP_* variable (an index, a
+# torch backend, an index strategy) could change where torch comes from.
+UV_KEEP = ("UV_CACHE_DIR", "UV_PYTHON_INSTALL_DIR", "UV_HTTP_TIMEOUT", "UV_PYTHON_DOWNLOADS")
+_ARCH = re.compile(r"^gfx[0-9a-f]{3,5}$")
+
+
+# --- locations -----------------------------------------------------------------
+
+def find_uv() -> str:
+    """The uv on PATH, else the one installed with rdna4-install (the `uv` package)."""
+    found = proc.which("uv")
+    if found:
+        return found
+    try:
+        import uv  # the PyPI package that ships the uv binary
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        raise InstallerError("uv not found on PATH or next to rdna4-install",
+                             hint="install uv (https://docs.astral.sh/uv/) or reinstall "
+                                  "rdna4-install, which depends on it") from None
+
+
+def venv_dir(prefix: Path) -> Path:
+    return Path(prefix) / "venv"
+
+
+def venv_python(prefix: Path) -> Path:
+    return venv_dir(prefix) / "bin" / "python"
+
+
+def site_packages(venv: Path) -> Path:
+    found = sorted(Path(venv).glob("lib/python3*/site-packages"))
+    if not found:
+        raise InstallerError(f"{venv} is not a Python virtual environment",
+                             hint="run the torch recipe, which creates it")
+    return found[0]
+
+
+def venv_python_version(venv: Path) -> tuple[int, int, int]:
+    """The venv's CPython version, read from pyvenv.cfg (uv writes version_info)."""
+    cfg = Path(venv) / "pyvenv.cfg"
+    try:
+        text = cfg.read_text()
+    except OSError:
+        raise InstallerError(f"{cfg} is missing",
+                             hint="run the torch recipe, which creates the venv") from None
+    m = re.search(r"^(?:version_info|version)\s*=\s*(\d+)\.(\d+)\.(\d+)", text, re.M)
+    if not m:
+        raise InstallerError(f"no Python version in {cfg}")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def uv_env(env: Mapping[str, str]) -> dict[str, str]:
+    out = {k: v for k, v in env.items()
+           if not (k.startswith(("UV_", "PIP_")) and k not in UV_KEEP)
+           and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH")}
+    # TheRock's core and device wheels are hundreds of MB from S3; uv's 30 s
+    # read timeout is known to trip on them (3P install recipes raise it too).
+    out.setdefault("UV_HTTP_TIMEOUT", "300")
+    return out
+
+
+def check_index_url(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and (host == "localhost" or _is_loopback(host)):
+        return url
+    raise UsageError(f"{what} must be an https URL (http only to loopback): {url!r}",
+                     hint="fix the pin in recipes/pins.toml or the --set value")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _norm(version: str, what: str) -> Version:
+    try:
+        return Version(version)
+    except InvalidVersion:
+        raise UsageError(f"{what} is not a valid version: {version!r}") from None
+
+
+# --- steps ------------------------------------------------------------------------
+
+def create_venv_step(ctx, *, python: str = "3.12") -> None:
+    """`uv venv --python <python> PREFIX/venv`, recreated so no stale package survives."""
+    if not python:
+        raise UsageError("torch.python is empty", hint="pin a Python version such as 3.12")
+    uv = find_uv()
+    venv = venv_dir(ctx.prefix)
+    # --clear: this step reruns only when the stack changed, and everything built
+    # into the old venv is rebuilt by the recipes that depend on this one.
+    # uv's cache is not touched: it is shared between prefixes on purpose.
+    argv = [uv, "venv", "--no-config", "--no-project", "--clear", "--python", python, str(venv)]
+    ctx.run(argv, env=uv_env(ctx.env), what="uv venv")
+    ctx.facts["python"] = ".".join(map(str, venv_python_version(venv)))
+    ctx.facts["uv"] = proc.capture([uv, "--version"], env=uv_env(ctx.env)).stdout.strip()
+
+
+def install_torch_step(ctx, *, index_url: str, rocm: str, torch: str, torchvision: str,
+                       torchaudio: str, triton: str, therock_version: str,
+                       pypi_url: str = PYPI_URL) -> None:
+    """Install TheRock's rocm + torch stack for ROCm `therock_version` into PREFIX/venv."""
+    check_index_url(index_url, "torch.index_url")
+    check_index_url(pypi_url, "the PyPI index URL")
+    archs = tuple(ctx.archs)
+    bad = [a for a in archs if not _ARCH.match(a)]
+    if not archs or bad:
+        raise UsageError(f"bad target arch list {archs!r}", hint="targets look like gfx1201")
+    v_rocm = tarball_version(ctx.prefix, therock_version)
+    pins = coherent_pins(v_rocm, rocm=rocm, torch=torch, torchvision=torchvision,
+                         torchaudio=torchaudio, triton=triton)
+    venv = venv_dir(ctx.prefix)
+    resolved = [k for k in ("torch", "torchvision", "torchaudio") if pins[k] is None]
+    if resolved:
+        if ctx.offline:
+            raise InstallerError(f"cannot resolve {', '.join(resolved)} offline",
+                                 hint="pin exact versions in recipes/pins.toml")
+        py = venv_python_version(venv)[:2]
+        pins.update(resolve_from_index(index_url, v_rocm, resolved, py, torch=pins["torch"]))
+    reqs = stack_requirements(pins, archs)
+    argv = [find_uv(), "pip", "install", "--python", str(venv_python(ctx.prefix)), "--no-config",
+            # uv asks --index before --default-index and, with first-index, takes a
+            # package only from the first index that has it at all: TheRock's index
+            # has torch, so PyPI is never asked for it, while a dependency AMD does
+            # not mirror can still come from PyPI. The exact +rocm pins are the
+            # second lock: no PyPI torch has that version.
+            "--index", index_url, "--default-index", pypi_url, "--index-strategy", "first-index"]
+    if any(v and Version(v).is_prerelease for v in pins.values()):
+        # nightlies: the device family wheels torch's extras pull in are prereleases
+        # too, and uv allows those only when asked (AMD's rocm-cli does the same)
+        argv += ["--prerelease", "allow"]
+    if ctx.offline:
+        argv.append("--offline")
+    env = uv_env(ctx.env)
+    # `rocm` is an sdist whose build picks a default device package from this
+    # variable, else from offload-arch on the build machine (TheRock
+    # docs/packaging/python_packaging.md); the explicit device pins above are
+    # what counts, this only keeps the default from depending on the host.
+    env["ROCM_SDK_TARGET_FAMILY"] = archs[0]
+    ctx.run(argv + reqs, env=env, what="uv pip install (torch stack)")
+
+    # expands the devel tree (_rocm_sdk_devel) and links the device wheels' files into it
+    ctx.run([str(venv / "bin" / "rocm-sdk"), "init"], env=uv_env(ctx.env), what="rocm-sdk init")
+    site = site_packages(venv)
+    fixes = apply_runtime_fixes(site)
+    amdsmi = register_amdsmi(site, ctx.prefix)
+    installed = installed_versions(venv)
+    expect_installed(installed, pins, archs)
+    constraints = write_constraints(venv)
+    ctx.facts.update({
+        "index_url": index_url, "rocm": pins["rocm"], "torch": installed["torch"],
+        "torchvision": installed.get("torchvision", ""), "torchaudio": installed.get("torchaudio", ""),
+        "triton": installed.get("triton", ""), "resolved_from_index": resolved,
+        "runtime_fixes": fixes, "amdsmi": str(amdsmi), "constraints": str(constraints),
+    })
+
+
+def check_torch_step(ctx) -> None:
+    """Import torch in the venv (no GPU needed): it must be a HIP build of the venv's ROCm."""
+    venv = venv_dir(ctx.prefix)
+    installed = installed_versions(venv)
+    if "torch" not in installed or "rocm" not in installed:
+        raise InstallerError(f"torch or rocm is not installed in {venv}", hint="rerun the torch recipe")
+    v_rocm = installed["rocm"]
+    probe = ("import json, torch, amdsmi; print('RDNA4-PROBE ' + json.dumps("
+             "{'torch': torch.__version__, 'hip': torch.version.hip}))")
+    lines: list[str] = []
+    env = uv_env(ctx.env)  # no LD_LIBRARY_PATH: torch must find its own ROCm libraries
+    ctx.run([str(venv_python(ctx.prefix)), "-c", probe], env=env, on_line=lines.append,
+            what="import torch", timeout=600)
+    found = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RDNA4-PROBE ")]
+    if not found:
+        raise InstallerError("the torch probe printed nothing", hint=f"log: {ctx.log}")
+    seen = found[-1]
+    if not seen["hip"]:
+        raise InstallerError(f"torch {seen['torch']} in {venv} is not a ROCm (HIP) build",
+                             hint="the venv was changed after install; rerun the torch recipe")
+    if seen["torch"] != installed["torch"] or Version(seen["torch"]).local != rocm_local(Version(v_rocm)):
+        raise InstallerError(f"torch imports as {seen['torch']} but the venv holds "
+                             f"torch {installed['torch']} and rocm {v_rocm}",
+                             hint="rerun the torch recipe")
+    out: list[str] = []
+    ctx.run([str(venv / "bin" / "rocm-sdk"), "version"], env=env, on_line=out.append,
+            what="rocm-sdk version")
+    if not any(_same_version(tok, v_rocm) for line in out for tok in line.split()):
+        raise InstallerError(f"`rocm-sdk version` says {' '.join(out)!r}, expected {v_rocm}",
+                             hint="rerun the torch recipe")
+    ctx.facts.update({"hip": seen["hip"], "torch": seen["torch"], "rocm": v_rocm})
+
+
+def _same_version(a: str, b: str) -> bool:
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return False
+
+
+# --- versions: coherence and resolution -------------------------------------------
+
+def tarball_version(prefix: Path, therock_version: str) -> str:
+    """The toolchain's ROCm version, cross-checked with PREFIX/rocm -> rocm-<version>."""
+    if therock_version in RESOLVE or not therock_version:
+        raise UsageError("the TheRock tarball version is not known here",
+                         hint="pass the resolved therock version to install-torch-stack")
+    v = str(_norm(therock_version, "therock.version"))
+    link = Path(prefix) / "rocm"
+    if link.is_symlink():
+        m = re.fullmatch(r"rocm-(.+)", Path(os.readlink(link)).name)
+        if m and not _same_version(m[1], v):
+            raise InstallerError(f"ROCm version mismatch: {link} is ROCm {m[1]} but therock.version is {v}",
+                                 hint="reinstall the therock recipe first; tarball, rocm wheels "
+                                      "and torch must be one ROCm version")
+    return v
+
+
+def coherent_pins(v_rocm: str, *, rocm: str, torch: str, torchvision: str, torchaudio: str,
+                  triton: str) -> dict[str, str | None]:
+    """Normalised exact pins; None means "resolve from the index", "" means "not wanted"
+    (for triton: "the one torch pins").
+
+    tarball version == rocm wheel version == torch's +rocm version, or stop.
+    """
+    want = Version(v_rocm)
+    hint = (f"pin +rocm{want} builds, or set therock.version to the ROCm they were built "
+            "for; tarball, rocm wheels and torch must be one ROCm version")
+    if rocm not in RESOLVE and rocm and _norm(rocm, "torch.rocm") != want:
+        raise InstallerError(f"ROCm version mismatch: the tarball is ROCm {want} but torch.rocm "
+                             f"pins rocm wheels {rocm}", hint=hint)
+    if not torch:
+        raise UsageError("torch.torch is empty", hint='pin an exact +rocm version or "auto"')
+    pins: dict[str, str | None] = {"rocm": str(want)}
+    for key, value in (("torch", torch), ("torchvision", torchvision), ("torchaudio", torchaudio)):
+        if value in RESOLVE or not value:
+            pins[key] = None if value else ""
+            continue
+        v = _norm(value, f"torch.{key}")
+        if v.local is None:
+            v = Version(f"{v}+{rocm_local(want)}")
+        local = v.local or ""
+        ok = local == rocm_local(want)
+        if key == "torchaudio" and not ok and local.startswith("rocm"):
+            # nightly torchaudio may carry another build date than torch (3P observation)
+            ok = _release_of(local[4:]) == want.release
+        if not ok:
+            raise InstallerError(f"ROCm version mismatch: {key} {v} is not built for the tarball's "
+                                 f"ROCm {want}", hint=hint)
+        pins[key] = str(v)
+    if triton in RESOLVE or not triton:
+        pins["triton"] = ""  # torch's own metadata pins triton exactly; uv installs that one
+    else:
+        t = _norm(triton, "torch.triton")
+        if not (t.local == rocm_local(want) or (t.local or "").endswith("." + rocm_local(want))):
+            raise InstallerError(f"ROCm version mismatch: triton {t} is not TheRock's build for "
+                                 f"ROCm {want}", hint=hint)
+        pins["triton"] = str(t)
+    return pins
+
+
+def rocm_local(want: Version) -> str:
+    """The local segment TheRock gives builds for ROCm `want` (bkc's + becomes a dot)."""
+    return "rocm" + str(want).replace("+", ".")
+
+
+def _release_of(version: str) -> tuple[int, ...] | None:
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return None
+
+
+def stack_requirements(pins: Mapping[str, str | None], archs: Iterable[str]) -> list[str]:
+    """Exact requirements; the device packages are also named on their own because
+    an extra that resolves to nothing only warns (TheRock #5347)."""
+    archs = tuple(archs)
+    dev = ",".join(f"device-{a}" for a in archs)
+    v = pins["rocm"]
+    reqs = [f"rocm[libraries,devel,{dev}]=={v}"]
+    reqs += [f"rocm-sdk-{part}=={v}" for part in ("core", "libraries", "devel")]
+    reqs += [f"rocm-sdk-device-{a}=={v}" for a in archs]
+    reqs += [f"torch[{dev}]=={pins['torch']}"]
+    reqs += [f"amd-torch-device-{a}=={pins['torch']}" for a in archs]
+    if pins.get("torchvision"):
+        reqs.append(f"torchvision[{dev}]=={pins['torchvision']}")
+    if pins.get("torchaudio"):
+        reqs.append(f"torchaudio=={pins['torchaudio']}")
+    if pins.get("triton"):
+        reqs.append(f"triton=={pins['triton']}")
+    return reqs
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href") if tag == "a" else None
+        if href:
+            self.files.append(unquote(urlsplit(href).path.rsplit("/", 1)[-1]))
+
+
+def index_files(index_url: str, project: str) -> list[str]:
+    """File names on the PEP 503 page `<index>/<project>/` ([] when the project is absent)."""
+    import requests
+
+    url = index_url.rstrip("/") + "/" + canonicalize_name(project) + "/"
+    try:
+        resp = requests.get(url, timeout=60, headers={"Accept": "text/html"})
+    except requests.RequestException as exc:
+        raise InstallerError(f"cannot read {url}: {exc.__class__.__name__}",
+                             hint="check the network, or pin exact versions in recipes/pins.toml") from None
+    if resp.status_code == 404:
+        return []
+    if resp.status_code != 200:
+        raise InstallerError(f"cannot read {url}: HTTP {resp.status_code}",
+                             hint="check torch.index_url, or pin exact versions")
+    parser = _Links()
+    parser.feed(resp.text)
+    return parser.files
+
+
+def _fits(tags, py: tuple[int, int], machine: str) -> bool:
+    cp = f"cp{py[0]}{py[1]}"
+    for t in tags:
+        interp = t.interpreter in (cp, f"py{py[0]}", f"py{py[0]}{py[1]}") or (
+            t.abi == "abi3" and t.interpreter.startswith("cp3") and t.interpreter[3:].isdigit()
+            and int(t.interpreter[3:]) <= py[1])
+        plat = t.platform == "any" or (t.platform.startswith(("linux_", "manylinux"))
+                                       and t.platform.endswith(machine))
+        if interp and t.abi in (cp, "abi3", "none") and plat:
+            return True
+    return False
+
+
+def wheel_versions(files: Iterable[str], py: tuple[int, int]) -> list[Version]:
+    """Versions of the wheels in `files` that install on CPython `py` here."""
+    out = []
+    for f in files:
+        if f.endswith(".whl"):
+            try:
+                _, version, _, tags = parse_wheel_filename(f)
+            except ValueError:
+                continue
+            if _fits(tags, py, platform.machine()):
+                out.append(version)
+    return out
+
+
+def all_versions(files: Iterable[str]) -> set[Version]:
+    out = set()
+    for f in files:
+        try:
+            out.add(parse_wheel_filename(f)[1] if f.endswith(".whl") else parse_sdist_filename(f)[1])
+        except ValueError:
+            continue
+    return out
+
+
+def resolve_from_index(index_url: str, v_rocm: str, keys: Iterable[str], py: tuple[int, int],
+                       *, torch: str | None = None) -> dict[str, str]:
+    """The newest +rocm<V> build of each of `keys` whose tag fits CPython `py`."""
+    want = Version(v_rocm)
+    if want not in all_versions(index_files(index_url, "rocm")):
+        raise InstallerError(f"ROCm {want} has no rocm package on {index_url}",
+                             hint="check therock.version and torch.index_url (stable and nightly "
+                                  "builds live on different hosts)")
+    out: dict[str, str] = {}
+    torch_v = Version(torch) if torch else None
+    for key in [k for k in ("torch", "torchvision", "torchaudio") if k in keys]:
+        found = [v for v in wheel_versions(index_files(index_url, key), py) if v.local == rocm_local(want)]
+        if key == "torchvision" and torch_v is not None:
+            # PyTorch's release matrix: torchvision minor = torch minor + 15
+            found = [v for v in found if v.release[:2] == (0, torch_v.minor + 15)] or found
+        if not found:
+            if key == "torch":
+                raise _nightly_gap(index_url, want, py)
+            raise InstallerError(f"no {key} wheel for ROCm {want} and cp{py[0]}{py[1]} on {index_url}",
+                                 hint=f'pin torch.{key} exactly, or set it to "" to skip it')
+        out[key] = str(max(found))
+        if key == "torch":
+            torch_v = max(found)
+    return out
+
+
+def has_torch(index_url: str, v_rocm: str, py: tuple[int, int] = (3, 12)) -> bool:
+    """Whether `index_url` has a torch wheel for ROCm `v_rocm` and CPython `py`
+    (nightly tarballs can exist on days without torch wheels)."""
+    want = rocm_local(Version(v_rocm))
+    return any(v.local == want for v in wheel_versions(index_files(index_url, "torch"), py))
+
+
+def _nightly_gap(index_url: str, want: Version, py: tuple[int, int]) -> InstallerError:
+    rocms = all_versions(index_files(index_url, "rocm"))
+    torch_rocms = set()
+    for v in wheel_versions(index_files(index_url, "torch"), py):
+        if v.local and v.local.startswith("rocm"):
+            try:
+                torch_rocms.add(Version(v.local[4:]))
+            except InvalidVersion:
+                pass
+    both = sorted(rocms & torch_rocms)
+    near = [str(max(v for v in both if v < want))] if any(v < want for v in both) else []
+    near += [str(min(v for v in both if v > want))] if any(v > want for v in both) else []
+    hint = (f"nearest ROCm versions with both rocm and torch wheels: {', '.join(near)}; "
+            "set therock.version to one of them") if near else \
+        "no ROCm version on this index has both rocm and torch wheels for this Python"
+    return InstallerError(f"no torch wheel for ROCm {want} and cp{py[0]}{py[1]} on {index_url}",
+                          hint=hint)
+
+
+def expect_installed(installed: Mapping[str, str], pins: Mapping[str, str | None],
+                     archs: Iterable[str]) -> None:
+    want = {"rocm": pins["rocm"], "rocm-sdk-core": pins["rocm"], "torch": pins["torch"]}
+    want.update({f"rocm-sdk-device-{a}": pins["rocm"] for a in archs})
+    want.update({f"amd-torch-device-{a}": pins["torch"] for a in archs})
+    for key in ("torchvision", "torchaudio", "triton"):
+        if pins.get(key):
+            want[key] = pins[key]
+    wrong = [f"{k} {installed.get(k, 'missing')} (wanted {v})" for k, v in want.items()
+             if v and not (k in installed and _same_version(installed[k], v))]
+    if wrong:
+        raise InstallerError(f"the venv does not hold the pinned stack: {'; '.join(wrong)}",
+                             hint="check that torch.index_url serves these exact versions")
+
+
+# --- runtime fixes and amdsmi -----------------------------------------------------
+
+def _replace_text(path: Path, text: str) -> None:
+    # uv installs by hard-linking files from its cache, which every prefix shares;
+    # writing in place would edit the cached copy too. A new file is this venv's own.
+    tmp = path.with_name(path.name + ".rdna4-tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _link_to_twin(f: Path, twin: Path) -> bool:
+    if f.is_symlink() or not f.is_file() or not twin.is_file() or os.path.samefile(f, twin):
+        return False
+    f.unlink()  # drops only this venv's link to the file, never the uv cache entry
+    f.symlink_to(os.path.relpath(twin, f.parent))
+    return True
+
+
+def apply_runtime_fixes(site: Path) -> list[str]:
+    """The TheRock runtime fixes from vLLM 0.33's docker/Dockerfile.rocm_base, where needed."""
+    fixes: list[str] = []
+    init = site / "rocm_sdk" / "__init__.py"
+    if init.is_file():
+        text = init.read_text()
+        if "rtld_global: bool = True" in text:
+            # rocm_sdk preloads the SDK libraries when torch is imported. With
+            # RTLD_GLOBAL their symbols take precedence for every library loaded
+            # later, so an extension built against another copy of ROCm silently
+            # binds to these; local preloading keeps each library's own bindings.
+            _replace_text(init, text.replace("rtld_global: bool = True", "rtld_global: bool = False"))
+            fixes.append("rocm_sdk preloads with RTLD_LOCAL")
+    core, devel = site / "_rocm_sdk_core" / "lib", site / "_rocm_sdk_devel" / "lib"
+    if core.is_dir() and devel.is_dir():
+        # torch loads the HIP runtime from _rocm_sdk_core, code built against the
+        # devel tree (ROCM_PATH) loads the copy in _rocm_sdk_devel: two HIP runtimes
+        # in one process, each with its own device state. With the core name linked
+        # to the devel file both resolve to one inode, which the loader maps once.
+        # rocprofiler-sdk gets the same treatment so only one profiler registers.
+        names = [p.name for p in core.glob("libamdhip64.so*")]
+        names += ["librocprofiler-sdk.so.1", "librocprofiler-register.so.0", "librocprofiler-sdk-roctx.so.1"]
+        for name in names:
+            if _link_to_twin(core / name, devel / name):
+                fixes.append(f"_rocm_sdk_core/lib/{name} -> _rocm_sdk_devel/lib/{name}")
+        # TheRock ships librocm_smi64.so.1; binaries built against older ROCm
+        # releases ask for librocm_smi64.so.7 (which consumer needs it here is
+        # UNCONFIRMED; vLLM's base adds the same alias in its ROCM_PATH/lib).
+        smi, alias = core / "librocm_smi64.so.1", devel / "librocm_smi64.so.7"
+        if smi.is_file() and not alias.exists() and not alias.is_symlink():
+            alias.symlink_to(os.path.relpath(smi, devel))
+            fixes.append("_rocm_sdk_devel/lib/librocm_smi64.so.7 -> librocm_smi64.so.1")
+    return fixes
+
+
+def register_amdsmi(site: Path, prefix: Path) -> Path:
+    """Make `import amdsmi` work in the venv from the SDK's share/amd_smi, in place.
+
+    vLLM selects ROCm only when amdsmi imports. The bindings find libamd_smi
+    relative to their own directory, so a copy (pip install .) loses the library;
+    a .pth line keeps them where they are, and no LD_LIBRARY_PATH is needed
+    (one would shadow the libraries torch loads). The SDK's copy comes first: it
+    is the same build as torch's ROCm; the tarball's is the same version.
+    """
+    for base in (site / "_rocm_sdk_core" / "share" / "amd_smi", Path(prefix) / "rocm" / "share" / "amd_smi"):
+        if (base / "amdsmi" / "__init__.py").is_file():
+            (site / AMDSMI_PTH).write_text(f"{base.resolve()}\n")
+            return base
+    raise InstallerError("amdsmi's Python bindings were not found in rocm-sdk-core or PREFIX/rocm",
+                         hint="expected share/amd_smi/amdsmi; vLLM needs amdsmi to detect the GPU")
+
+
+# --- the guard for later installs -------------------------------------------------
+
+def _guarded(name: str) -> bool:
+    return name in GUARDED or name.startswith(GUARDED_PREFIXES)
+
+
+def installed_versions(venv: Path) -> dict[str, str]:
+    """Name -> version of the guarded distributions in the venv, read from dist-info."""
+    out: dict[str, str] = {}
+    for meta in site_packages(venv).glob("*.dist-info/METADATA"):
+        name = version = None
+        with open(meta, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                if key == "Name":
+                    name = canonicalize_name(value.strip())
+                elif key == "Version":
+                    version = value.strip()
+        if name and version and _guarded(name):
+            out[name] = version
+    return out
+
+
+def write_constraints(venv: Path) -> Path:
+    """PREFIX/venv/rdna4-constraints.txt holding every guarded package at its installed version."""
+    installed = installed_versions(venv)
+    if "torch" not in installed:
+        raise InstallerError(f"torch is not installed in {venv}", hint="run the torch recipe first")
+    path = Path(venv) / CONSTRAINTS
+    path.write_text("".join(f"{k}=={v}\n" for k, v in sorted(installed.items())))
+    return path
+
+
+def check_unchanged(before: Mapping[str, str], after: Mapping[str, str]) -> None:
+    """Raise, naming each guarded package that moved, vanished or appeared."""
+    moved = [f"{k} {before[k]} -> {after[k]}" for k in sorted(before) if k in after and after[k] != before[k]]
+    moved += [f"{k} {before[k]} removed" for k in sorted(before) if k not in after]
+    moved += [f"{k} {after[k]} added" for k in sorted(after) if k not in before]
+    if moved:
+        raise InstallerError(f"an install changed the torch stack: {'; '.join(moved)}",
+                             hint="the venv is no longer coherent: rerun the torch recipe and drop "
+                                  "or loosen the requirement that moved it")
+
+
+def guarded_install(ctx, args: list[str], *, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`uv pip install <args>` into PREFIX/venv with the stack held by constraints.
+
+    Afterwards the guarded versions are compared with those before; any change
+    fails naming what moved. Returns the guarded versions.
+    """
+    venv = venv_dir(ctx.prefix)
+    before = installed_versions(venv)
+    constraints = write_constraints(venv)
+    # also as build constraints: an isolated build env must not fetch another torch
+    argv = [find_uv(), "pip", "install", "--python", str(venv_python(ctx.prefix)), "--no-config",
+            "--constraints", str(constraints), "--build-constraints", str(constraints)]
+    if ctx.offline:
+        argv.append("--offline")
+    try:
+        ctx.run(argv + list(args), env=uv_env(env if env is not None else ctx.env), what="uv pip install")
+    except StepFailed as exc:
+        err = StepFailed(f"{exc.message}; torch, triton and rocm are held at "
+                         f"torch {before['torch']} by {constraints}",
+                         hint=exc.hint or "a requirement that needs another torch fails here on purpose")
+        err.tail = getattr(exc, "tail", [])  # type: ignore[attr-defined]
+        raise err from None
+    after = installed_versions(venv)
+    check_unchanged(before, after)
+    return after

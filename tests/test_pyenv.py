@@ -1,0 +1,261 @@
+"""The torch venv against a loopback TheRock index and a decoy "PyPI", with real uv."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from installer import proc, pyenv
+from installer.actions import StepContext
+from installer.errors import InstallerError, StepFailed, UsageError
+from tests.index_fixtures import (build_decoy_pypi, build_torch_stack, build_wheel, cp_tag,
+                                  request_log, serve_index)
+
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def make_ctx(prefix: Path, uv_cache: Path, archs=("gfx1201",)) -> StepContext:
+    work = prefix / ".rdna4" / "work" / "torch"
+    work.mkdir(parents=True, exist_ok=True)
+    (prefix / ".rdna4" / "logs").mkdir(parents=True, exist_ok=True)
+    # uv must not fetch an interpreter here: the tests use the one running them
+    # (explicit cache: module fixtures run before conftest's clean_env)
+    env = proc.base_env({"UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": str(uv_cache)})
+    return StepContext(name="torch", prefix=prefix, cache_dir=prefix.parent / "cache", work_dir=work,
+                       log=prefix / ".rdna4" / "logs" / "torch.log", env=env, vars={}, archs=archs, jobs=2)
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("indexes")
+    amd = root / "amd"
+    pins = build_torch_stack(amd)
+    # older and foreign builds the resolver must pass over
+    other_tag = "cp313-cp313-linux_x86_64" if PY != "3.13" else "cp312-cp312-linux_x86_64"
+    build_wheel(amd, "torch", "2.12.0+rocm10.1.0", tag=cp_tag(), files={"torch/__init__.py": ""})
+    build_wheel(amd, "torch", "2.15.0+rocm10.1.0", tag=other_tag, files={"torch/__init__.py": ""})
+    build_wheel(amd, "torch", "2.14.0+rocm10.2.0", tag=cp_tag(), files={"torch/__init__.py": ""})
+    build_wheel(amd, "torchvision", "0.27.0+rocm10.1.0", tag=cp_tag(), files={"torchvision/__init__.py": ""})
+    pypi = root / "pypi"
+    build_decoy_pypi(pypi)
+    return {"amd": serve_index(amd), "pypi": serve_index(pypi), "pins": pins}
+
+
+def install(ctx, indexes, **over):
+    pins = dict(indexes["pins"])
+    args = dict(index_url=indexes["amd"], rocm=pins["rocm"], torch=pins["torch"],
+                torchvision=pins["torchvision"], torchaudio=pins["torchaudio"], triton=pins["triton"],
+                therock_version=pins["rocm"], pypi_url=indexes["pypi"])
+    args.update(over)
+    pyenv.install_torch_step(ctx, **args)
+
+
+def venv_run(prefix: Path, code: str) -> str:
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
+    return subprocess.run([str(pyenv.venv_python(prefix)), "-c", code], env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, indexes, uv_cache):
+    """One venv with the pinned stack, shared by the tests that only read or guard it."""
+    prefix = tmp_path_factory.mktemp("prefix") / "p"
+    ctx = make_ctx(prefix, uv_cache)
+    pyenv.create_venv_step(ctx, python=sys.executable)
+    install(ctx, indexes)
+    return ctx
+
+
+def test_pins_hold_and_pypi_decoy_is_never_chosen(installed, indexes):
+    ctx, pins = installed, indexes["pins"]
+    versions = pyenv.installed_versions(pyenv.venv_dir(ctx.prefix))
+    assert versions["torch"] == pins["torch"] == "2.13.0+rocm10.1.0"
+    assert versions["triton"] == pins["triton"]
+    assert versions["rocm"] == versions["rocm-sdk-core"] == versions["rocm-sdk-device-gfx1201"] == "10.1.0"
+    assert versions["amd-torch-device-gfx1201"] == pins["torch"]
+    assert versions["torchvision"] == pins["torchvision"]
+    # uv never even looked at PyPI's torch page: TheRock's index answered first
+    assert not any("torch" in path for path in request_log(indexes["pypi"]))
+    assert venv_run(ctx.prefix, "import torch; print(torch.__version__, torch.version.hip)") \
+        == "2.13.0+rocm10.1.0 7.16.26385"
+    assert ctx.facts["torch"] == pins["torch"] and ctx.facts["rocm"] == "10.1.0"
+    assert ctx.facts["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert ctx.facts["resolved_from_index"] == []
+
+
+def test_amdsmi_registered_in_place_and_runtime_fixes(installed, uv_cache):
+    venv = pyenv.venv_dir(installed.prefix)
+    site = pyenv.site_packages(venv)
+    sdk_smi = site / "_rocm_sdk_core" / "share" / "amd_smi"
+    assert (site / pyenv.AMDSMI_PTH).read_text().strip() == str(sdk_smi.resolve())
+    assert not (site / "amdsmi").exists()  # not copied
+    assert venv_run(installed.prefix, "import amdsmi; print(amdsmi.__file__)") \
+        == str(sdk_smi.resolve() / "amdsmi" / "__init__.py")
+    assert "rtld_global: bool = False" in (site / "rocm_sdk" / "__init__.py").read_text()
+    hip = site / "_rocm_sdk_core" / "lib" / "libamdhip64.so.7"
+    assert hip.is_symlink() and hip.samefile(site / "_rocm_sdk_devel" / "lib" / "libamdhip64.so.7")
+    assert (site / "_rocm_sdk_devel" / "lib" / "librocm_smi64.so.7").samefile(
+        site / "_rocm_sdk_core" / "lib" / "librocm_smi64.so.1")
+    # the edit gave this venv its own file: uv's shared cache keeps the original
+    cached = [p for p in uv_cache.rglob("rocm_sdk/__init__.py")]
+    assert cached and all("rtld_global: bool = True" in p.read_text() for p in cached)
+    assert len(installed.facts["runtime_fixes"]) == 3
+
+
+def test_check_step_runs_against_the_venv(installed):
+    pyenv.check_torch_step(installed)
+    assert installed.facts["hip"] == "7.16.26385"
+    assert installed.facts["rocm"] == "10.1.0"
+
+
+def test_constraints_and_guard(installed, indexes, tmp_path):
+    venv = pyenv.venv_dir(installed.prefix)
+    lines = pyenv.write_constraints(venv).read_text().splitlines()
+    assert "torch==2.13.0+rocm10.1.0" in lines and "rocm==10.1.0" in lines
+    assert f"triton=={indexes['pins']['triton']}" in lines
+    before = pyenv.installed_versions(venv)
+
+    # an ordinary requirement from "PyPI" goes through
+    after = pyenv.guarded_install(installed, ["--default-index", indexes["pypi"], "tiny-dep"])
+    assert after == before
+    assert venv_run(installed.prefix, "import tiny_dep; print('ok')") == "ok"
+
+    # a requirement that wants PyPI's torch is refused by the constraints
+    req = tmp_path / "requirements.txt"
+    req.write_text("tiny-dep\ntorch==99.0.0\n")
+    with pytest.raises(StepFailed) as err:
+        pyenv.guarded_install(installed, ["--default-index", indexes["pypi"], "-r", str(req)])
+    assert "torch 2.13.0+rocm10.1.0" in err.value.message
+    assert pyenv.installed_versions(venv) == before
+
+
+def test_guard_names_what_moved_when_constraints_are_bypassed(tmp_path, indexes, uv_cache):
+    # --exact uninstalls everything not requested: constraints cannot stop that,
+    # the before/after comparison must
+    ctx = make_ctx(tmp_path / "p", uv_cache)
+    pyenv.create_venv_step(ctx, python=sys.executable)
+    install(ctx, indexes)
+    with pytest.raises(InstallerError) as err:
+        pyenv.guarded_install(ctx, ["--default-index", indexes["pypi"], "--exact", "tiny-dep"])
+    assert "torch 2.13.0+rocm10.1.0 removed" in err.value.message
+    assert "triton" in err.value.message
+
+
+def test_check_unchanged_reports_moves_removals_and_additions():
+    before = {"torch": "2.13.0+rocm10.1.0", "triton": "3.8.0", "rocm": "10.1.0"}
+    pyenv.check_unchanged(before, dict(before))
+    after = {"torch": "99.0.0", "rocm": "10.1.0", "amdsmi": "7.0.2"}
+    with pytest.raises(InstallerError) as err:
+        pyenv.check_unchanged(before, after)
+    msg = err.value.message
+    assert "torch 2.13.0+rocm10.1.0 -> 99.0.0" in msg
+    assert "triton 3.8.0 removed" in msg and "amdsmi 7.0.2 added" in msg
+    assert "rocm" not in msg.replace("+rocm10.1.0", "")
+
+
+def test_auto_pins_resolve_newest_matching_build(tmp_path, indexes, uv_cache):
+    ctx = make_ctx(tmp_path / "p", uv_cache)
+    pyenv.create_venv_step(ctx, python=PY)
+    install(ctx, indexes, torch="auto", torchvision="auto", torchaudio="auto", triton="", rocm="")
+    # 2.15.0+rocm10.1.0 is for another CPython, 2.14.0 for another ROCm, 2.12.0 is older
+    assert ctx.facts["torch"] == "2.13.0+rocm10.1.0"
+    assert ctx.facts["torchvision"] == "0.28.0+rocm10.1.0"  # the pair of 2.13, not 0.27
+    assert ctx.facts["triton"] == indexes["pins"]["triton"]  # the one torch pins
+    assert ctx.facts["resolved_from_index"] == ["torch", "torchvision", "torchaudio"]
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"therock_version": "10.0.0"}, "tarball is ROCm 10.0.0"),
+    ({"torch": "2.13.0+rocm10.0.0"}, "torch 2.13.0+rocm10.0.0 is not built for the tarball's ROCm 10.1.0"),
+    ({"triton": "3.8.0+git4cff872c.rocm10.0.0"}, "triton"),
+])
+def test_version_mismatch_stops_before_installing(tmp_path, indexes, uv_cache, over, needle):
+    ctx = make_ctx(tmp_path / "p", uv_cache)
+    with pytest.raises(InstallerError) as err:
+        install(ctx, indexes, **over)
+    assert "ROCm version mismatch" in err.value.message and needle in err.value.message
+    assert not pyenv.venv_dir(ctx.prefix).exists()
+
+
+def test_mismatch_with_the_unpacked_tarball(tmp_path, indexes, uv_cache):
+    prefix = tmp_path / "p"
+    ctx = make_ctx(prefix, uv_cache)
+    (prefix / "rocm-10.0.0").mkdir()
+    (prefix / "rocm").symlink_to("rocm-10.0.0")
+    with pytest.raises(InstallerError) as err:
+        install(ctx, indexes)
+    assert "is ROCm 10.0.0 but therock.version is 10.1.0" in err.value.message
+
+
+def test_nightly_without_torch_names_nearest_versions(tmp_path, indexes, uv_cache):
+    amd = tmp_path / "nightly"
+    for day in ("10.2.0a20260927", "10.2.0a20260930"):
+        build_torch_stack(amd, rocm=day, torch="2.15.0a0", torchvision="0.30.0a0")
+    for day in ("10.2.0a20260928", "10.2.0a20260929"):  # tarballs/SDK but no torch that day
+        build_wheel(amd, "rocm", day)
+    url = serve_index(amd)
+    py = sys.version_info[:2]
+    with pytest.raises(InstallerError) as err:
+        pyenv.resolve_from_index(url, "10.2.0a20260928", ["torch"], py)
+    assert "no torch wheel for ROCm 10.2.0a20260928" in err.value.message
+    assert "10.2.0a20260927, 10.2.0a20260930" in err.value.hint
+    assert pyenv.has_torch(url, "10.2.0a20260927", py) and not pyenv.has_torch(url, "10.2.0a20260928", py)
+    got = pyenv.resolve_from_index(url, "10.2.0a20260930", ["torch"], py)
+    assert got == {"torch": "2.15.0a0+rocm10.2.0a20260930"}
+
+    # the nightly installs: its prerelease versions need --prerelease allow
+    ctx = make_ctx(tmp_path / "p", uv_cache)
+    pyenv.create_venv_step(ctx, python=PY)
+    pyenv.install_torch_step(ctx, index_url=url, rocm="", torch="auto", torchvision="auto",
+                             torchaudio="", triton="", therock_version="10.2.0a20260930",
+                             pypi_url=indexes["pypi"])
+    assert ctx.facts["torch"] == "2.15.0a0+rocm10.2.0a20260930"
+    assert ctx.facts["torchvision"] == "0.30.0a0+rocm10.2.0a20260930"
+    assert ctx.facts["torchaudio"] == ""
+    pyenv.check_torch_step(ctx)
+
+    # a torch that is no HIP build fails the check (unlink first: the file is a
+    # hard link into the shared uv cache)
+    version_py = pyenv.site_packages(pyenv.venv_dir(ctx.prefix)) / "torch" / "version.py"
+    version_py.unlink()
+    version_py.write_text('__version__ = "2.15.0a0+rocm10.2.0a20260930"\nhip = None\n')
+    with pytest.raises(InstallerError, match="not a ROCm"):
+        pyenv.check_torch_step(ctx)
+
+
+def test_requirements_are_exact_and_name_device_packages():
+    pins = pyenv.coherent_pins("10.1.0", rocm="10.1.0", torch="2.13.0", torchvision="",
+                               torchaudio="2.11.0.3+rocm10.1.0", triton="")
+    reqs = pyenv.stack_requirements(pins, ("gfx1200", "gfx1201"))
+    assert reqs[0] == "rocm[libraries,devel,device-gfx1200,device-gfx1201]==10.1.0"
+    assert "torch[device-gfx1200,device-gfx1201]==2.13.0+rocm10.1.0" in reqs
+    assert "amd-torch-device-gfx1200==2.13.0+rocm10.1.0" in reqs
+    assert "rocm-sdk-device-gfx1201==10.1.0" in reqs
+    assert not any(r.startswith(("torchvision", "triton")) for r in reqs)
+    assert all("==" in r for r in reqs)
+
+
+def test_bad_inputs_are_usage_errors(tmp_path, indexes, uv_cache):
+    ctx = make_ctx(tmp_path / "p", uv_cache)
+    with pytest.raises(UsageError):
+        install(ctx, indexes, index_url="http://example.com/simple/")
+    with pytest.raises(UsageError):
+        install(ctx, indexes, therock_version="latest")
+    with pytest.raises(UsageError):
+        pyenv.install_torch_step(make_ctx(tmp_path / "q", uv_cache, archs=("gfx1201;x",)),
+                                 index_url=indexes["amd"], rocm="", torch="auto", torchvision="",
+                                 torchaudio="", triton="", therock_version="10.1.0")
+
+
+def test_find_uv_falls_back_to_the_uv_package(monkeypatch, tmp_path):
+    assert Path(pyenv.find_uv()).name == "uv"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no uv on PATH
+    import uv
+    assert pyenv.find_uv() == uv.find_uv_bin()
+    monkeypatch.setitem(sys.modules, "uv", None)
+    with pytest.raises(InstallerError, match="uv not found"):
+        pyenv.find_uv()
