@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,12 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
     used |= {k for k in pin_values if k.startswith(recipe.name + ".")}
     body = rcp.interpolate(dict(recipe.raw), symbolic, where)
     source = rcp.interpolate(recipe.source.identity(), symbolic, where) if recipe.source else {}
+    if source.get("kind") == "git" and not re.fullmatch(r"[0-9a-f]{40}", source.get("commit", "")):
+        raise RecipeError(f"{where}: git commit {source.get('commit')!r} is not a full 40-hex SHA",
+                          hint="pin sources by full commit SHA, never a branch or short id")
+    if source.get("kind") == "url" and source.get("sha256") and \
+            not re.fullmatch(r"[0-9a-f]{64}", source["sha256"]):
+        raise RecipeError(f"{where}: sha256 {source['sha256']!r} is not 64 hex digits")
     return {
         "recipe": _hash_json(body),
         "pins": {k: pin_values[k] for k in sorted(used) if k in pin_values},

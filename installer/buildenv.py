@@ -1,0 +1,156 @@
+"""The arch-pinned build environment: one function of the target arch(s).
+
+Every knob a ROCm build reads to choose its GPU targets is set from the same
+arch list, so no build can fall back to "native" (there is no GPU on a build
+host, and flash-attention's setup.py raises without one) or to a 9-arch
+default that multiplies compile time. Build facts: docs in
+/work/shared/facts/flash_attention.md and vllm_0.33.md; checked against
+vLLM 0.33.0's setup.py / cmake/utils.cmake and flash-attention 0251105a's setup.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import proc
+from .errors import InstallerError
+
+MEMINFO = Path("/proc/meminfo")
+GIB = 1024 ** 3
+
+# Peak RAM per compile job. CK template instantiation runs host and device clang
+# per job at up to ~5 GB together (flash_attention.md section 3); vLLM's hipcc
+# units are lighter (maintainers' 16 GB / MAX_JOBS advice, vllm_rocm.md section 6).
+PER_JOB_GIB = {"flash-attention": 5.0, "vllm": 3.0}
+DEFAULT_PER_JOB_GIB = 3.0
+
+# Never in a build env: at build time this makes flash-attention's setup.py skip
+# every CK kernel (it selects the Triton backend and builds no extension).
+FA_TRITON_SWITCH = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
+
+
+def available_memory(meminfo: Path = MEMINFO) -> int:
+    """MemAvailable in bytes (0 when unknown)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def max_jobs(kind: str, *, override: int | None = None, mem_bytes: int | None = None,
+             cores: int | None = None) -> int:
+    """Parallel compile jobs: RAM / per-job peak, capped by cores; `--jobs` wins.
+
+    An OOM-killed compiler is the usual way these builds fail, so when memory is
+    unknown we stay at one job per 3-5 GB of a modest 16 GB rather than nproc.
+    """
+    if override:
+        return max(1, int(override))
+    cores = cores or os.cpu_count() or 1
+    mem = available_memory() if mem_bytes is None else mem_bytes
+    if mem <= 0:
+        mem = 16 * GIB
+    per_job = PER_JOB_GIB.get(kind, DEFAULT_PER_JOB_GIB)
+    return max(1, min(cores, int(mem / GIB // per_job)))
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    root: Path
+    clang: Path
+    clangxx: Path
+    device_libs: Path
+    bin_dirs: tuple[Path, ...]
+
+
+def toolchain(rocm: Path) -> Toolchain:
+    """Compiler paths in a TheRock tree (lib/llvm) or a classic /opt/rocm (llvm/)."""
+    rocm = Path(rocm)
+    for llvm in (rocm / "lib" / "llvm", rocm / "llvm"):
+        if (llvm / "bin" / "clang").exists():
+            break
+    else:
+        raise InstallerError(f"no clang in the ROCm toolchain at {rocm}",
+                             hint="install the torch/ROCm stack first (rdna4-install run therock)")
+    libs = next((p for p in (llvm / "amdgcn" / "bitcode", rocm / "amdgcn" / "bitcode") if p.is_dir()),
+                llvm / "amdgcn" / "bitcode")
+    return Toolchain(rocm, llvm / "bin" / "clang", llvm / "bin" / "clang++", libs,
+                     (rocm / "bin", llvm / "bin"))
+
+
+def _prepend_path(path: str, dirs: Iterable[Path], drop: Iterable[str] = ()) -> str:
+    drop = set(drop)
+    first = [str(d) for d in dirs]
+    rest = [p for p in path.split(os.pathsep) if p and p not in first and p not in drop]
+    return os.pathsep.join(first + rest)
+
+
+def _cargo_dirs(path: str) -> list[str]:
+    return [d for d in path.split(os.pathsep) if d and (Path(d) / "cargo").exists()]
+
+
+def build_env(base: Mapping[str, str], archs: tuple[str, ...] | list[str], *, rocm: Path, kind: str,
+              jobs: int, venv: Path | None = None, src: Path | None = None,
+              version: str = "", triton_kernels: Path | None = None, rust_frontend: bool = False,
+              ccache_dir: Path | None = None) -> dict[str, str]:
+    """`base` (the recipe's env) plus every arch/toolchain variable the builds read."""
+    if not archs:
+        raise InstallerError("no GPU target to build for", hint="pass --gpu-target gfx1201")
+    arch_list = ";".join(archs)
+    tc = toolchain(rocm)
+    env = dict(base)
+    env.pop(FA_TRITON_SWITCH, None)
+    bins = ([Path(venv) / "bin"] if venv else []) + list(tc.bin_dirs)
+    # vLLM's setup.py builds the optional Rust frontend whenever cargo is on PATH
+    # (tools/build_rust.py, optional unless VLLM_REQUIRE_RUST_FRONTEND): that
+    # needs crates from the network, so cargo is hidden unless asked for.
+    path = env.get("PATH", os.defpath)
+    hidden = [] if rust_frontend or kind != "vllm" else _cargo_dirs(path)
+    env["PATH"] = _prepend_path(path, bins, drop=hidden)
+    env.update({
+        # torch cpp_extension + vLLM's cmake/utils.cmake (override_gpu_arches)
+        "PYTORCH_ROCM_ARCH": arch_list,
+        # flash-attention's CK path (setup.py: --targets and --offload-arch)
+        "GPU_ARCHS": arch_list,
+        # CMake HIP projects (CK, hipified deps) read these two
+        "GPU_TARGETS": arch_list,
+        "AMDGPU_TARGETS": arch_list,
+        "CMAKE_ARGS": " ".join([f"-DCMAKE_HIP_ARCHITECTURES={arch_list}",
+                                f"-DGPU_TARGETS={arch_list}", f"-DAMDGPU_TARGETS={arch_list}"]),
+        "ROCM_PATH": str(tc.root), "ROCM_HOME": str(tc.root), "HIP_PATH": str(tc.root),
+        "HIP_DEVICE_LIB_PATH": str(tc.device_libs),
+        "CC": str(tc.clang), "CXX": str(tc.clangxx),
+        "MAX_JOBS": str(jobs),
+        "CMAKE_BUILD_TYPE": env.get("CMAKE_BUILD_TYPE", "Release"),
+    })
+    if kind == "vllm":
+        env["VLLM_TARGET_DEVICE"] = "rocm"
+        if triton_kernels is not None:
+            env["TRITON_KERNELS_SRC_DIR"] = str(triton_kernels)
+        if rust_frontend:
+            env["VLLM_REQUIRE_RUST_FRONTEND"] = "1"
+        else:
+            env.pop("VLLM_REQUIRE_RUST_FRONTEND", None)
+    if kind == "flash-attention":
+        # skips setup.py's try-a-prebuilt-wheel-from-GitHub step (no ROCm wheels exist)
+        env["FLASH_ATTENTION_FORCE_BUILD"] = "TRUE"
+        env["BUILD_TARGET"] = "rocm"
+    if src is not None and version and not (Path(src) / ".git").exists():
+        # setuptools-scm reads the version from git; an sdist tree has none
+        env["SETUPTOOLS_SCM_PRETEND_VERSION"] = version
+    if proc.which("ccache", path=env["PATH"]):
+        if ccache_dir is not None:
+            env.setdefault("CCACHE_DIR", str(ccache_dir))
+        # hash compilers by content and paths relative to the tree, so a second
+        # prefix (another ROCm path, another work dir) still hits
+        env["CCACHE_COMPILERCHECK"] = "content"
+        if src is not None:
+            env["CCACHE_BASEDIR"] = str(src)
+            env["CCACHE_NOHASHDIR"] = "1"
+    return env

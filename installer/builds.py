@@ -1,0 +1,349 @@
+"""Wheel builds for the target arch: build (or reuse), install, and check the code objects.
+
+Actions: "build-wheel", "install-wheel", "check-code-objects". A build runs
+with the env from buildenv.build_env, shows ninja's [N/M] lines as a progress
+bar with an ETA, sends all output to the recipe's log, and stores its wheel in
+the wheel cache; a later prefix with the same build fingerprint installs that
+wheel and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import re
+import struct
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import buildenv, proc, wheelcache
+from .errors import InstallerError, RecipeError
+
+NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+KINDS = ("vllm", "flash-attention")
+
+# Requirements the TheRock torch stack already provides: reinstalling them from a
+# requirements file would swap the ROCm builds for PyPI/AMD-index ones (vLLM's
+# requirements/build/rocm.txt pins torch 2.12+rocm7.14 and triton 3.7.1).
+STACK_PACKAGES = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "amdsmi"}
+
+
+class NinjaProgress:
+    """Turns ninja's "[N/M] ..." lines into a progress bar with an ETA.
+
+    vLLM builds several CMake targets one after the other; each restarts the
+    counter, so a smaller N or a new M starts a new phase with a fresh rate.
+    """
+
+    def __init__(self, ui: Any, desc: str, every: float = 30.0, clock=time.monotonic):
+        self.ui, self.desc, self.every, self.clock = ui, desc, every, clock
+        self.bar = None
+        self.done = self.total = 0
+        self._t0 = self._n0 = 0.0
+        self._last_report = 0.0
+
+    def eta(self) -> float | None:
+        elapsed = self.clock() - self._t0
+        built = self.done - self._n0
+        if built <= 0 or elapsed <= 0:
+            return None
+        return (self.total - self.done) * elapsed / built
+
+    def on_line(self, line: str) -> None:
+        m = NINJA_STEP.match(line)
+        if not m:
+            return
+        n, total = int(m.group(1)), int(m.group(2))
+        if total != self.total or n < self.done:
+            self._t0, self._n0 = self.clock(), n - 1
+        self.done, self.total = n, total
+        if self.ui is None:
+            return
+        if self.bar is None:
+            self.bar = self.ui.progress(total, self.desc, unit="steps")
+            self.bar.__enter__()
+        self.bar.update_to(n, total)  # tqdm shows the ETA on a terminal
+        now = self.clock()
+        if not getattr(self.ui, "is_tty", False) and now - self._last_report >= self.every:
+            self._last_report = now
+            eta = self.eta()
+            left = f", about {_duration(eta)} left" if eta is not None else ""
+            self.ui.info(f"    {self.desc}: {n}/{total} ({100 * n // max(total, 1)}%){left}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+# --- installing into the venv ---------------------------------------------------
+
+def pip_install(ctx, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    """Install into the venv through pyenv's torch-stack guard (constraints + a before/after check)."""
+    from .pyenv import guarded_install
+
+    guarded_install(ctx, list(args), env=env)
+
+
+def without_stack(req: Path) -> Path:
+    """A copy of a requirements file, beside it (so `-r ../x.txt` still resolves), minus the torch stack."""
+    keep = []
+    for line in req.read_text().splitlines():
+        stripped = line.strip()
+        name = re.match(r"[A-Za-z0-9._-]+", stripped)
+        if stripped.startswith(("--extra-index-url", "--index-url", "-i ")):
+            continue  # the stack's indexes are pyenv's business
+        if name and re.sub(r"[-_.]+", "-", name.group(0).lower()) in STACK_PACKAGES:
+            continue
+        keep.append(line)
+    out = req.with_name(req.stem + ".rdna4" + req.suffix)
+    out.write_text("\n".join(keep) + "\n")
+    return out
+
+
+def prepare_vllm(ctx, env: dict[str, str]) -> None:
+    """use_existing_torch --prefix, the build requirements, then requirements/rocm.txt."""
+    src, python = ctx.src_dir, ctx.vars["python"]
+    # tools/ since vLLM ~0.2x; the top level before that
+    tool = next((p for p in (src / "tools" / "use_existing_torch.py", src / "use_existing_torch.py")
+                 if p.is_file()), None)
+    if tool is None:
+        raise InstallerError(f"{ctx.name}: the source has no use_existing_torch.py",
+                             hint="is the pinned version older than this installer supports?")
+    ctx.run([python, tool, "--prefix"], cwd=src, env=env, what="use_existing_torch.py --prefix")
+    build_req = next((p for p in (src / "requirements" / "build" / "rocm.txt",
+                                  src / "requirements" / "rocm-build.txt") if p.is_file()), None)
+    if build_req is not None:
+        pip_install(ctx, ["-r", str(without_stack(build_req))], env)
+    runtime = src / "requirements" / "rocm.txt"
+    if runtime.is_file():
+        pip_install(ctx, ["-r", str(without_stack(runtime))], env)
+
+
+# --- the build ---------------------------------------------------------------------
+
+def _venv_identity(ctx) -> dict[str, str]:
+    code = ("import sys, importlib.metadata as m\n"
+            "def v(n):\n    try: return m.version(n)\n    except Exception: return ''\n"
+            "print(sys.version.split()[0]); print(v('torch')); print(v('triton'))")
+    got = proc.capture([ctx.vars["python"], "-c", code], env=ctx.env, timeout=60)
+    if not got.ok:
+        raise InstallerError(f"{ctx.name}: the venv python does not run ({ctx.vars['python']})",
+                             hint="rerun the torch step: rdna4-install run torch")
+    py, torch, triton = (got.stdout.splitlines() + ["", "", ""])[:3]
+    return {"python": py, "torch": torch, "triton": triton}
+
+
+def build_key(ctx, kind: str, backend: str, env: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    source = ctx.source.identity() if getattr(ctx, "source", None) is not None else {}
+    if not source:
+        source = {k: v for k, v in (ctx.facts.get("source") or {}).items() if k != "from_cache"}
+    paths = {name: ctx.vars.get(name, "") for name in ("src", "work", "venv", "rocm", "cache", "prefix")}
+    pins = {k: v for k, v in ctx.vars.items()
+            if "." in k and k.split(".", 1)[0] in (ctx.name, "torch", "therock", "triton-kernels")}
+    parts = {
+        "recipe": ctx.name, "kind": kind, "backend": backend, "source": source,
+        "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ctx.patches},
+        "archs": list(ctx.archs), "pins": pins, "venv": _venv_identity(ctx),
+        "env": wheelcache.symbolic_env(env, paths),
+    }
+    return wheelcache.fingerprint(parts), parts
+
+
+def arch_env(ctx, kind: str, *, rust_frontend: bool = False, triton_kernels: str = "") -> dict[str, str]:
+    jobs = buildenv.max_jobs(kind, override=ctx.options.get("jobs"))
+    return buildenv.build_env(
+        ctx.env, ctx.archs, rocm=Path(ctx.vars["rocm"]), kind=kind, jobs=jobs,
+        venv=Path(ctx.vars["venv"]), src=ctx.src_dir, version=ctx.vars.get("_version", ""),
+        triton_kernels=Path(triton_kernels) if triton_kernels else None,
+        rust_frontend=rust_frontend, ccache_dir=Path(ctx.cache_dir) / "ccache")
+
+
+def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = "",
+                editable: bool | None = None, rust_frontend: bool | None = None) -> Path | None:
+    """Action "build-wheel": reuse the cached wheel for this fingerprint, or build it."""
+    kind = kind or ctx.name
+    if kind not in KINDS:
+        raise RecipeError(f"{ctx.name}: build-wheel kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind == "vllm" and triton_kernels and not Path(triton_kernels).is_dir():
+        raise InstallerError(f"{ctx.name}: TRITON_KERNELS_SRC_DIR {triton_kernels} does not exist",
+                             hint="run the triton-kernels recipe first (it keeps its source)")
+    editable = bool(ctx.options.get("editable") if editable is None else editable) and kind == "vllm"
+    rust = bool(ctx.options.get("rust_frontend") if rust_frontend is None else rust_frontend)
+    env = arch_env(ctx, kind, rust_frontend=rust, triton_kernels=triton_kernels)
+    if kind == "flash-attention" and backend == "triton":
+        # the one build that wants the Triton switch: no CK, a pure-Python wheel.
+        # Its setup.py runs `python -m pip install third_party/aiter`; uv venvs have no pip.
+        env[buildenv.FA_TRITON_SWITCH] = "TRUE"
+        if not proc.capture([ctx.vars["python"], "-m", "pip", "--version"], env=env, timeout=60).ok:
+            pip_install(ctx, ["pip"], env)
+    ctx.facts.update({"backend": backend, "max_jobs": int(env["MAX_JOBS"]), "archs": list(ctx.archs)})
+
+    if editable:
+        prepare_vllm(ctx, env)
+        pip_install(ctx, ["--no-build-isolation", "-e", str(ctx.src_dir)], env)
+        ctx.facts["editable"] = str(ctx.src_dir)
+        return None
+
+    key, parts = build_key(ctx, kind, backend, env)
+    ctx.facts["build_fingerprint"] = key
+    hit = wheelcache.lookup(ctx.cache_dir, ctx.name, key)
+    if hit is not None:
+        ctx.facts.update({"wheel": str(hit), "wheel_cache": "hit"})
+        if ctx.ui is not None:
+            ctx.ui.detail(f"reusing the wheel built for this fingerprint: {hit.name}")
+        return hit
+
+    if kind == "vllm":
+        prepare_vllm(ctx, env)
+    dist = ctx.work_dir / "dist"
+    progress = NinjaProgress(ctx.ui, f"compiling {ctx.name}")
+    uv = ctx.vars.get("uv") or "uv"
+    try:
+        ctx.run([uv, "build", "--wheel", "--no-build-isolation", "--python", ctx.vars["python"],
+                 "--out-dir", str(dist), str(ctx.src_dir)],
+                cwd=ctx.src_dir, env=env, on_line=progress.on_line, what=f"{ctx.name} wheel build")
+    finally:
+        progress.close()
+    wheels = sorted(dist.glob("*.whl"))
+    if len(wheels) != 1:
+        raise InstallerError(f"{ctx.name}: the build produced {len(wheels)} wheels in {dist}, expected 1")
+    stored = wheelcache.store(ctx.cache_dir, ctx.name, key, wheels[0], parts)
+    ctx.facts.update({"wheel": str(stored), "wheel_cache": "stored"})
+    return stored
+
+
+def install_wheel(ctx) -> None:
+    """Action "install-wheel": the wheel build-wheel left in ctx.facts (skipped for --editable)."""
+    if ctx.facts.get("editable"):
+        return
+    wheel = ctx.facts.get("wheel")
+    if not wheel or not Path(wheel).is_file():
+        raise RecipeError(f"{ctx.name}: install-wheel needs a build-wheel step before it")
+    pip_install(ctx, ["--reinstall-package", _dist_name(Path(wheel)), str(wheel)])
+
+
+def _dist_name(wheel: Path) -> str:
+    return wheel.name.split("-", 1)[0]
+
+
+# --- checking the code objects ----------------------------------------------------
+
+OFFLOAD_ID = re.compile(rb"amdgcn-amd-amdhsa--(gfx[0-9a-f]+)")
+COMPRESSED_MAGIC = b"CCOB"
+
+
+def _compressed_blobs(data: mmap.mmap) -> list[bytes]:
+    """Compressed offload bundles (clang --offload-compress) in a file.
+
+    Header: magic, u16 version, u16 method, then (v2) u32 / (v3) u64 total size.
+    Layout from LLVM's OffloadBundler.cpp (read, not run: no ROCm here). A v1
+    header has no size, so such a blob runs to the next magic or the file's end.
+    """
+    starts = [m.start() for m in re.finditer(re.escape(COMPRESSED_MAGIC), data)]
+    blobs = []
+    for i, at in enumerate(starts):
+        version = struct.unpack_from("<H", data, at + 4)[0] if at + 6 <= len(data) else 0
+        end = starts[i + 1] if i + 1 < len(starts) else len(data)
+        if version == 2:
+            end = min(len(data), at + struct.unpack_from("<I", data, at + 8)[0])
+        elif version == 3:
+            end = min(len(data), at + struct.unpack_from("<Q", data, at + 8)[0])
+        elif version != 1:
+            continue  # four letters that happen to spell CCOB
+        blobs.append(bytes(data[at:end]))
+    return blobs
+
+
+def _bundler(rocm: Path) -> str | None:
+    for cand in (rocm / "lib" / "llvm" / "bin" / "clang-offload-bundler",
+                 rocm / "llvm" / "bin" / "clang-offload-bundler"):
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+def code_object_archs(path: Path, rocm: Path, env: dict[str, str]) -> set[str]:
+    """The gfx targets whose code objects a shared object carries."""
+    with open(path, "rb") as fh:
+        try:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file
+            return set()
+        with data:
+            found = {m.group(1).decode() for m in OFFLOAD_ID.finditer(data)}
+            blobs = _compressed_blobs(data)
+    if not blobs:
+        return found
+    tool = _bundler(Path(rocm))
+    if tool is None:
+        raise InstallerError(f"{path.name} holds compressed code objects and the toolchain has no "
+                             "clang-offload-bundler to list them", hint=f"looked under {rocm}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, blob in enumerate(blobs):
+            part = Path(tmp) / f"bundle{i}.o"
+            part.write_bytes(blob)
+            got = proc.capture([tool, "--list", "--type=o", f"--input={part}"], env=env, timeout=120)
+            if not got.ok:
+                raise InstallerError(f"clang-offload-bundler could not list {path.name}",
+                                     hint=(got.stderr.strip() or got.stdout.strip())[-300:] or None)
+            found |= {m.group(1).decode() for m in OFFLOAD_ID.finditer(got.stdout.encode())}
+    return found
+
+
+def _platlib(ctx) -> Path:
+    got = proc.capture([ctx.vars["python"], "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
+                       env=ctx.env, timeout=60)
+    if not got.ok:
+        raise InstallerError(f"{ctx.name}: cannot ask the venv python for site-packages")
+    return Path(got.stdout.strip())
+
+
+def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dict[str, list[str]]:
+    """Action "check-code-objects": each `required` glob (relative to site-packages)
+    matches a .so with code objects for exactly the target archs, and every other
+    .so under `scan` that carries code objects has exactly those archs too."""
+    site = _platlib(ctx)
+    want = set(ctx.archs)
+    rocm = Path(ctx.vars["rocm"])
+    results: dict[str, list[str]] = {}
+    files: list[tuple[Path, bool]] = []
+    for pattern in required:
+        hits = sorted(site.glob(pattern))
+        if not hits:
+            hint = ("a Triton-only build has no CK extension: was FLASH_ATTENTION_TRITON_AMD_ENABLE set?"
+                    if "flash_attn_2_cuda" in pattern else f"look for compile errors in {ctx.log}")
+            raise InstallerError(f"{ctx.name}: no {pattern} in {site}: the compiled extension is missing",
+                                 hint=hint)
+        files += [(h, True) for h in hits]
+    if scan:
+        seen = {f for f, _ in files}
+        files += [(f, False) for f in sorted((site / scan).rglob("*.so")) if f not in seen]
+    for path, must in files:
+        archs = code_object_archs(path, rocm, ctx.env)
+        rel = str(path.relative_to(site))
+        if not archs and not must:
+            continue  # host-only helper library
+        if archs != want:
+            missing, extra = sorted(want - archs), sorted(archs - want)
+            detail = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                           f"unexpected {', '.join(extra)}" if extra else "") if x)
+            raise InstallerError(f"{ctx.name}: {rel} has code objects for {', '.join(sorted(archs)) or 'no GPU'} "
+                                 f"({detail})",
+                                 hint="the arch pin did not reach the compiler; see the env at the top of "
+                                      f"{ctx.log}")
+        results[rel] = sorted(archs)
+    ctx.facts["code_objects"] = results
+    return results

@@ -1,0 +1,186 @@
+"""Pinned sources: a git commit (through a bare mirror cache) or a verified sdist.
+
+Git sources are fetched by full SHA, one commit deep, into
+CACHE/git/<slug>.git under refs/pins/<sha>, so a second prefix (or a rerun
+after a failed build) clones from disk and never touches the network.
+Submodules are fetched the same way at the commits the superproject records,
+and their URLs in the work tree point at the local mirrors, so a build script
+that runs `git submodule update --init` (flash-attention's setup.py does) finds
+everything in place and fetches nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from . import proc
+from .download import check_url
+from .errors import InstallerError, RecipeError
+
+FULL_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def mirror_dir(cache_dir: Path, url: str) -> Path:
+    """CACHE/git/<host+path>.git: readable, and never a path outside git/."""
+    parts = urlsplit(url)
+    raw = f"{parts.hostname or ''}{parts.path}" if parts.scheme else url
+    raw = re.sub(r"\.git/*$", "", raw.rstrip("/"))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "+", raw).strip("+.") or "repo"
+    return Path(cache_dir) / "git" / f"{slug}.git"
+
+
+def _git_env(ctx) -> dict[str, str]:
+    # never prompt for credentials: a private or mistyped URL must fail, not hang
+    return {**ctx.env, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+
+
+def _probe(ctx, argv: Sequence[str], cwd: Path | None = None) -> proc.Captured:
+    return proc.capture(["git", *argv], env=_git_env(ctx), cwd=cwd, timeout=120)
+
+
+def _has_commit(ctx, repo: Path, commit: str) -> bool:
+    return repo.is_dir() and _probe(ctx, ["-C", repo, "cat-file", "-e", f"{commit}^{{commit}}"]).ok
+
+
+def ensure_commit(ctx, url: str, commit: str) -> tuple[Path, bool]:
+    """The bare mirror holding `commit`; True when it was already cached."""
+    check_url(url)
+    if not FULL_SHA.fullmatch(commit or ""):
+        raise RecipeError(f"{ctx.name}: git commit must be a full 40-character SHA, not {commit!r}",
+                          hint="pin the exact commit (git rev-parse TAG) so the source cannot move")
+    mirror = mirror_dir(ctx.cache_dir, url)
+    if _has_commit(ctx, mirror, commit):
+        return mirror, True
+    if ctx.offline:
+        raise InstallerError(f"offline, and {url} @ {commit[:12]} is not in the git cache",
+                             hint=f"run once without --offline to fill {mirror}")
+    if not mirror.is_dir():
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        ctx.run(["git", "init", "-q", "--bare", mirror], env=_git_env(ctx), what="git init")
+    ctx.run(["git", "-C", mirror, "fetch", "-q", "--depth", "1", "--no-tags", url,
+             f"{commit}:refs/pins/{commit}"], env=_git_env(ctx),
+            what=f"git fetch {url} {commit[:12]}")
+    if not _has_commit(ctx, mirror, commit):
+        raise InstallerError(f"{url} did not deliver commit {commit}",
+                             hint="check the pinned commit exists upstream")
+    return mirror, False
+
+
+def _checkout(ctx, mirror: Path, commit: str, dest: Path, *, git_dir: Path | None = None,
+              sparse: Iterable[str] = ()) -> None:
+    argv = ["git", "init", "-q"]
+    if git_dir is not None:
+        git_dir.parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--separate-git-dir", git_dir]
+    ctx.run([*argv, dest], env=_git_env(ctx), what="git init")
+    patterns = [f"/{p.strip('/')}/" for p in sparse]
+    if patterns:
+        ctx.run(["git", "-C", dest, "config", "core.sparseCheckout", "true"], env=_git_env(ctx))
+        info = Path(_probe(ctx, ["-C", dest, "rev-parse", "--git-path", "info"]).stdout.strip())
+        info = info if info.is_absolute() else dest / info
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "sparse-checkout").write_text("\n".join(patterns) + "\n")
+    ctx.run(["git", "-C", dest, "fetch", "-q", "--depth", "1", "--no-tags", str(mirror),
+             f"refs/pins/{commit}"], env=_git_env(ctx), what="git fetch (from the cache)")
+    ctx.run(["git", "-C", dest, "-c", "advice.detachedHead=false", "checkout", "-q", "--detach",
+             "FETCH_HEAD"], env=_git_env(ctx), what="git checkout")
+
+
+def _submodule_urls(ctx, src: Path) -> dict[str, tuple[str, str]]:
+    """path -> (name, url) from .gitmodules."""
+    got = _probe(ctx, ["config", "-f", ".gitmodules", "--get-regexp", r"^submodule\..*\.(path|url)$"],
+                 cwd=src)
+    paths: dict[str, str] = {}
+    urls: dict[str, str] = {}
+    for line in got.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        name, field = key[len("submodule."):].rsplit(".", 1)
+        (paths if field == "path" else urls)[name] = value
+    return {path: (name, urls.get(name, "")) for name, path in paths.items()}
+
+
+def _resolve_url(base: str, url: str) -> str:
+    if not url.startswith(("./", "../")):
+        return url
+    # git resolves "../x.git" against the superproject's URL as if it were a directory
+    return urljoin(base.rstrip("/") + "/", url)
+
+
+def _add_submodules(ctx, src: Path, super_url: str, paths: Sequence[str]) -> dict[str, str]:
+    declared = _submodule_urls(ctx, src)
+    recorded: dict[str, str] = {}
+    for path in paths:
+        path = path.strip("/")
+        if path not in declared:
+            raise RecipeError(f"{ctx.name}: the source has no submodule at {path!r}",
+                              hint=f"submodules it declares: {', '.join(sorted(declared)) or 'none'}")
+        name, url = declared[path]
+        entry = _probe(ctx, ["ls-tree", "HEAD", "--", path], cwd=src).stdout.split()
+        if len(entry) < 3 or entry[1] != "commit":
+            raise InstallerError(f"{ctx.name}: {path} is declared in .gitmodules but HEAD records no commit for it")
+        sha = entry[2]
+        mirror, _ = ensure_commit(ctx, _resolve_url(super_url, url), sha)
+        ctx.run(["git", "-C", src, "submodule", "init", "--", path], env=_git_env(ctx), what="git submodule init")
+        ctx.run(["git", "-C", src, "config", f"submodule.{name}.url", str(mirror)], env=_git_env(ctx))
+        target = src / path
+        if target.exists():
+            shutil.rmtree(target)
+        _checkout(ctx, mirror, sha, target, git_dir=src / ".git" / "modules" / name)
+        recorded[path] = sha
+    return recorded
+
+
+def fetch_git(ctx, url: str = "", commit: str = "", tag: str = "",
+              submodules: Sequence[str] = (), sparse: Sequence[str] = ()) -> Path:
+    """Action "fetch-git": the pinned commit (plus named submodules) in ctx.src_dir.
+
+    url/commit/tag default to the recipe's [source]; `sparse` limits the checkout
+    to some folders (triton_kernels needs one folder of the ROCm triton tree).
+    """
+    src_pin = getattr(ctx, "source", None)
+    url = url or getattr(src_pin, "url", "")
+    commit = (commit or getattr(src_pin, "commit", "")).lower()
+    tag = tag or getattr(src_pin, "tag", "")
+    if not url:
+        raise RecipeError(f"{ctx.name}: fetch-git needs a url (in [source] or the step's 'with')")
+    mirror, cached = ensure_commit(ctx, url, commit)
+    dest = ctx.src_dir
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _checkout(ctx, mirror, commit, dest, sparse=sparse)
+    subs = _add_submodules(ctx, dest, url, submodules)
+    fact: dict[str, Any] = {"kind": "git", "url": url, "commit": commit, "from_cache": cached}
+    if tag:
+        fact["tag"] = tag
+    if subs:
+        fact["submodules"] = subs
+    ctx.facts["source"] = fact
+    return dest
+
+
+def fetch_sdist(ctx, url: str = "", sha256: str = "") -> Path:
+    """Action "fetch-sdist": download (cached, verified) and unpack into ctx.src_dir, top dir stripped."""
+    from .download import fetch
+    from .unpack import extract_tarball
+
+    src_pin = getattr(ctx, "source", None)
+    url = url or getattr(src_pin, "url", "")
+    sha256 = sha256 or getattr(src_pin, "sha256", "")
+    if not url or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256 or ""):
+        raise RecipeError(f"{ctx.name}: fetch-sdist needs a url and its sha256",
+                          hint="take both from PyPI's simple index (the file's #sha256=)")
+    got = fetch(url, cache_dir=ctx.cache_dir, sha256=sha256, offline=ctx.offline, ui=ctx.ui,
+                what=f"{ctx.name} source")
+    dest = ctx.src_dir
+    if dest.exists():
+        shutil.rmtree(dest)
+    extract_tarball(got.path, dest, strip_components=1)
+    ctx.facts["source"] = {"kind": "url", "url": url, "sha256": got.sha256, "size": got.size,
+                           "from_cache": got.from_cache}
+    return dest
