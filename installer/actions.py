@@ -17,10 +17,22 @@ from .errors import RecipeError
 
 RESOLVERS: dict[str, str] = {
     # recipe name -> "module:function"; see docs/design.md "Resolvers"
+    "therock": "installer.therock:resolve",
 }
 
 ACTIONS: dict[str, str] = {
     # filled in by the stage modules' issues; one line per action
+    "install-toolchain": "installer.therock:install_step",
+    "create-venv": "installer.pyenv:create_venv_step",
+    "install-torch-stack": "installer.pyenv:install_torch_step",
+    "check-torch-stack": "installer.pyenv:check_torch_step",
+    "write-activation": "installer.activate:write_step",
+    "fetch-git": "installer.sources:fetch_git",
+    "fetch-sdist": "installer.sources:fetch_sdist",
+    "apply-patches": "installer.patches:apply_patches",
+    "build-wheel": "installer.builds:build_wheel",
+    "install-wheel": "installer.builds:install_wheel",
+    "check-code-objects": "installer.builds:check_code_objects",
 }
 
 

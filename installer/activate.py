@@ -1,0 +1,339 @@
+"""PREFIX/activate (bash, zsh, sh) and PREFIX/activate.fish.
+
+Sourcing either file activates the prefix's venv and sets what the pinned
+stack needs at run time on gfx1200/gfx1201; `rdna4_deactivate` puts back every
+variable exactly as it was (unset stays unset). Sourcing again first undoes the
+earlier activation, so nothing is ever added twice. The prefix is written into
+the files as a quoted literal, so prefixes with spaces or quotes work.
+
+The `write-activation` action reads (a `with` argument wins over an install
+option, which wins over a pin):
+  visible_devices          ROCR_VISIBLE_DEVICES value from detection
+                           (detect.Detection.visible_devices); "" = all GPUs
+  flash_attention_backend  "ck" | "triton" | "none"; default: the pin
+                           flash-attention.backend
+plus ctx.prefix, ctx.vars["venv"] / ctx.vars["rocm"] and ctx.archs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import proc, state
+from .errors import InstallerError
+
+SH_FILE = "activate"
+FISH_FILE = "activate.fish"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    value: str | None      # None: the variable is unset while active
+    why: str               # one line, written above it
+
+
+@dataclass(frozen=True)
+class Activation:
+    prefix: Path
+    venv: Path
+    path_dirs: tuple[Path, ...]   # prepended to PATH, first wins
+    settings: tuple[Setting, ...]
+    archs: tuple[str, ...] = ()
+    flash_attention_backend: str = "none"
+
+    @property
+    def saved(self) -> tuple[str, ...]:
+        """Every variable sourcing may change, so deactivation can put it back.
+
+        The venv's own activate script touches PATH, PYTHONHOME and the
+        VIRTUAL_ENV variables. PS1 is handled apart (sh only): it is a shell
+        variable, usually not exported, and must stay that way.
+        """
+        own = tuple(s.name for s in self.settings)
+        return ("PATH", "PYTHONHOME", "VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT",
+                "VIRTUAL_ENV_DISABLE_PROMPT") + own
+
+
+def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
+         rocm: Path | None = None, visible_devices: str = "",
+         flash_attention_backend: str = "none") -> Activation:
+    """What the activation files set, each with the reason written beside it."""
+    venv = venv or prefix / "venv"
+    rocm = rocm or prefix / "rocm"
+    backend = (flash_attention_backend or "none").lower()
+    if backend not in ("ck", "triton", "none"):
+        raise InstallerError(f"unknown flash-attention backend {flash_attention_backend!r}",
+                             hint="use ck, triton or none (--set flash-attention.backend=...)")
+    s: list[Setting] = [
+        Setting("RDNA4_PREFIX", str(prefix),
+                "marks this shell as activated; rdna4-install verify/bench default to it"),
+        Setting("ROCM_PATH", str(rocm),
+                "the TheRock toolchain of this prefix, for hipcc/clang and tools that look it up"),
+        Setting("HIP_DEVICE_LIB_PATH", str(rocm / "lib" / "llvm" / "amdgcn" / "bitcode"),
+                "TheRock keeps device bitcode under lib/llvm; without it clang reports "
+                "'cannot find ROCm device library' (therock.md §5.3)"),
+        Setting("PYTORCH_ROCM_ARCH", ";".join(archs),
+                "extensions built in this shell (torch cpp_extension, pip builds) target only "
+                "the installed arch"),
+        Setting("HSA_OVERRIDE_GFX_VERSION", None,
+                "an override left from another install would make ROCr report a different "
+                "gfx target than the code objects built here (detection.md §5)"),
+    ]
+    if visible_devices:
+        s.append(Setting("ROCR_VISIBLE_DEVICES", visible_devices,
+                         "shows only the target GPUs (found by detection); an iGPU or another "
+                         "card would get work it has no code objects for"))
+    s += [
+        Setting("VLLM_ROCM_USE_AITER", "0",
+                "AITER is built for CDNA (gfx942/gfx950) only in this stack; off is vLLM's "
+                "default (vllm/envs.py:1267), kept off if the caller's shell turned it on"),
+        Setting("HSA_NO_SCRATCH_RECLAIM", "1",
+                "upstream's validated ROCm env sets it for RCCL (vLLM 0.33 "
+                "docker/Dockerfile.rocm_base:56-57)"),
+        Setting("HIP_FORCE_DEV_KERNARG", "1",
+                "kernel arguments in device memory, upstream's performance setting "
+                "(vLLM 0.33 docker/Dockerfile.rocm:1008-1009)"),
+        Setting("PYTORCH_NVML_BASED_CUDA_CHECK", "1",
+                "keeps torch.cuda.is_available() fork-safe for vLLM's workers "
+                "(vLLM 0.33 docker/Dockerfile.rocm:1011-1012)"),
+        Setting("SAFETENSORS_FAST_GPU", "1",
+                "faster safetensors loading straight to the GPU "
+                "(vLLM 0.33 docker/Dockerfile.rocm:1005-1006)"),
+    ]
+    if backend == "triton":
+        s.append(Setting("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE",
+                         "flash-attention was built with its Triton backend, which it only "
+                         "uses when this is TRUE (flash_attention.md §2)"))
+    elif backend == "ck":
+        s.append(Setting("FLASH_ATTENTION_TRITON_AMD_ENABLE", "FALSE",
+                         "flash-attention was built with CK kernels for this arch; TRUE from "
+                         "another setup would switch it to the slower Triton path"))
+    dirs = (rocm / "bin", rocm / "lib" / "llvm" / "bin")
+    # LD_LIBRARY_PATH stays untouched on purpose: torch loads the HIP runtime
+    # from the venv's rocm-sdk wheels, and a tarball lib dir first on the path
+    # could load a second copy (therock.md §5.4).
+    return Activation(prefix=prefix, venv=venv, path_dirs=dirs, settings=tuple(s), archs=archs,
+                      flash_attention_backend=backend)
+
+
+def from_receipt(prefix: Path, *, archs: tuple[str, ...] | None = None,
+                 visible_devices: str = "") -> Activation:
+    """The activation of an installed prefix, from its receipt (for verify and bench)."""
+    receipt = state.read_receipt(prefix) or {}
+    archs = tuple(archs or receipt.get("archs") or ())
+    if not archs:
+        raise InstallerError(f"no target arch recorded in {prefix / state.RECEIPT}",
+                             hint="pass --gpu-arch gfx1201 (or gfx1200)")
+    fa_done = ((receipt.get("components") or {}).get("flash-attention") or {}).get("status") == "done"
+    backend = ((receipt.get("pins") or {}).get("flash-attention") or {}).get("backend", "none")
+    return plan(prefix, archs=archs, visible_devices=visible_devices,
+                flash_attention_backend=str(backend) if fa_done else "none")
+
+
+def environment(act: Activation) -> dict[str, str]:
+    """What sourcing the activation gives a child process, built without a shell."""
+    env = proc.base_env({s.name: s.value for s in act.settings if s.value is not None},
+                        drop=[s.name for s in act.settings if s.value is None])
+    env["VIRTUAL_ENV"] = str(act.venv)
+    env["PATH"] = ":".join([str(act.venv / "bin"), *map(str, act.path_dirs), env.get("PATH", "")])
+    return env
+
+
+# --- rendering --------------------------------------------------------------------
+
+def _sh(value: str | Path) -> str:
+    return shlex.quote(str(value))
+
+
+def _fish(value: str | Path) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def render_sh(act: Activation) -> str:
+    q = _sh
+    sh_file, fish_file = act.prefix / SH_FILE, act.prefix / FISH_FILE
+    out = [
+        "#!/bin/sh",
+        "# rdna4-install activation for bash, zsh and sh; written by `rdna4-install`, edits are",
+        "# lost on the next install. Use it with:   . " + q(sh_file),
+        "# and leave with:   rdna4_deactivate",
+        "# shellcheck disable=SC1091  # the venv's activate is generated by uv",
+        "",
+        "# Only a sourced file can change the calling shell: refuse to run as a program.",
+        'if [ -n "${ZSH_VERSION:-}" ]; then',
+        '    case "${ZSH_EVAL_CONTEXT:-}" in *:file*) _rdna4_sourced=1 ;; *) _rdna4_sourced=0 ;; esac',
+        'elif [ -n "${BASH_VERSION:-}" ]; then',
+        "    if (return 0 2>/dev/null); then _rdna4_sourced=1; else _rdna4_sourced=0; fi",
+        "else",
+        "    # dash and other sh: $0 names this file only when it runs as a script",
+        '    case "${0##*/}" in ' + SH_FILE + ") _rdna4_sourced=0 ;; *) _rdna4_sourced=1 ;; esac",
+        "fi",
+        'if [ "$_rdna4_sourced" = 0 ]; then',
+        "    cat >&2 <<'RDNA4_EOF'",
+        "this file changes the current shell, so source it instead of running it:",
+        "    . " + q(sh_file) + "        (bash, zsh, sh)",
+        "    source " + _fish(fish_file) + "   (fish)",
+        "RDNA4_EOF",
+        "    exit 1",
+        "fi",
+        "unset _rdna4_sourced",
+        "",
+        "# Sourcing again starts from a clean shell, so nothing is added twice.",
+        "if command -v rdna4_deactivate >/dev/null 2>&1; then rdna4_deactivate; fi",
+        "if [ ! -f " + q(act.venv / "bin" / "activate") + " ]; then",
+        "    echo " + q(f"rdna4: no venv at {act.venv}; rerun rdna4-install for this prefix") + " >&2",
+        "    return 1",
+        "fi",
+        "# Another venv is replaced the way its own activate script would, before saving.",
+        'if [ -n "${VIRTUAL_ENV:-}" ] && command -v deactivate >/dev/null 2>&1; then',
+        '    echo "rdna4: deactivating the venv at $VIRTUAL_ENV first" >&2',
+        "    deactivate",
+        "fi",
+        "",
+        "# Remember every variable this file may change (set or not) for rdna4_deactivate.",
+    ]
+    for name in act.saved + ("PS1",):
+        out.append(f'if [ -n "${{{name}+x}}" ]; then _RDNA4_OLD_{name}=${name}; '
+                   f"_RDNA4_HAD_{name}=1; else _RDNA4_HAD_{name}=0; fi")
+    out += ["", "rdna4_deactivate() {",
+            "    if [ \"${VIRTUAL_ENV:-}\" = " + q(act.venv) + " ] && command -v deactivate "
+            ">/dev/null 2>&1; then deactivate; fi"]
+    for name in act.saved:
+        out.append(f'    if [ "${{_RDNA4_HAD_{name}:-0}}" = 1 ]; then {name}=$_RDNA4_OLD_{name}; '
+                   f"export {name}; else unset {name}; fi")
+        out.append(f"    unset _RDNA4_OLD_{name} _RDNA4_HAD_{name}")
+    out += ["    # a plain assignment keeps PS1 exported or not, as it was",
+            '    if [ "${_RDNA4_HAD_PS1:-0}" = 1 ]; then PS1=$_RDNA4_OLD_PS1; fi',
+            "    unset _RDNA4_OLD_PS1 _RDNA4_HAD_PS1",
+            "    hash -r 2>/dev/null || true",
+            "    unset -f rdna4_deactivate",
+            "}", "",
+            ""]
+    for d in reversed(act.path_dirs):
+        out += [f"# {d.name} of the toolchain on PATH (amd-smi, rocminfo, clang), behind the venv",
+                f"_rdna4_dir={q(d)}",
+                'case ":$PATH:" in *":$_rdna4_dir:"*) ;; *) PATH="$_rdna4_dir:$PATH" ;; esac']
+    out += ["export PATH", "unset _rdna4_dir",
+            "# The venv: its activate sets VIRTUAL_ENV and puts venv/bin first on PATH. Its",
+            "# prompt code would export PS1, so the prompt is done here instead.",
+            "VIRTUAL_ENV_DISABLE_PROMPT=1",
+            ". " + q(act.venv / "bin" / "activate"),
+            'if [ "$_RDNA4_HAD_VIRTUAL_ENV_DISABLE_PROMPT" = 1 ]; then '
+            "VIRTUAL_ENV_DISABLE_PROMPT=$_RDNA4_OLD_VIRTUAL_ENV_DISABLE_PROMPT; "
+            "else unset VIRTUAL_ENV_DISABLE_PROMPT; fi",
+            'if [ -z "${VIRTUAL_ENV_DISABLE_PROMPT:-}" ] && [ "$_RDNA4_HAD_PS1" = 1 ]; then '
+            'PS1="(rdna4) $PS1"; fi',
+            ""]
+    for st in act.settings:
+        out.append(f"# {st.why}")
+        out.append(f"export {st.name}={q(st.value)}" if st.value is not None else f"unset {st.name}")
+    out += ["", "hash -r 2>/dev/null || true", ""]
+    return "\n".join(out)
+
+
+def render_fish(act: Activation) -> str:
+    q = _fish
+    sh_file, fish_file = act.prefix / SH_FILE, act.prefix / FISH_FILE
+    out = [
+        "#!/usr/bin/env fish",
+        "# rdna4-install activation for fish; written by `rdna4-install`, edits are lost on the",
+        "# next install. Use it with:   source " + q(fish_file),
+        "# and leave with:   rdna4_deactivate",
+        "",
+        "# Only a sourced file can change the calling shell: refuse to run as a program.",
+        "if not status stack-trace | string match -q -- '*from sourcing file*'",
+        "    echo 'this file changes the current shell, so source it instead of running it:' >&2",
+        "    echo " + q("    source " + _fish(fish_file) + "   (fish)") + " >&2",
+        "    echo " + q("    . " + _sh(sh_file) + "        (bash, zsh, sh)") + " >&2",
+        "    exit 1",
+        "end",
+        "",
+        "# Sourcing again starts from a clean shell, so nothing is added twice.",
+        "functions -q rdna4_deactivate; and rdna4_deactivate",
+        "if not test -f " + q(act.venv / "bin" / "activate.fish"),
+        "    echo " + q(f"rdna4: no venv at {act.venv}; rerun rdna4-install for this prefix") + " >&2",
+        "    return 1",
+        "end",
+        "# Another venv is replaced the way its own activate script would, before saving.",
+        "if set -q VIRTUAL_ENV; and functions -q deactivate",
+        '    echo "rdna4: deactivating the venv at $VIRTUAL_ENV first" >&2',
+        "    deactivate",
+        "end",
+        "",
+        "# Remember every variable this file may change (set or not) for rdna4_deactivate.",
+    ]
+    for name in act.saved:  # fish has no PS1; the venv wraps and restores fish_prompt
+        out.append(f"if set -q {name}; set -g _rdna4_old_{name} ${name}; set -g _rdna4_had_{name} 1; "
+                   f"else; set -g _rdna4_had_{name} 0; end")
+    out += ["", "function rdna4_deactivate --description 'undo the rdna4-install activation'",
+            "    if test \"$VIRTUAL_ENV\" = " + q(act.venv) + "; and functions -q deactivate",
+            "        deactivate",
+            "    end"]
+    for name in act.saved:
+        out += [f"    if test \"$_rdna4_had_{name}\" = 1; set -gx {name} $_rdna4_old_{name}; "
+                f"else; set -e {name}; end",
+                f"    set -e _rdna4_old_{name}; set -e _rdna4_had_{name}"]
+    out += ["    functions -e rdna4_deactivate",
+            "end", "",
+            ""]
+    for d in reversed(act.path_dirs):
+        out += [f"# {d.name} of the toolchain on PATH (amd-smi, rocminfo, clang), behind the venv",
+                f"contains -- {q(d)} $PATH; or set -gx PATH {q(d)} $PATH"]
+    out += ["# The venv: its activate sets VIRTUAL_ENV and puts venv/bin first on PATH.",
+            "source " + q(act.venv / "bin" / "activate.fish"),
+            ""]
+    for st in act.settings:
+        out.append(f"# {st.why}")
+        out.append(f"set -gx {st.name} {q(st.value)}" if st.value is not None else f"set -e {st.name}")
+    out.append("")
+    return "\n".join(out)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o755)  # executable only so running it prints how to source it
+    os.replace(tmp, path)
+
+
+def write(act: Activation) -> list[Path]:
+    act.prefix.mkdir(parents=True, exist_ok=True)
+    paths = [act.prefix / SH_FILE, act.prefix / FISH_FILE]
+    _write(paths[0], render_sh(act))
+    _write(paths[1], render_fish(act))
+    return paths
+
+
+def _pick(key: str, kw: Mapping[str, Any], options: Mapping[str, Any], fallback: Any) -> Any:
+    for source in (kw, options):
+        if source.get(key) not in (None, ""):
+            return source[key]
+    return fallback
+
+
+def write_step(ctx: Any, **kw: Any) -> None:
+    """Action `write-activation`: write PREFIX/activate and PREFIX/activate.fish."""
+    unknown = set(kw) - {"visible_devices", "flash_attention_backend"}
+    if unknown:
+        raise InstallerError(f"write-activation: unknown argument {sorted(unknown)[0]!r}",
+                             hint="known: visible_devices, flash_attention_backend")
+    options = ctx.options or {}
+    vars_ = ctx.vars or {}
+    act = plan(
+        Path(ctx.prefix), archs=tuple(ctx.archs),
+        venv=Path(vars_["venv"]) if vars_.get("venv") else None,
+        rocm=Path(vars_["rocm"]) if vars_.get("rocm") else None,
+        visible_devices=str(_pick("visible_devices", kw, options, "")),
+        flash_attention_backend=str(_pick("flash_attention_backend", kw, options,
+                                          vars_.get("flash-attention.backend", "none"))),
+    )
+    paths = write(act)
+    ctx.facts["activate"] = {"files": [str(p) for p in paths],
+                             "settings": {s.name: s.value for s in act.settings}}
+    if getattr(ctx, "ui", None) is not None:
+        ctx.ui.detail(f"wrote {paths[0]} and {paths[1].name}")

@@ -1,0 +1,203 @@
+"""`rdna4-install bench`: serve the reference model and compare with the reference run.
+
+Starts `vllm serve` from the venv on 127.0.0.1 (a free port unless one is
+given), waits for GET /health, runs `vllm bench serve` against it, saves the
+result under PREFIX/bench/ and compares it with the published RX 9070 XT
+figures. The server is always stopped: on success, on failure and on Ctrl-C.
+
+Names below come from the vLLM 0.33.0 sdist:
+- server flags `--host` / `--port`: vllm/entrypoints/common/cli_args.py:293-295
+- readiness: `GET /health` answers 200 once the engine is up:
+  vllm/entrypoints/serve/instrumentator/health.py:22
+- client flags: vllm/benchmarks/serve.py:1661-1662 (--host, --port), 1693 (--model),
+  1746 (--request-rate), 1792 (--save-result), 1816 (--result-dir), 1823
+  (--result-filename); vllm/benchmarks/datasets/datasets.py:1587 (--num-prompts),
+  1593 (--dataset-name, "random" is its default), 1888/1894 (--random-input-len
+  1024, --random-output-len 128 by default)
+- result keys: vllm/benchmarks/serve.py:1320-1339 (completed, failed,
+  request_throughput, output_throughput, max_output_tokens_per_s,
+  max_concurrent_requests) and 1426 (mean_<metric>_ms for ttft and tpot)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import activate, proc
+from .errors import InstallerError, StepFailed, UsageError
+
+REFERENCE_MODEL = "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"  # CompressedTensors FP8
+DEFAULT_REQUEST_RATE = 10.0
+# vLLM's own default prompt count (datasets.py:70): at 10 req/s it keeps
+# arriving for ~100 s, far past what one card can serve, so the server saturates.
+# The exact workload of the reference run is UNCONFIRMED beyond rate 10 and this model.
+DEFAULT_NUM_PROMPTS = 1000
+DEFAULT_READY_TIMEOUT = 1800.0  # first start compiles Triton kernels and loads 9 GB
+
+# RX 9070 XT (gfx1201), RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8, request rate 10
+# (peers.md project 7; vllm_rocm.md §5 "Throughput reference points").
+# (label, result key, reference value, unit, reference shown as)
+METRICS = (
+    ("output throughput", "output_throughput", 248.12, "tok/s", "248.12"),
+    ("peak output throughput", "max_output_tokens_per_s", 325.0, "tok/s", "325"),
+    ("mean TPOT", "mean_tpot_ms", 22.94, "ms", "22.94"),
+    ("mean TTFT", "mean_ttft_ms", 187872.60, "ms", "187,872.60"),
+    ("max concurrency", "max_concurrent_requests", None, "requests", "~5-6"),
+)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    result_file: Path
+    server_log: Path
+    metrics: dict[str, float | None]           # result key -> value (None if absent)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, n: int = 30) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def wait_ready(child: proc.Child, port: int, timeout: float, ui: Any, poll: float = 1.0) -> None:
+    """Return once /health answers; raise with the server log's tail if it never does."""
+    deadline = time.monotonic() + timeout
+    last_note = time.monotonic()
+    while True:
+        code = child.poll()
+        if code is not None:
+            if ui is not None:
+                ui.tail(_tail(child.log), str(child.log))
+            raise InstallerError(f"vllm serve exited with code {code} before it was ready",
+                                 hint=f"server log: {child.log}")
+        if _healthy(port):
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            if ui is not None:
+                ui.tail(_tail(child.log), str(child.log))
+            raise InstallerError(f"vllm serve was not ready after {timeout:.0f}s",
+                                 hint=f"server log: {child.log}; a first start compiles kernels, "
+                                      "so try a longer --ready-timeout")
+        if ui is not None and now - last_note >= 30:
+            last_note = now
+            ui.info(f"waiting for vllm serve on port {port} ({now - deadline + timeout:.0f}s)")
+        time.sleep(poll)
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
+
+
+def parse_result(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InstallerError(f"vllm bench serve wrote no result file at {path}",
+                             hint="see the client output above") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InstallerError(f"the benchmark result {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InstallerError(f"the benchmark result {path} is not a JSON object")
+    return data
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEFAULT_REQUEST_RATE,
+        num_prompts: int = DEFAULT_NUM_PROMPTS, port: int | None = None,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT, extra_serve_args: list[str] | tuple = (),
+        extra_bench_args: list[str] | tuple = (), visible_devices: str = "",
+        ui: Any = None) -> BenchResult:
+    prefix = Path(prefix)
+    vllm = prefix / "venv" / "bin" / "vllm"
+    if not vllm.exists():
+        raise InstallerError(f"no vllm in {prefix / 'venv'}",
+                             hint=f"install first: rdna4-install --prefix '{prefix}'")
+    if request_rate <= 0 or num_prompts <= 0:
+        raise UsageError("--request-rate and --num-prompts must be positive")
+    env = activate.environment(activate.from_receipt(prefix, visible_devices=visible_devices))
+    out_dir = prefix / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{_slug(model)}"
+    server_log, client_log = out_dir / f"{name}-serve.log", out_dir / f"{name}-client.log"
+    result_file = out_dir / f"{name}.json"
+    port = port or free_port()
+
+    serve = [vllm, "serve", model, "--host", "127.0.0.1", "--port", str(port), *extra_serve_args]
+    client = [vllm, "bench", "serve", "--host", "127.0.0.1", "--port", str(port), "--model", model,
+              "--dataset-name", "random", "--num-prompts", str(num_prompts),
+              "--request-rate", str(request_rate), "--save-result", "--result-dir", str(out_dir),
+              "--result-filename", result_file.name, *extra_bench_args]
+    if ui is not None:
+        ui.step(f"starting vllm serve {model} on 127.0.0.1:{port} (log: {server_log})")
+    child = proc.spawn(serve, env=env, log=server_log, cwd=out_dir)
+    try:
+        wait_ready(child, port, ready_timeout, ui)
+        if ui is not None:
+            ui.step(f"vllm bench serve: {num_prompts} prompts at {request_rate:g} req/s")
+        try:
+            proc.run(client, env=env, cwd=out_dir, log=client_log, what="vllm bench serve",
+                     on_line=(ui.detail if ui is not None else None))
+        except StepFailed as exc:
+            if ui is not None:
+                ui.tail(getattr(exc, "tail", []), str(client_log))
+            exc.hint = f"client log: {client_log}; server log: {server_log}"
+            raise
+    finally:
+        child.stop()
+    raw = parse_result(result_file)
+    metrics = {key: _number(raw.get(key)) for _, key, *_ in METRICS}
+    return BenchResult(model=model, result_file=result_file, server_log=server_log,
+                       metrics=metrics, raw=raw)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if unit == "requests" else f"{value:,.2f}"
+
+
+def format_comparison(result: BenchResult) -> str:
+    rows = [("metric", "this run", "reference", "")]
+    for label, key, _ref, unit, shown in METRICS:
+        rows.append((label, _fmt(result.metrics.get(key), unit), shown, unit))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    done, failed = result.raw.get("completed"), result.raw.get("failed")
+    if done is not None:
+        lines.append(f"requests: {done} completed" + (f", {failed} failed" if failed else ""))
+    note = f"reference: RX 9070 XT (gfx1201), {REFERENCE_MODEL}, request rate 10"
+    if result.model != REFERENCE_MODEL:
+        note += f" (this run used {result.model}, so the figures are not comparable)"
+    lines += [note, f"result saved to {result.result_file}"]
+    return "\n".join(lines)

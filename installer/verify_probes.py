@@ -1,0 +1,242 @@
+"""Probes `rdna4-install verify` runs inside the prefix's venv.
+
+Executed by path with the venv's python, so it imports nothing from the
+installer (which is not installed there). argv[1] is a JSON object:
+{"archs": [...], "torch": "<pinned torch version or ''>", "rocm": "<pinned ROCm
+version or ''>", "flash_attn": "ck" | "triton" | "none"}. Each probe prints one
+JSON line {"name", "status", "detail"} as soon as it finishes, so a hard crash
+(a segfault in a HIP library) still leaves the earlier results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+# vLLM 0.33.0 vllm/model_executor/kernels/linear/__init__.py:468-476 lists the
+# ROCm FP8 scaled-mm kernels in priority order. All of them multiply in FP8
+# (hipBLASLt torch._scaled_mm, wvSplitKQ, AITER). For a per-tensor layer only
+# ROCmFP8ScaledMMLinearKernel (scaled_mm/rocm.py:74, needs VLLM_ROCM_USE_SKINNY_GEMM)
+# and PerTensorTorchFP8ScaledMMLinearKernel (scaled_mm/pytorch.py:82) can
+# implement it. Anything else (Marlin/Humming W8A16 dequantize the weights)
+# means FP8 is not running natively.
+NATIVE_FP8_KERNELS = {
+    "ROCmFP8ScaledMMLinearKernel",
+    "PerTensorTorchFP8ScaledMMLinearKernel",
+    "RowWiseTorchFP8ScaledMMLinearKernel",
+    "ChannelWiseTorchFP8ScaledMMLinearKernel",
+    "AiterHipbMMPerTokenFp8ScaledMMLinearKernel",
+    "AiterPreshuffledPerTokenFp8ScaledMMLinearKernel",
+    "AiterPerTokenFp8ScaledMMLinearKernel",
+}
+
+
+class Skip(Exception):
+    """A probe that cannot run here (no GPU, component not installed)."""
+
+
+def emit(name: str, status: str, detail: str) -> None:
+    print(json.dumps({"name": name, "status": status, "detail": detail}), flush=True)
+
+
+def probe(name: str, fn, *args) -> bool:
+    try:
+        result = fn(*args)
+    except Skip as exc:
+        emit(name, SKIP, str(exc))
+        return False
+    except Exception as exc:  # noqa: BLE001 - every failure is a probe result
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        emit(name, FAIL, f"{type(exc).__name__}: {exc} ({last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
+        return False
+    ok, detail = result
+    emit(name, PASS if ok else FAIL, detail)
+    return ok
+
+
+def _torch():
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"needs torch, which did not import ({type(exc).__name__})") from None
+    return torch
+
+
+def _gpu(torch, archs):
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise Skip("no GPU visible to torch on this host")
+    for i in range(torch.cuda.device_count()):
+        if torch.cuda.get_device_properties(i).gcnArchName.split(":")[0] in archs:
+            return i
+    raise Skip("no target GPU visible (see torch.gpu-arch)")
+
+
+def torch_import(expect):
+    import torch
+
+    return True, f"torch {torch.__version__} ({torch.__file__.rsplit('/', 2)[0]})"
+
+
+def torch_version(expect):
+    torch = _torch()
+    hip = torch.version.hip
+    if not hip:
+        return False, f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None)"
+    if not expect.get("torch"):
+        raise Skip(f"torch {torch.__version__}, HIP {hip}; no pins in the receipt to compare")
+    problems = []
+    if torch.__version__ != expect["torch"]:
+        problems.append(f"torch {torch.__version__} != pin {expect['torch']}")
+    # HIP versions carry ROCm's major.minor (HIP 7.1.x ships with ROCm 7.1)
+    rocm = expect.get("rocm", "")
+    if rocm and hip.split(".")[:2] != rocm.split(".")[:2]:
+        problems.append(f"HIP {hip} is not from ROCm {rocm}")
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"torch {torch.__version__}, HIP {hip} (pins: torch {expect['torch']}, ROCm {rocm})"
+
+
+def torch_gpu_arch(expect):
+    torch = _torch()
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise Skip("no GPU visible to torch on this host")
+    seen = [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
+            for i in range(torch.cuda.device_count())]
+    ok = any(a in expect["archs"] for a in seen)
+    return ok, f"GPUs: {', '.join(seen)}; target {','.join(expect['archs'])}"
+
+
+def fp8_scaled_mm(expect):
+    torch = _torch()
+    dev = _gpu(torch, expect["archs"])
+    fp8 = torch.float8_e4m3fn  # OCP FP8: gfx12 does not use the fnuz variant
+    g = torch.Generator(device=f"cuda:{dev}").manual_seed(0)
+    a = torch.randn(64, 256, device=f"cuda:{dev}", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(256, 128, device=f"cuda:{dev}", dtype=torch.bfloat16, generator=g)
+    fmax = torch.finfo(fp8).max
+    sa = (a.abs().max().float() / fmax).reshape(())
+    sb = (b.abs().max().float() / fmax).reshape(())
+    a8 = (a.float() / sa).to(fp8)
+    b8 = (b.float() / sb).to(fp8).t().contiguous().t()  # _scaled_mm wants B column-major
+    out = torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    torch.cuda.synchronize(dev)
+    ref = a @ b
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    # e4m3 keeps 3 mantissa bits: ~3% relative error is expected, 10% means wrong
+    return rel < 0.10, f"relative error vs bf16 {rel:.4f} (tolerance 0.10)"
+
+
+def vllm_import(expect):
+    import vllm
+
+    return True, f"vllm {vllm.__version__}"
+
+
+def vllm_platform(expect):
+    torch = _torch()
+    _gpu(torch, expect["archs"])
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_rocm():
+        return False, (f"platform is {type(current_platform).__name__}, not ROCm "
+                       "(vLLM needs `import amdsmi` to work and to see the GPU)")
+    if not current_platform.supports_fp8():
+        return False, "ROCm platform, but supports_fp8() is False"
+    return True, f"ROCm, FP8 supported ({current_platform.fp8_dtype()})"
+
+
+def vllm_fp8_kernel(expect):
+    torch = _torch()
+    _gpu(torch, expect["archs"])
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_rocm():
+        raise Skip("vLLM platform is not ROCm (see vllm.platform)")
+    # vLLM 0.33.0: a CompressedTensors per-tensor FP8 layer asks for a kernel with
+    # static per-tensor weight and activation keys (compressed_tensors_w8a8_fp8.py:46-52)
+    # through choose_scaled_mm_linear_kernel (kernels/linear/__init__.py:675).
+    from vllm.model_executor.kernels.linear import (
+        _POSSIBLE_FP8_KERNELS,
+        choose_scaled_mm_linear_kernel,
+    )
+    from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
+        FP8ScaledMMLinearLayerConfig,
+    )
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+
+    config = FP8ScaledMMLinearLayerConfig(
+        weight_quant_key=kFp8StaticTensorSym, activation_quant_key=kFp8StaticTensorSym,
+        weight_shape=(4096, 4096), input_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+    kernel = choose_scaled_mm_linear_kernel(config, _POSSIBLE_FP8_KERNELS, quantization="fp8_w8a8")
+    name = kernel.__name__
+    if name in NATIVE_FP8_KERNELS:
+        return True, f"{name} (native FP8)"
+    return False, f"{name} is not a native FP8 kernel (a dequantizing fallback)"
+
+
+def _flash_attn(expect):
+    if expect.get("flash_attn", "none") == "none":
+        raise Skip("flash-attention is not part of this install")
+    import flash_attn
+    from flash_attn import flash_attn_interface as fai
+
+    return flash_attn, fai
+
+
+def flash_attn_backend(expect):
+    flash_attn, fai = _flash_attn(expect)
+    # flash_attention.md §5: USE_TRITON_ROCM is False and flash_attn_gpu is the
+    # compiled flash_attn_2_cuda module when the CK build loaded
+    gpu_mod = getattr(getattr(fai, "flash_attn_gpu", None), "__name__", "?")
+    triton = bool(getattr(fai, "USE_TRITON_ROCM", False)) or gpu_mod != "flash_attn_2_cuda"
+    got = "triton" if triton else "ck"
+    want = expect["flash_attn"]
+    detail = f"flash_attn {flash_attn.__version__}: {got} backend ({gpu_mod})"
+    if got != want:
+        return False, detail + f", expected {want}" + (
+            " (the CK extension did not load: Triton fallback)" if want == "ck" else "")
+    return True, detail
+
+
+def flash_attn_vs_sdpa(expect):
+    flash_attn, fai = _flash_attn(expect)
+    torch = _torch()
+    dev = _gpu(torch, expect["archs"])
+    g = torch.Generator(device=f"cuda:{dev}").manual_seed(0)
+    worst = 0.0
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 128, 4, 64, device=f"cuda:{dev}", dtype=torch.float16, generator=g)
+                   for _ in range(3))
+        out = flash_attn.flash_attn_func(q, k, v, causal=causal)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+    return worst < 1e-2, f"max |flash_attn - SDPA| = {worst:.2e} (fp16, tolerance 1e-2)"
+
+
+PROBES = [
+    ("torch.import", torch_import),
+    ("torch.version", torch_version),
+    ("torch.gpu-arch", torch_gpu_arch),
+    ("torch.fp8-scaled-mm", fp8_scaled_mm),
+    ("vllm.import", vllm_import),
+    ("vllm.platform", vllm_platform),
+    ("vllm.fp8-kernel", vllm_fp8_kernel),
+    ("flash_attn.backend", flash_attn_backend),
+    ("flash_attn.vs-sdpa", flash_attn_vs_sdpa),
+]
+
+
+def main(argv: list[str]) -> int:
+    expect = json.loads(argv[1]) if len(argv) > 1 else {}
+    expect.setdefault("archs", [])
+    for name, fn in PROBES:
+        probe(name, fn, expect)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

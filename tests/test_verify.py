@@ -1,0 +1,250 @@
+"""verify: a fake venv python reports chosen probe results; real ELF files carry bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from installer import state, verify
+from installer.errors import InstallerError
+
+HAS_BUILD_TOOLS = shutil.which("cc") is not None and shutil.which("objcopy") is not None
+needs_elf = pytest.mark.skipif(not HAS_BUILD_TOOLS, reason="needs cc and objcopy to build a .so")
+
+ALL_PASS = [{"name": n, "status": "pass", "detail": f"{n} ok"} for n in verify.SCRIPT_PROBES]
+
+
+def _line(name, status, detail=""):
+    return json.dumps({"name": name, "status": status, "detail": detail or f"{name} {status}"})
+
+
+def fake_prefix(root: Path, lines: list[str], *, exit_code: int = 0, crash: bool = False,
+                sleep: float = 0, archs=("gfx1201",), flash_attention="ck", noise: bool = True) -> Path:
+    """A prefix whose venv python prints `lines` (and records how it was called)."""
+    bindir = root / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    (root / "venv" / "lib" / "python3.12" / "site-packages" / "vllm").mkdir(parents=True)
+    body = "\n".join(f"printf '%s\\n' {shq(line)}" for line in lines)
+    script = f"""#!/bin/sh
+printf '%s\\n' "$@" > "{root}/argv"
+env > "{root}/env"
+{"echo 'WARNING: a library talks on stdout'" if noise else ""}
+{body}
+{f"sleep {sleep}" if sleep else ""}
+{"kill -SEGV $$" if crash else ""}
+echo 'Traceback (most recent call last): boom' >&2
+exit {exit_code}
+"""
+    py = bindir / "python"
+    py.write_text(script)
+    py.chmod(0o755)
+    components = {"flash-attention": {"status": "done"}} if flash_attention != "none" else {}
+    state.write_json_atomic(root / state.RECEIPT, {
+        "archs": list(archs), "components": components,
+        "pins": {"torch": {"torch": "2.13.0+rocm10.0.0", "rocm": "10.0.0"},
+                 "flash-attention": {"backend": flash_attention if flash_attention != "none" else "ck"}}})
+    return root
+
+
+def shq(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+# --- bundles and ELF files -----------------------------------------------------------
+
+def bundle(ids: list[str]) -> bytes:
+    head_len = len(verify.BUNDLE_MAGIC) + 8 + sum(24 + len(i) for i in ids)
+    blobs = [b"\x7fELF-code-object-for-" + i.encode() for i in ids]
+    out, offset = bytearray(verify.BUNDLE_MAGIC + struct.pack("<Q", len(ids))), head_len
+    for i, blob in zip(ids, blobs):
+        out += struct.pack("<QQQ", offset, len(blob), len(i)) + i.encode()
+        offset += len(blob)
+    return bytes(out) + b"".join(blobs)
+
+
+def ccob(inner: bytes, *, method: str = "zlib", version: int = 2) -> bytes:
+    if method == "zlib":
+        body, code = zlib.compress(inner), 0
+    else:
+        body = subprocess.run(["zstd", "-q", "-c"], input=inner, capture_output=True, check=True).stdout
+        code = 1
+    if version == 1:  # no total size: only ever the last bundle
+        return b"CCOB" + struct.pack("<HHIQ", 1, code, len(inner), 0) + body
+    if version == 2:
+        return b"CCOB" + struct.pack("<HHIIQ", 2, code, 24 + len(body), len(inner), 0) + body
+    return b"CCOB" + struct.pack("<HHQQQ", 3, code, 32 + len(body), len(inner), 0) + body
+
+
+def ids_for(*archs: str) -> list[str]:
+    return ["host-x86_64-unknown-linux-gnu-"] + [f"hipv4-amdgcn-amd-amdhsa--{a}" for a in archs]
+
+
+def make_so(path: Path, fatbin: bytes | None, tmp: Path) -> Path:
+    src = tmp / "empty.c"
+    src.write_text("int rdna4_probe_symbol(void) { return 0; }\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(src)], check=True)
+    if fatbin is not None:
+        blob = tmp / f"{path.name}.fatbin"
+        blob.write_bytes(fatbin)
+        subprocess.run(["objcopy", "--add-section", f".hip_fatbin={blob}", str(path)], check=True)
+    return path
+
+
+def padded(*parts: bytes) -> bytes:
+    out = b""
+    for part in parts:  # the linker aligns each translation unit's bundle
+        out += part + b"\0" * (-len(part) % 4096)
+    return out
+
+
+# --- the probe table ---------------------------------------------------------------------
+
+@needs_elf
+def test_all_pass_gives_a_pass_table_and_no_failure(tmp_path):
+    prefix = fake_prefix(tmp_path / "p", [json.dumps(d) for d in ALL_PASS])
+    sp = prefix / "venv" / "lib" / "python3.12" / "site-packages"
+    make_so(sp / "vllm" / "_rocm_C.abi3.so", padded(bundle(ids_for("gfx1201")), ccob(bundle(ids_for("gfx1201")))), tmp_path)
+    make_so(sp / "vllm" / "cumem_allocator.abi3.so", None, tmp_path)
+    make_so(sp / "flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so", bundle(ids_for("gfx1201")), tmp_path)
+
+    probes = verify.run(prefix)
+    assert [p.name for p in probes] == list(verify.SCRIPT_PROBES) + ["vllm.code-objects",
+                                                                    "flash_attn.code-objects"]
+    assert {p.status for p in probes} == {"pass"}, verify.format_table(probes)
+    assert not verify.failed(probes)
+    table = verify.format_table(probes)
+    assert table.splitlines()[0].split() == ["probe", "result", "detail"]
+    assert "11 passed, 0 failed, 0 skipped" in table
+    assert "_rocm_C.abi3.so" in probes[-2].detail
+
+    # it ran the probe script from the venv, with the pins and the activation's environment
+    argv = (prefix / "argv").read_text().splitlines()
+    assert argv[0] == str(verify.PROBES_SCRIPT)
+    assert json.loads(argv[1]) == {"archs": ["gfx1201"], "torch": "2.13.0+rocm10.0.0",
+                                   "rocm": "10.0.0", "flash_attn": "ck"}
+    env = dict(line.split("=", 1) for line in (prefix / "env").read_text().splitlines() if "=" in line)
+    assert env["VIRTUAL_ENV"] == str(prefix / "venv")
+    assert env["PATH"].startswith(str(prefix / "venv" / "bin") + ":")
+    assert env["FLASH_ATTENTION_TRITON_AMD_ENABLE"] == "FALSE"
+    assert env["ROCM_PATH"] == str(prefix / "rocm")
+
+
+def test_a_failing_probe_fails_the_run(tmp_path):
+    lines = [_line("torch.import", "pass"), _line("torch.version", "fail", "torch 2.12.0 != pin 2.13.0"),
+             *[_line(n, "skip", "no GPU") for n in verify.SCRIPT_PROBES[2:]]]
+    probes = verify.run(fake_prefix(tmp_path / "p", lines, flash_attention="none"))
+    assert verify.failed(probes)
+    row = next(line for line in verify.format_table(probes).splitlines() if line.startswith("torch.version"))
+    assert row.split()[1] == "fail" and "!= pin 2.13.0" in row
+
+
+def test_skips_alone_do_not_fail(tmp_path):
+    # a host without the GPU: hardware probes skip, and nothing was built with code objects yet
+    lines = [_line("torch.import", "pass"), _line("torch.version", "pass"),
+             *[_line(n, "skip", "no GPU visible to torch on this host") for n in verify.SCRIPT_PROBES[2:]]]
+    prefix = fake_prefix(tmp_path / "p", lines, flash_attention="triton")
+    probes = verify.run(prefix, archs=("gfx1200",))
+    by = {p.name: p for p in probes}
+    assert by["vllm.code-objects"].status == "fail"   # vLLM must be there
+    assert by["flash_attn.code-objects"].status == "skip"  # Triton has no prebuilt code
+    assert json.loads((prefix / "argv").read_text().splitlines()[1])["archs"] == ["gfx1200"]
+    assert [p for p in probes if p.status == "fail"] == [by["vllm.code-objects"]]
+
+
+def test_a_crash_marks_the_rest_as_failed(tmp_path):
+    lines = [_line("torch.import", "pass"), _line("torch.version", "pass")]
+    probes = verify.run(fake_prefix(tmp_path / "p", lines, crash=True))
+    by = {p.name: p for p in probes}
+    assert by["torch.version"].status == "pass"
+    assert by["probes"].status == "fail" and "exited with code -11" in by["probes"].detail
+    for name in verify.SCRIPT_PROBES[2:]:
+        assert by[name].status == "fail" and "not reached" in by[name].detail
+    assert verify.failed(probes)
+
+
+def test_an_error_exit_is_reported_with_its_last_stderr_line(tmp_path):
+    probes = verify.run(fake_prefix(tmp_path / "p", [], exit_code=1))
+    crash = next(p for p in probes if p.name == "probes")
+    assert "exited with code 1: Traceback (most recent call last): boom" in crash.detail
+
+
+def test_a_hung_probe_process_times_out(tmp_path):
+    probes = verify.run(fake_prefix(tmp_path / "p", [_line("torch.import", "pass")], sleep=30),
+                        timeout=1)
+    assert "timed out after 1s" in next(p for p in probes if p.name == "probes").detail
+
+
+def test_json_output_shape(tmp_path):
+    probes = [verify.Probe("a", "pass", "x"), verify.Probe("b", "skip", "y")]
+    assert json.loads(verify.to_json(probes)) == {"probes": [
+        {"name": "a", "status": "pass", "detail": "x"}, {"name": "b", "status": "skip", "detail": "y"}]}
+
+
+def test_no_venv_is_a_user_error(tmp_path):
+    with pytest.raises(InstallerError) as err:
+        verify.run(tmp_path / "empty")
+    assert "no venv at" in err.value.message and "rdna4-install --prefix" in err.value.hint
+
+
+def test_unknown_target_is_a_user_error(tmp_path):
+    prefix = fake_prefix(tmp_path / "p", [], archs=())
+    with pytest.raises(InstallerError, match="no target arch"):
+        verify.run(prefix)
+
+
+def test_the_real_probe_script_reports_every_probe_without_torch(tmp_path):
+    # this interpreter has no torch: the script must still report each probe, in order
+    expect = {"archs": ["gfx1201"], "torch": "2.13.0", "rocm": "10.0.0", "flash_attn": "ck"}
+    probes = verify.run_script_probes(Path(sys.executable), expect, {"PATH": "/usr/bin:/bin"})
+    assert [p.name for p in probes] == list(verify.SCRIPT_PROBES)
+    by = {p.name: p for p in probes}
+    assert by["torch.import"].status == "fail" and "torch" in by["torch.import"].detail
+    assert by["torch.fp8-scaled-mm"].status == "skip"
+    assert by["vllm.import"].status == "fail"
+
+
+# --- code objects --------------------------------------------------------------------------
+
+@needs_elf
+@pytest.mark.parametrize("wrap", ["plain", "zlib-v1", "zlib-v2", "zlib-v3", "zstd-v2", "zstd-v3"])
+def test_fatbin_archs_are_read_from_plain_and_compressed_bundles(tmp_path, wrap):
+    if wrap.startswith("zstd") and shutil.which("zstd") is None:
+        pytest.skip("zstd not installed")
+    inner = bundle(ids_for("gfx1201", "gfx90a:xnack-"))
+    method, _, version = wrap.partition("-v")
+    blob = inner if wrap == "plain" else ccob(inner, method=method, version=int(version))
+    # v1 cannot be followed by padding: it has no size, so it runs to the section's end
+    tail = blob if wrap.endswith("v1") else blob + b"\0" * (-len(blob) % 4096)
+    so = make_so(tmp_path / "ext.so", padded(bundle(ids_for("gfx1100"))) + tail, tmp_path)
+    assert verify.fatbin_archs(verify.elf_section(so, ".hip_fatbin")) == {"gfx1100", "gfx1201", "gfx90a"}
+
+
+@needs_elf
+def test_an_extension_without_the_target_fails(tmp_path):
+    good = make_so(tmp_path / "a.so", bundle(ids_for("gfx1201")), tmp_path)
+    bad = make_so(tmp_path / "b.so", ccob(bundle(ids_for("gfx942", "gfx950"))), tmp_path)
+    probe = verify.code_object_probe("vllm.code-objects", [good, bad], ("gfx1201",), "fail")
+    assert probe.status == "fail"
+    assert probe.detail == "b.so has code for gfx942,gfx950, not gfx1201"
+
+
+@needs_elf
+def test_host_only_libraries_are_not_enough(tmp_path):
+    plain = make_so(tmp_path / "cumem_allocator.so", None, tmp_path)
+    probe = verify.code_object_probe("vllm.code-objects", [plain], ("gfx1201",), "fail")
+    assert probe.status == "fail" and "no HIP code objects" in probe.detail
+
+
+def test_a_non_elf_file_is_reported_not_raised(tmp_path):
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an elf file at all" * 4)
+    probe = verify.code_object_probe("vllm.code-objects", [junk], ("gfx1201",), "fail")
+    assert probe.status == "fail" and "not a 64-bit little-endian ELF" in probe.detail
