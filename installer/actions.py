@@ -33,6 +33,7 @@ ACTIONS: dict[str, str] = {
     "build-wheel": "installer.builds:build_wheel",
     "install-wheel": "installer.builds:install_wheel",
     "check-code-objects": "installer.builds:check_code_objects",
+    "pip-install": "installer.builds:pip_install_step",
 }
 
 

@@ -347,3 +347,17 @@ def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dic
         results[rel] = sorted(archs)
     ctx.facts["code_objects"] = results
     return results
+
+
+def pip_install_step(ctx, packages: str | Sequence[str]) -> None:
+    """Action "pip-install": exact build requirements into the venv, under the torch-stack guard.
+
+    `uv venv` makes a venv without setuptools or pip, and --no-build-isolation
+    builds use the venv as their build environment, so the build tools must be
+    installed first, pinned like everything else.
+    """
+    items = packages.split() if isinstance(packages, str) else list(packages)
+    loose = [p for p in items if "==" not in p]
+    if loose:
+        raise RecipeError(f"{ctx.name}: pip-install wants exact pins (name==version), not {loose[0]!r}")
+    pip_install(ctx, items)

@@ -173,8 +173,17 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         skip=tuple(opts.get("skip") or ()) + tuple(opts.get("without") or ()),
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")), "jobs": opts.get("jobs"),
-                 "visible_devices": detection.visible_devices if detection is not None else ""},
+                 "visible_devices": _visible(detection, prefix)},
     )
+
+
+def _visible(detection: Any, prefix: Path) -> str:
+    """The GPU visibility value for activation: detected now, else what the last install saw."""
+    if detection is not None:
+        return detection.visible_devices
+    from . import state
+
+    return str((state.read_receipt(prefix) or {}).get("visible_devices", ""))
 
 
 def _preflight(settings, detection: Any, ui: UI, archs_given: bool) -> None:
@@ -345,6 +354,47 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
         click.echo(doc.format_checks(checks))
     if doc.failed(checks):
         raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@prefix_opt
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
+              help="Seconds the probes may take in all.")
+@pass_obj
+def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float) -> None:
+    """Prove the install on the card: torch on HIP, native FP8, CK flash-attention, code objects."""
+    from . import verify as ver
+
+    probes = ver.run(_path(prefix or _default_prefix()), timeout=timeout)
+    click.echo(ver.to_json(probes) if as_json else ver.format_table(probes))
+    if ver.failed(probes):
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@prefix_opt
+@click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
+@click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
+@click.option("--num-prompts", type=int, default=None, help="Prompts to send [default: 1000].")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Server port [default: a free one].")
+@click.option("--ready-timeout", type=float, default=None, help="Seconds to wait for the server [default: 1800].")
+@click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG", help="Extra `vllm serve` argument.")
+@click.option("--bench-arg", "bench_args", multiple=True, metavar="ARG",
+              help="Extra `vllm bench serve` argument.")
+@pass_obj
+def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float | None,
+          num_prompts: int | None, port: int | None, ready_timeout: float | None,
+          serve_args: tuple[str, ...], bench_args: tuple[str, ...]) -> None:
+    """Serve the reference model and measure throughput against the reference figures."""
+    from . import bench as bn
+
+    kwargs: dict[str, Any] = {k: v for k, v in (("model", model), ("request_rate", request_rate),
+                                                ("num_prompts", num_prompts), ("port", port),
+                                                ("ready_timeout", ready_timeout)) if v is not None}
+    result = bn.run(_path(prefix or _default_prefix()), extra_serve_args=list(serve_args),
+                    extra_bench_args=list(bench_args), ui=obj.ui, **kwargs)
+    click.echo(bn.format_comparison(result))
 
 
 @cli.command()

@@ -140,7 +140,8 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan,
             receipt_old = state.read_receipt(settings.prefix) or {}
             state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins,
                                 tools=tools or receipt_old.get("tools", {}),
-                                installer_version=__version__)
+                                installer_version=__version__,
+                                visible_devices=str(settings.options.get("visible_devices", "")))
         outcome.skipped = [i.name for i in plan.items if i.action != RUN]
     return plan, outcome
 

@@ -26,7 +26,10 @@ from .errors import RecipeError, UsageError
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
-                "archs", "arch_list", "jobs", "patches")
+                "archs", "arch_list", "jobs", "patches", "visible_devices")
+# context values that change what a recipe produces, so they stay in its fingerprint
+# (the others are paths or parallelism, which must not force a rebuild)
+FINGERPRINTED = ("visible_devices",)
 
 
 @dataclass
@@ -117,6 +120,7 @@ def context_vars(settings: Settings, name: str) -> dict[str, str]:
         "venv": str(prefix / "venv"), "python": str(prefix / "venv" / "bin" / "python"),
         "uv": find_uv(), "archs": ",".join(settings.archs), "arch_list": ";".join(settings.archs),
         "jobs": str(jobs), "patches": str(rcp.patches_dir_for(settings.recipes_dir) / name),
+        "visible_devices": str(settings.options.get("visible_devices", "")),
     }
 
 
@@ -193,7 +197,8 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
             patches: tuple[Path, ...], dep_fps: dict[str, str]) -> dict[str, Any]:
     where = str(recipe.path)
     symbolic = dict(pin_values)
-    symbolic.update({v: "{" + v + "}" for v in CONTEXT_VARS})
+    symbolic.update({v: "{" + v + "}" for v in CONTEXT_VARS if v not in FINGERPRINTED})
+    symbolic["visible_devices"] = str(settings.options.get("visible_devices", ""))
     used = {k for k in rcp.placeholders(recipe.raw) if k not in CONTEXT_VARS}
     used |= {k for k in pin_values if k.startswith(recipe.name + ".")}
     body = rcp.interpolate(dict(recipe.raw), symbolic, where)

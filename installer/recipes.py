@@ -268,7 +268,8 @@ def interpolate(value: Any, variables: Mapping[str, Any], where: str) -> Any:
             if key not in variables:
                 raise RecipeError(f"{where}: unknown placeholder {{{key}}}",
                                   hint="placeholders are pins (recipe.key) or prefix, work, src, "
-                                       "cache, rocm, venv, python, uv, archs, arch_list, jobs, patches")
+                                       "cache, rocm, venv, python, uv, archs, arch_list, jobs, patches, "
+                                       "visible_devices")
             return str(variables[key])
         return _PLACEHOLDER.sub(sub, value)
     if isinstance(value, list):

@@ -155,13 +155,14 @@ def check_writable(prefix: Path) -> None:
 # --- the receipt -----------------------------------------------------------------
 
 def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
-                  installer_version: str) -> dict[str, Any]:
+                  installer_version: str, visible_devices: str = "") -> dict[str, Any]:
     old = read_json(prefix / RECEIPT) or {}
     stamps = all_stamps(prefix)
     receipt = {
         "installer_version": installer_version,
         "prefix": str(prefix),
         "archs": list(archs),
+        "visible_devices": visible_devices,
         "created": old.get("created", now()),
         "updated": now(),
         "tools": tools or old.get("tools", {}),

@@ -217,8 +217,12 @@ def test_recipe_step_runs_the_registered_action(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "activate.toml")
     (step,) = recipe.steps
     fn = actions.lookup(step.action)
-    ctx = _ctx(tmp_path, visible_devices="GPU-aa")
-    fn(ctx, **dict(step.args, flash_attention_backend="triton"))
+    ctx = _ctx(tmp_path)
+    from installer.recipes import interpolate
+
+    args = interpolate(dict(step.args), {"flash-attention.backend": "triton",
+                                         "visible_devices": "GPU-aa"}, "activate.toml")
+    fn(ctx, **args)
     text = (tmp_path / "activate").read_text()
     assert "export ROCR_VISIBLE_DEVICES=GPU-aa\n" in text
     assert "export FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE\n" in text

@@ -1,0 +1,486 @@
+"""Resumable, verified, content-addressed downloads shared by every prefix.
+
+Files land in CACHE/downloads/<sha256>/<filename>; CACHE/downloads/urls.json
+maps each URL to the sha256 it had the first time, so an unpinned file is found
+again (and held to that hash) on the next run. Half-finished downloads wait in
+CACHE/downloads/partial/ and are resumed with an HTTP Range request.
+
+`sink` (optional) receives every byte of the file in order, from the cache,
+from a resumed partial file or from the network, so a caller can unpack while
+downloading; it is told nothing until the server has agreed to the resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote, urlsplit
+
+from .errors import InstallerError, UsageError
+
+CHUNK = 1 << 20
+TIMEOUT = (15, 60)          # connect, read (seconds without a byte)
+RETRIES = 5                 # urllib3 Retry: connect errors, resets, 5xx
+BACKOFF = 0.5               # urllib3 sleeps 0, 1, 2, 4 ... seconds between tries
+RESUMES = 3                 # Range resumes after the body broke off mid-way
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+Sink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path
+    sha256: str
+    size: int
+    from_cache: bool
+
+
+class DownloadError(InstallerError):
+    """An HTTP failure; `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, hint: str | None = None, *, status: int | None = None):
+        super().__init__(message, hint)
+        self.status = status
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("RDNA4_CACHE_DIR"):
+        return Path(os.environ["RDNA4_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rdna4-install"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_path(url: str) -> Path | None:
+    """The file a local path or file:// URL names, or None for http(s)."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path))
+    if not parts.scheme or (len(parts.scheme) == 1 and os.name == "nt"):
+        return Path(url).expanduser()
+    return None
+
+
+def check_url(url: str) -> None:
+    """https for remote hosts; http only to loopback; local paths and file://."""
+    if local_path(url) is not None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and _is_loopback(parts.hostname):
+        return
+    raise UsageError(f"refusing to download {url}",
+                     hint="use an https:// URL (plain http only to 127.0.0.1), a local path or file://")
+
+
+def filename_of(url: str) -> str:
+    name = unquote(urlsplit(url).path).rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in (".", ".."):
+        raise UsageError(f"{url} does not name a file")
+    return name
+
+
+# --- the cache -------------------------------------------------------------
+
+def _downloads(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "downloads"
+
+
+def _index_path(cache_dir: Path) -> Path:
+    return _downloads(cache_dir) / "urls.json"
+
+
+def _read_index(cache_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads(_index_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # several prefixes share one cache; two installers must not write one file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _update_index(cache_dir: Path, url: str, digest: str | None) -> None:
+    """Set (or with None, drop) the recorded sha256 of `url`."""
+    index = _index_path(cache_dir)
+    with _locked(index.with_suffix(".lock")):
+        data = _read_index(cache_dir)
+        if digest:
+            data[url] = digest
+        elif data.pop(url, None) is None:
+            return
+        tmp = index.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, index)
+
+
+def recorded_sha256(url: str, cache_dir: Path) -> str | None:
+    return _read_index(cache_dir).get(url)
+
+
+def cached_urls(cache_dir: Path) -> dict[str, str]:
+    """url -> sha256 for every URL whose file is still in the cache."""
+    return {u: d for u, d in _read_index(cache_dir).items() if _cached_file(cache_dir, d)}
+
+
+def _cached_file(cache_dir: Path, digest: str, name: str | None = None) -> Path | None:
+    folder = _downloads(cache_dir) / digest.lower()
+    if name and (folder / name).is_file():
+        return folder / name
+    # a pinned hash matches whatever name a mirror gave the same bytes
+    files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    return files[0] if files else None
+
+
+def forget(url: str, *, cache_dir: Path, sha256: str | None = None) -> None:
+    """Drop the cached file for `url` and its recorded hash (e.g. it is corrupt)."""
+    digest = sha256 or recorded_sha256(url, cache_dir)
+    if digest:
+        shutil.rmtree(_downloads(cache_dir) / digest.lower(), ignore_errors=True)
+    _update_index(cache_dir, url, None)
+
+
+def cached(url: str, *, cache_dir: Path, sha256: str | None = None) -> Path | None:
+    """The cached file for `url` (by pinned hash, else by the recorded one)."""
+    digest = sha256 or recorded_sha256(url, cache_dir)
+    return _cached_file(cache_dir, digest, filename_of(url)) if digest else None
+
+
+# --- fetching --------------------------------------------------------------
+
+def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool = False,
+          ui: Any = None, what: str | None = None, sink: Sink | None = None) -> Fetched:
+    """Return the verified file for `url`, downloading it only when not cached."""
+    check_url(url)
+    cache_dir = Path(cache_dir)
+    name = filename_of(url)
+    what = what or name
+    pinned = sha256.strip().lower() if sha256 else None
+    if pinned and not re.fullmatch(r"[0-9a-f]{64}", pinned):
+        raise UsageError(f"sha256 pin for {what} is not 64 hex digits: {sha256!r}")
+    recorded = recorded_sha256(url, cache_dir)
+    expect = pinned or recorded
+
+    hit = _cached_file(cache_dir, expect, name) if expect else None
+    if hit is None and not offline:
+        key = hashlib.sha256(url.encode()).hexdigest()[:16]
+        with _locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
+            # another installer may have finished it while we waited
+            recorded = recorded_sha256(url, cache_dir)
+            expect = pinned or recorded
+            hit = _cached_file(cache_dir, expect, name) if expect else None
+            if hit is None:
+                return _download(url, cache_dir, name, key, what, pinned, recorded, ui, sink)
+    if hit is None:
+        raise InstallerError(f"offline, and {what} is not in the cache ({url})",
+                             hint=f"run once without --offline, or put the file in {_downloads(cache_dir)}")
+    size = hit.stat().st_size
+    if sink is not None:
+        with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
+            for block in iter(lambda: f.read(CHUNK), b""):
+                sink(block)
+                bar.update(len(block))
+    return Fetched(hit, expect, size, True)
+
+
+@contextlib.contextmanager
+def _progress(ui: Any, total: int | None, desc: str):
+    if ui is None:
+        yield _NoBar()
+    else:
+        with ui.progress(total, desc) as bar:
+            yield bar
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+_SESSION = None
+
+
+def session():
+    """One requests Session (connection reuse) with urllib3 retries."""
+    global _SESSION
+    if _SESSION is None:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        retry = Retry(total=RETRIES, connect=RETRIES, read=RETRIES, status=RETRIES,
+                      backoff_factor=BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
+                      allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
+                      respect_retry_after_header=True)
+        s = requests.Session()
+        s.headers["User-Agent"] = "rdna4-install"
+        adapter = HTTPAdapter(max_retries=retry)
+        s.mount("https://", adapter)
+        s.mount("http://", adapter)
+        _SESSION = s
+    return _SESSION
+
+
+def _proxies(url: str) -> dict | None:
+    # never send loopback traffic (tests, local mirrors) through a proxy
+    return {"http": None, "https": None} if _is_loopback(urlsplit(url).hostname) else None
+
+
+def get(url: str, **kw):
+    """GET through the shared session with the https policy and timeouts."""
+    import requests
+
+    check_url(url)
+    try:
+        resp = session().get(url, timeout=TIMEOUT, proxies=_proxies(url), **kw)
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot download {url}: {_reason(exc)}",
+                            hint="check the network or proxy settings and rerun") from None
+    check_url(resp.url)  # a redirect must obey the same rules
+    return resp
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc.__context__ or exc) if not str(exc) else str(exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _status_error(url: str, status: int, what: str) -> DownloadError:
+    hint = {403: "the file is not public or no longer exists; pick another version",
+            404: "the file does not exist; check the version"}.get(
+        status, "the server failed; rerun later (the download resumes)")
+    return DownloadError(f"{what}: HTTP {status} for {url}", hint=hint, status=status)
+
+
+def _no_space(where: Path, what: str, need: int | None) -> InstallerError:
+    amount = f"{need / 1e9:.1f} GB" if need else "more space"
+    return InstallerError(f"disk full while downloading {what} into {where}",
+                          hint=f"free {amount} there (or set RDNA4_CACHE_DIR to a bigger disk) and rerun")
+
+
+def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
+              pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None) -> Fetched:
+    partial = _downloads(cache_dir) / "partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    part = partial / f"{key}-{name}.part"
+    meta = partial / f"{key}-{name}.json"
+    src = local_path(url)
+    try:
+        if src is not None:
+            digest, size = _copy_local(src, part, what, ui, sink)
+        else:
+            digest, size = _get_resumable(url, part, meta, what, ui, sink)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            _unlink(part, meta)
+            raise _no_space(partial, what, None) from None
+        raise
+    expect = pinned or recorded
+    if expect and digest != expect:
+        _unlink(part, meta)
+        which = "pinned" if pinned else "recorded on the first download"
+        raise InstallerError(f"sha256 mismatch for {what}: expected {expect} ({which}), got {digest}",
+                             hint="the file changed upstream or was corrupted; the download was deleted. "
+                                  "If the change is expected, update the pin")
+    dest = _downloads(cache_dir) / digest / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part, dest)
+    _unlink(meta)
+    if not pinned and not recorded:
+        _update_index(cache_dir, url, digest)
+        if ui is not None:
+            ui.info(f"recorded sha256 {digest} for {what}; later runs require the same file")
+    elif pinned and recorded != pinned:
+        _update_index(cache_dir, url, digest)
+    return Fetched(dest, digest, size, False)
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _copy_local(src: Path, part: Path, what: str, ui: Any, sink: Sink | None) -> tuple[str, int]:
+    if not src.is_file():
+        raise InstallerError(f"{what}: no such file {src}", hint="check the mirror path")
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as f, open(part, "wb") as out, \
+            _progress(ui, src.stat().st_size, what) as bar:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+            out.write(block)
+            if sink is not None:
+                sink(block)
+            size += len(block)
+            bar.update(len(block))
+    return h.hexdigest(), size
+
+
+def _replay(part: Path, h: "hashlib._Hash", sink: Sink | None) -> int:
+    """Hash (and hand to `sink`) the bytes an earlier run already saved."""
+    done = 0
+    with open(part, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+            if sink is not None:
+                sink(block)
+            done += len(block)
+    return done
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    # "bytes 100-199/1000" -> (100, 1000); "bytes 100-199/*" -> (100, None)
+    if not value or not value.startswith("bytes "):
+        return None
+    span, _, total = value[6:].partition("/")
+    start = span.split("-", 1)[0]
+    if not start.isdigit():
+        return None
+    return int(start), (int(total) if total.isdigit() else None)
+
+
+def _body(resp) -> Iterator[bytes]:
+    # read1 hands over what has arrived, so a connection that breaks off
+    # loses nothing already received (iter_content would drop a partial chunk)
+    raw = resp.raw
+    while True:
+        block = raw.read1(CHUNK, decode_content=False)
+        if not block:
+            return
+        yield block
+
+
+def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
+                   sink: Sink | None) -> tuple[str, int]:
+    import requests
+    import urllib3
+
+    h = hashlib.sha256()
+    have = part.stat().st_size if part.exists() else 0
+    validator = _read_meta(meta) if have else None
+    done = 0            # bytes hashed and handed to sink so far
+    total: int | None = None
+    resumes = 0
+    bar_cm = None
+    bar: Any = _NoBar()
+    try:
+        while True:
+            headers = {"Accept-Encoding": "identity"}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+                if validator:
+                    headers["If-Range"] = validator
+            resp = get(url, headers=headers, stream=True)
+            with resp:
+                if resp.status_code == 416 and have and not done:
+                    # the partial file is not a prefix of this file: start over
+                    _unlink(part, meta)
+                    have = 0
+                    continue
+                if resp.status_code not in (200, 206):
+                    raise _status_error(url, resp.status_code, what)
+                rng = _content_range(resp.headers.get("Content-Range"))
+                if resp.status_code == 206 and not (rng and rng[0] == have):
+                    raise DownloadError(f"{what}: the server answered a resume with the wrong range "
+                                        f"({resp.headers.get('Content-Range')})",
+                                        hint=f"delete {part} and rerun")
+                if resp.status_code == 206:
+                    total = rng[1]
+                    if not done and have:
+                        if ui is not None:
+                            ui.info(f"resuming {what} at {have / 1e6:.0f} MB")
+                        done = _replay(part, h, sink)
+                    mode = "ab"
+                else:
+                    if done:
+                        # we already handed bytes to the sink and cannot take them back
+                        _unlink(part, meta)
+                        raise DownloadError(f"{what} changed on the server during the download",
+                                            hint="rerun to download it again")
+                    length = resp.headers.get("Content-Length")
+                    total = int(length) if length and length.isdigit() else None
+                    have = 0
+                    mode = "wb"
+                    tag = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+                    validator = tag if tag and not tag.startswith("W/") else None
+                    if validator:
+                        meta.write_text(json.dumps({"url": url, "validator": validator}))
+                    else:
+                        _unlink(meta)
+                if total is not None:
+                    free = shutil.disk_usage(part.parent).free
+                    if free < total - have:
+                        raise _no_space(part.parent, what, total - have)
+                if bar_cm is None:
+                    bar_cm = _progress(ui, total, what)
+                    bar = bar_cm.__enter__()
+                    bar.update(have)
+                try:
+                    with open(part, mode) as out:
+                        for block in _body(resp):
+                            out.write(block)
+                            h.update(block)
+                            if sink is not None:
+                                sink(block)
+                            have += len(block)
+                            bar.update(len(block))
+                        done = have
+                except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
+                    done = have
+                    if resumes >= RESUMES:
+                        raise DownloadError(f"{what}: download broke off at {have / 1e6:.0f} MB "
+                                            f"({_reason(exc)})",
+                                            hint="rerun to resume where it stopped") from None
+                    resumes += 1
+                    continue
+            if total is not None and have != total:
+                if have < total and resumes < RESUMES:
+                    resumes += 1
+                    continue
+                raise DownloadError(f"{what}: got {have} bytes, the server announced {total}",
+                                    hint="rerun to resume; if it persists the mirror is broken")
+            return h.hexdigest(), have
+    finally:
+        if bar_cm is not None:
+            bar_cm.__exit__(None, None, None)
+
+
+def _read_meta(meta: Path) -> str | None:
+    try:
+        return json.loads(meta.read_text()).get("validator")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,337 @@
+"""Safe, atomic tarball extraction, from a file or while it downloads.
+
+Members are written by hand rather than with TarFile.extract: that gives one
+place for the safety rules (no absolute names, no "..", no device files, no
+link that leads out of the tree, checked against the real file system so a
+chain of in-tree links cannot escape either), never chowns to the archive's
+uids when run as root, and strips setuid bits. Relative links inside the tree
+(TheRock's llvm -> lib/llvm) are kept.
+
+Everything goes into a temp dir beside `dest`, is optionally verified, and is
+then renamed onto `dest`, so a failed or killed run never leaves half a tree
+at `dest`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import InstallerError
+
+CHUNK = 1 << 20
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+Verify = Optional[Callable[[Path], None]]
+
+
+class UnsafeArchive(InstallerError):
+    pass
+
+
+class CorruptArchive(InstallerError):
+    pass
+
+
+def extract_tarball(archive: Path, dest: Path, *, strip_components: int = 0,
+                    verify: Verify = None) -> Path:
+    """Extract `archive` (any compression tarfile reads) atomically to `dest`."""
+    archive = Path(archive)
+    with open(archive, "rb") as f:
+        return _extract_atomic(f, Path(dest), strip_components, verify, archive.name, mode="r|*")
+
+
+class StreamExtract:
+    """Feed a .tar.gz chunk by chunk (`write`) while a thread unpacks it.
+
+    The queue is bounded, so memory stays flat and a slow disk slows the
+    download instead of buffering the file in RAM.
+    """
+
+    _EOF = b""
+
+    def __init__(self, dest: Path, *, strip_components: int = 0, verify: Verify = None,
+                 what: str = "archive", depth: int = 16):
+        self.dest = Path(dest)
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._result: Path | None = None
+        self._pipe = _QueueReader(self._q)
+        self._thread = threading.Thread(target=self._run, name="unpack", daemon=True,
+                                        args=(strip_components, verify, what))
+        self._thread.start()
+
+    def _run(self, strip: int, verify: Verify, what: str) -> None:
+        try:
+            self._result = _extract_atomic(self._pipe, self.dest, strip, verify, what,
+                                           mode="r|gz", on_done=self._pipe.drain)
+        except BaseException as exc:  # handed to the writer's thread
+            self._error = exc
+            self._pipe.drain()
+
+    def write(self, chunk: bytes) -> None:
+        if chunk:
+            self._put(chunk)
+
+    def _put(self, chunk: bytes) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._q.put(chunk, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise self._error or InstallerError("the unpack thread stopped")
+
+    def finish(self) -> Path:
+        """Signal the end of the data and wait for the tree to be in place."""
+        self._put(self._EOF)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def abort(self) -> None:
+        self._pipe.cancelled = True
+        with _suppress_full():
+            self._q.put_nowait(None)
+        self._thread.join()
+
+    def __enter__(self) -> "StreamExtract":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None and self._thread.is_alive():
+            self.abort()
+
+
+class _suppress_full:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest) -> bool:
+        return exc_type is queue.Full
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _QueueReader:
+    """A read()-able view of a queue of byte chunks (b"" = end, None = abort)."""
+
+    def __init__(self, q: queue.Queue):
+        self._q = q
+        self._buf = memoryview(b"")
+        self._eof = False
+        self.cancelled = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buf and not self._eof:
+            item = self._q.get()
+            if item is None or self.cancelled:
+                raise _Cancelled()
+            if not item:
+                self._eof = True
+            self._buf = memoryview(item)
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = bytes(self._buf), memoryview(b"")
+        else:
+            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return out
+
+    def drain(self) -> None:
+        # tarfile stops at the end-of-archive blocks; swallow the gzip trailer
+        # and padding so the writer never blocks on a full queue
+        while not self._eof:
+            try:
+                item = self._q.get(timeout=1.0 if self.cancelled else None)
+            except queue.Empty:
+                return
+            if item is None:
+                return
+            if not item:
+                self._eof = True
+
+
+# --- extraction ------------------------------------------------------------
+
+def _clean_stale(dest: Path) -> None:
+    # temp trees of a killed run; the caller holds the prefix lock
+    for old in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for old in dest.parent.glob(f".{dest.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _extract_atomic(fileobj, dest: Path, strip: int, verify: Verify, what: str, *,
+                    mode: str, on_done: Callable[[], None] | None = None) -> Path:
+    import tarfile
+    import zlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(fileobj=fileobj, mode=mode) as tf:
+                _Writer(tmp, strip, what).extract_all(tf)
+            if on_done:
+                on_done()
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise CorruptArchive(f"{what} is truncated or not a valid tarball ({exc})",
+                                 hint="delete the file and rerun to download it again") from None
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise InstallerError(f"disk full while unpacking {what} into {dest.parent}",
+                                     hint="free space there and rerun; the partial tree was removed"
+                                     ) from None
+            raise
+        if verify is not None:
+            verify(tmp)
+        _place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _place(tmp: Path, dest: Path) -> None:
+    """Rename tmp onto dest; an old dest is moved aside first, then removed."""
+    old = None
+    if os.path.lexists(dest):
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.rename(dest, old / "tree")
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if old is not None:
+            os.rename(old / "tree", dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Writer:
+    def __init__(self, root: Path, strip: int, what: str):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.strip = strip
+        self.what = what
+        self.safe_dirs: set[str] = {"."}
+        self.links: list[str] = []
+        # mkdtemp made the root 0700; give it the archive's "." mode or 0755
+        self.dirs: list[tuple[str, int]] = [(str(root), 0o755)]
+
+    def refuse(self, name: str, why: str) -> UnsafeArchive:
+        return UnsafeArchive(f"{self.what}: refusing member {name!r}: {why}",
+                             hint="the archive is damaged or malicious; nothing was installed")
+
+    def rel(self, name: str) -> str | None:
+        """Member name -> safe relative path, None if stripped away."""
+        if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+            raise self.refuse(name, "absolute path")
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.refuse(name, "path contains '..'")
+        parts = parts[self.strip:]
+        return "/".join(parts) if parts else None
+
+    def inside(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == self.real_root or real.startswith(self.real_root + os.sep)
+
+    def parent_ok(self, name: str, rel: str) -> str:
+        """Make the parent dir and check no link on the way leads outside."""
+        parent = os.path.dirname(rel) or "."
+        if parent not in self.safe_dirs:
+            full = os.path.join(self.root, parent)
+            if not self.inside(full):
+                raise self.refuse(name, "its directory is a link that leads outside the tree")
+            os.makedirs(full, exist_ok=True)
+            if not self.inside(full):
+                raise self.refuse(name, "its directory is a link that leads outside the tree")
+            self.safe_dirs.add(parent)
+        return os.path.join(self.root, rel)
+
+    def clear(self, name: str, target: str) -> None:
+        if os.path.lexists(target):
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise self.refuse(name, "replaces a directory")
+            os.unlink(target)
+
+    def extract_all(self, tf) -> None:
+        for m in tf:
+            rel = self.rel(m.name)
+            if rel is None:
+                if m.isdir() and not self.strip:
+                    self.dirs[0] = (str(self.root), m.mode)
+                continue
+            if m.isdir():
+                target = self.parent_ok(m.name, rel)
+                if os.path.islink(target):
+                    raise self.refuse(m.name, "directory over a link")
+                os.makedirs(target, exist_ok=True)
+                self.dirs.append((target, m.mode))
+            elif m.isreg():
+                target = self.parent_ok(m.name, rel)
+                self.clear(m.name, target)
+                self.write_file(tf, m, target)
+            elif m.issym():
+                self.symlink(m, rel)
+            elif m.islnk():
+                self.hardlink(m, rel)
+            else:
+                raise self.refuse(m.name, "device, fifo or other special file")
+        # a link made early can be turned outward by links made later
+        for link in self.links:
+            if not self.inside(link):
+                raise self.refuse(os.path.relpath(link, self.root), "link leads outside the tree")
+        for target, mode in reversed(self.dirs):
+            os.chmod(target, (mode & 0o777) | 0o700)
+
+    def write_file(self, tf, m, target: str) -> None:
+        src = tf.extractfile(m)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            if src is not None:
+                shutil.copyfileobj(src, out, CHUNK)
+            # no setuid/setgid/sticky from an archive
+            os.fchmod(out.fileno(), (m.mode & 0o777) | stat.S_IRUSR | stat.S_IWUSR)
+        os.utime(target, (m.mtime, m.mtime), follow_symlinks=False)
+
+    def symlink(self, m, rel: str) -> None:
+        link = m.linkname
+        if not link or link.startswith("/"):
+            raise self.refuse(m.name, f"absolute link to {link!r}")
+        lexical = os.path.normpath(os.path.join(os.path.dirname(rel), link))
+        if lexical == ".." or lexical.startswith("../"):
+            raise self.refuse(m.name, f"link to {link!r} leads outside the tree")
+        target = self.parent_ok(m.name, rel)
+        if not self.inside(os.path.join(os.path.dirname(target), link)):
+            raise self.refuse(m.name, f"link to {link!r} leads outside the tree")
+        self.clear(m.name, target)
+        os.symlink(link, target)
+        self.links.append(target)
+        # directories reached through a link must be checked again
+        self.safe_dirs = {"."}
+
+    def hardlink(self, m, rel: str) -> None:
+        src_rel = self.rel(m.linkname)
+        if src_rel is None:
+            raise self.refuse(m.name, f"hard link to {m.linkname!r} outside the stripped tree")
+        src = os.path.join(self.root, src_rel)
+        if not self.inside(src) or not os.path.isfile(src):
+            raise self.refuse(m.name, f"hard link to {m.linkname!r} which is not a file in the tree")
+        target = self.parent_ok(m.name, rel)
+        self.clear(m.name, target)
+        os.link(src, target, follow_symlinks=False)

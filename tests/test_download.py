@@ -1,0 +1,263 @@
+"""installer.download against a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from installer import download
+from installer.errors import InstallerError, UsageError
+from therock_fixtures import make_toolchain_tarball, serve, sha256_of
+
+NAME = "therock-dist-linux-gfx120X-all-10.1.0.tar.gz"
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture()
+def tarball(tmp_path: Path) -> Path:
+    return make_toolchain_tarball(tmp_path / "srv" / NAME, "10.1.0", pad_bytes=3 << 20)
+
+
+class Recorder:
+    """A ui with the shape installer.ui.UI has; keeps what it was told."""
+
+    def __init__(self):
+        self.infos: list[str] = []
+        self.warns: list[str] = []
+        self.total_seen: list[int | None] = []
+        self.updates = 0
+
+    def info(self, msg: str) -> None:
+        self.infos.append(msg)
+
+    def warn(self, msg: str) -> None:
+        self.warns.append(msg)
+
+    def progress(self, total, desc):
+        rec = self
+        rec.total_seen.append(total)
+
+        class Bar:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+            def update(self, n):
+                rec.updates += n
+        return Bar()
+
+
+def test_download_verifies_caches_and_a_rerun_downloads_nothing(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=cache, ui=ui, what="TheRock")
+        assert not got.from_cache
+        assert got.sha256 == sha256_of(tarball)
+        assert got.size == tarball.stat().st_size
+        assert got.path == cache / "downloads" / got.sha256 / NAME
+        assert ui.total_seen == [got.size] and ui.updates == got.size
+        assert any("recorded sha256" in m for m in ui.infos)
+        again = download.fetch(srv.url + NAME, cache_dir=cache)
+        assert again.from_cache and again.path == got.path
+        assert len(srv.downloads(NAME)) == 1
+    # no server at all: the cache alone answers, offline too
+    offline = download.fetch(srv.url + NAME, cache_dir=cache, offline=True)
+    assert offline.sha256 == got.sha256
+    assert json.loads((cache / "downloads" / "urls.json").read_text()) == {srv.url + NAME: got.sha256}
+    assert not list((cache / "downloads" / "partial").glob("*.part"))
+
+
+def test_pinned_hash_finds_a_mirror_copy_without_a_request(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    first = download.fetch(str(tarball), cache_dir=cache, sha256=digest)
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=cache, sha256=digest)
+        assert got.from_cache and got.path == first.path
+        assert srv.log == []
+
+
+def test_pinned_mismatch_deletes_the_file_and_names_both_hashes(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    wrong = "0" * 64
+    with serve(tarball.parent) as srv, pytest.raises(InstallerError) as err:
+        download.fetch(srv.url + NAME, cache_dir=cache, sha256=wrong)
+    assert wrong in err.value.message and sha256_of(tarball) in err.value.message
+    assert not list(cache.rglob("*.tar.gz*")) and not list(cache.rglob("*.part"))
+
+
+def test_first_hash_is_enforced_later(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=cache)
+        # upstream replaces the file and our cached copy is gone
+        make_toolchain_tarball(tarball, "10.1.0", pad_bytes=1 << 20, seed=7)
+        os.unlink(first.path)
+        with pytest.raises(InstallerError, match="recorded on the first download") as err:
+            download.fetch(srv.url + NAME, cache_dir=cache)
+        assert first.sha256 in err.value.message
+
+
+def test_resumes_a_partial_file_with_range(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    data = tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        key = download.hashlib.sha256(url.encode()).hexdigest()[:16]
+        part = cache / "downloads" / "partial" / f"{key}-{NAME}.part"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        fed = bytearray()
+        got = download.fetch(url, cache_dir=cache, sink=fed.extend)
+        assert [r["range"] for r in srv.downloads(NAME)] == ["bytes=1000000-"]
+    assert got.sha256 == sha256_of(tarball)
+    assert bytes(fed) == data   # the sink saw the saved bytes first, then the rest
+
+
+def test_a_broken_off_body_is_resumed_in_the_same_run(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("cut", 700_000))
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        ranges = [r["range"] for r in srv.downloads(NAME)]
+        etag_sent = srv.downloads(NAME)[1]["if_range"]
+    assert got.sha256 == sha256_of(tarball)
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and int(ranges[1][6:-1]) >= 600_000
+    assert etag_sent   # If-Range guards against a file that changed meanwhile
+
+
+def test_a_changed_file_restarts_instead_of_resuming(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 200_000)] * (download.RESUMES + 1))
+        with pytest.raises(InstallerError, match="broke off"):
+            download.fetch(srv.url + NAME, cache_dir=cache)
+        # the file changes upstream before the rerun: If-Range makes the server send it whole
+        time.sleep(0.01)
+        make_toolchain_tarball(tarball, "10.1.0", pad_bytes=2 << 20, seed=3)
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_retries_server_errors_then_succeeds(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("status", 503), ("status", 502))
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+        assert len(srv.downloads(NAME)) == 3
+    assert got.sha256 == sha256_of(tarball)
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_missing_files_fail_with_status_and_hint(tmp_path, tarball, status):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("status", status))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+    assert err.value.status == status and f"HTTP {status}" in err.value.message
+    assert err.value.hint and "\n" not in err.value.message
+
+
+def test_a_short_body_is_an_error_and_kept_for_resume(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 100_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError, match="rerun to resume|broke off|announced"):
+            download.fetch(srv.url + NAME, cache_dir=cache)
+        parts = list((cache / "downloads" / "partial").glob("*.part"))
+        kept = parts[0].stat().st_size
+        assert 0 < kept < tarball.stat().st_size
+        # the next run finishes it from where it stopped
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        assert srv.downloads(NAME)[-1]["range"] == f"bytes={kept}-"
+    assert got.sha256 == sha256_of(tarball)
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x.tar.gz", "ftp://127.0.0.1/x.tar.gz",
+                                 "https:///x.tar.gz"])
+def test_url_policy(tmp_path, url):
+    with pytest.raises(UsageError):
+        download.fetch(url, cache_dir=tmp_path)
+
+
+def test_file_urls_and_paths_are_mirrors(tmp_path, tarball):
+    a = download.fetch(tarball.as_uri(), cache_dir=tmp_path / "c1")
+    b = download.fetch(str(tarball), cache_dir=tmp_path / "c2")
+    assert a.sha256 == b.sha256 == sha256_of(tarball) and not a.from_cache
+
+
+def test_offline_miss_is_clear(tmp_path):
+    with pytest.raises(InstallerError, match="offline") as err:
+        download.fetch("https://stable.repo.amd.com/rocm/core/tarball/" + NAME,
+                       cache_dir=tmp_path, offline=True)
+    assert err.value.hint
+
+
+_CHILD = """
+import resource, signal, sys
+sys.path[:0] = {paths!r}
+from pathlib import Path
+from installer import download
+from installer.errors import InstallerError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    download.fetch(sys.argv[1], cache_dir=Path(sys.argv[2]))
+except InstallerError as exc:
+    print("ERROR", exc.message, "|", exc.hint)
+    sys.exit(3)
+print("DONE")
+"""
+
+
+def _child(*args: str) -> list[str]:
+    code = _CHILD.format(paths=[str(ROOT), str(TESTS)])
+    return [sys.executable, "-c", code, *args]
+
+
+def test_disk_full_removes_the_partial_file(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with serve(tarball.parent) as srv:
+        # a real write failure: the file size limit makes write() fail with EFBIG
+        out = subprocess.run(_child(srv.url + NAME, str(cache), "1000000"),
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "disk full" in out.stdout and "RDNA4_CACHE_DIR" in out.stdout
+    assert not list(cache.rglob("*.part"))
+
+
+def test_sigkill_mid_download_then_rerun_resumes(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    size = tarball.stat().st_size
+    with serve(tarball.parent, rate=2_000_000) as srv:
+        child = subprocess.Popen(_child(srv.url + NAME, str(cache)),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        part_size = 0
+        while time.monotonic() < deadline:
+            parts = list((cache / "downloads" / "partial").glob("*.part"))
+            part_size = parts[0].stat().st_size if parts else 0
+            if part_size > 300_000:
+                break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        assert 0 < part_size < size
+        kept = parts[0].stat().st_size
+        srv.rate = 0
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        assert srv.downloads(NAME)[-1]["range"] == f"bytes={kept}-"
+    assert got.sha256 == sha256_of(tarball) and not got.from_cache

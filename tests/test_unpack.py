@@ -1,0 +1,150 @@
+"""installer.unpack: safety rules, atomic placement, streaming."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from installer import unpack
+from installer.errors import InstallerError
+from therock_fixtures import EVIL, make_toolchain_tarball
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_extracts_the_tree_with_its_relative_links(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0")
+    dest = tmp_path / "prefix" / "rocm-10.1.0"
+    assert unpack.extract_tarball(archive, dest) == dest
+    assert os.readlink(dest / "llvm") == "lib/llvm"
+    assert (dest / "llvm" / "bin" / "clang").resolve() == (dest / "lib/llvm/bin/clang").resolve()
+    assert (dest / "amdgcn" / "bitcode" / "ocml.bc").is_file()
+    assert os.readlink(dest / "bin" / "amdclang") == "../lib/llvm/bin/clang"
+    assert os.access(dest / "bin" / "rocminfo", os.X_OK)
+    assert os.stat(dest / "lib/libamdhip64.so").st_ino == os.stat(dest / "lib/libamdhip64.so.7").st_ino
+    assert (dest.stat().st_mode & 0o777) == 0o755
+    assert _leftovers(dest.parent) == []
+
+
+def test_replaces_an_existing_tree_atomically(tmp_path):
+    dest = tmp_path / "rocm-10.1.0"
+    unpack.extract_tarball(make_toolchain_tarball(tmp_path / "a.tar.gz", "10.1.0"), dest)
+    (dest / "stale-file").write_text("old")
+    unpack.extract_tarball(make_toolchain_tarball(tmp_path / "b.tar.gz", "10.1.0"), dest)
+    assert not (dest / "stale-file").exists() and (dest / "bin/rocminfo").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("evil", EVIL)
+def test_refuses_unsafe_members_and_installs_nothing(tmp_path, evil):
+    archive = make_toolchain_tarball(tmp_path / "evil.tar.gz", "10.1.0", evil=evil)
+    dest = tmp_path / "prefix" / "rocm"
+    with pytest.raises(unpack.UnsafeArchive) as err:
+        unpack.extract_tarball(archive, dest)
+    assert "refusing member" in err.value.message and err.value.hint
+    assert not dest.exists()
+    assert _leftovers(dest.parent) == []
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "prefix/outside.txt").exists()
+    assert not Path("/tmp/rdna4-absolute-member.txt").exists()
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=1 << 20, truncate=True)
+    dest = tmp_path / "rocm"
+    with pytest.raises(unpack.CorruptArchive, match="truncated or not a valid tarball"):
+        unpack.extract_tarball(archive, dest)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_verify_runs_before_the_tree_is_placed(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0")
+    dest = tmp_path / "rocm"
+
+    def verify(root: Path) -> None:
+        assert root != dest and (root / "bin/rocminfo").is_file()
+        raise InstallerError("layout wrong")
+
+    with pytest.raises(InstallerError, match="layout wrong"):
+        unpack.extract_tarball(archive, dest, verify=verify)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_strip_components(tmp_path):
+    src = tmp_path / "pkg-1.0"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("hi")
+    os.symlink("sub/f.txt", src / "link")
+    archive = tmp_path / "pkg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname="pkg-1.0")
+    dest = unpack.extract_tarball(archive, tmp_path / "out", strip_components=1)
+    assert (dest / "sub/f.txt").read_text() == "hi" and os.readlink(dest / "link") == "sub/f.txt"
+
+
+def test_streaming_gives_the_same_tree_and_stale_temp_dirs_go(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=2 << 20)
+    dest = tmp_path / "p" / "rocm-10.1.0"
+    dest.parent.mkdir()
+    (dest.parent / ".rocm-10.1.0.tmp-killed").mkdir()    # what a SIGKILLed run leaves
+    data = archive.read_bytes()
+    with unpack.StreamExtract(dest) as sx:
+        for i in range(0, len(data), 65536):
+            sx.write(data[i:i + 65536])
+        assert sx.finish() == dest
+    assert (dest / "lib/librocblas-pad.so").stat().st_size == 2 << 20
+    assert os.readlink(dest / "llvm") == "lib/llvm"
+    assert _leftovers(dest.parent) == []
+
+
+def test_streaming_reports_an_unsafe_member_to_the_writer(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", evil="absolute_link",
+                                     pad_bytes=4 << 20)
+    dest = tmp_path / "rocm"
+    data = archive.read_bytes()
+    with pytest.raises(unpack.UnsafeArchive, match="absolute link"):
+        with unpack.StreamExtract(dest) as sx:
+            for i in range(0, len(data), 65536):
+                sx.write(data[i:i + 65536])
+            sx.finish()
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_streaming_abort_leaves_nothing(tmp_path):
+    data = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=2 << 20).read_bytes()
+    dest = tmp_path / "rocm"
+    with pytest.raises(RuntimeError):
+        with unpack.StreamExtract(dest) as sx:
+            sx.write(data[: len(data) // 2])
+            raise RuntimeError("download failed")
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_disk_full_while_unpacking_removes_the_partial_tree(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=3 << 20)
+    dest = tmp_path / "p" / "rocm"
+    code = (
+        "import resource, signal, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "from pathlib import Path\n"
+        "from installer import unpack\n"
+        "from installer.errors import InstallerError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        "    unpack.extract_tarball(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+        "except InstallerError as exc:\n"
+        "    print(exc.message); sys.exit(3)\n"
+    )
+    # a real write failure (EFBIG from the file size limit), in a child process
+    out = subprocess.run([sys.executable, "-c", code, str(archive), str(dest)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "disk full while unpacking" in out.stdout
+    assert not dest.exists() and _leftovers(dest.parent) == []
