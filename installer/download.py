@@ -273,7 +273,17 @@ def get(url: str, **kw):
 
 
 def _reason(exc: BaseException) -> str:
+    """A short cause: requests nests urllib3's whole retry story in its message."""
     text = str(exc.__context__ or exc) if not str(exc) else str(exc)
+    for pattern, say in ((r"Errno 111|Connection refused", "connection refused"),
+                         (r"Name or service not known|nodename nor servname|Errno -[23]",
+                          "host name not found"),
+                         (r"timed out|Timeout", "timed out"),
+                         (r"CERTIFICATE_VERIFY_FAILED|SSLError", "TLS certificate not trusted"),
+                         (r"Connection reset|RemoteDisconnected|Connection aborted",
+                          "connection reset by the server")):
+        if re.search(pattern, text):
+            return say
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 

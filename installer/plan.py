@@ -228,7 +228,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         return [k for k in keys if a.get(k) != b.get(k)]
 
     if moved := diff("pins"):
-        k = moved[0]
+        # a version the user changed explains more than the URL it resolved to
+        k = sorted(moved, key=lambda key: (not key.endswith(".version"), key))[0]
         return f"pin {k}: {old.get('pins', {}).get(k, '-')} -> {new['pins'].get(k, '-')}"
     if moved := diff("patches"):
         return "patches changed: " + ", ".join(moved)
@@ -261,7 +262,17 @@ def make_plan(settings: Settings) -> Plan:
     active -= set(settings.skip)
 
     for name in order:
-        if recipes[name].resolver and name in active:
+        if not recipes[name].resolver:
+            continue
+        recorded = (state.read_stamp(settings.prefix, name) or {}).get("inputs", {}).get("pins", {})
+        if name not in active and recorded:
+            # not rerun now: what it resolved to last time is what is installed, and
+            # resolving again could need the network (version = "latest")
+            for key, value in recorded.items():
+                table, _, pin = key.partition(".")
+                if table == name:
+                    pins.setdefault(name, {}).setdefault(pin, value)
+        else:
             _resolve(recipes[name], pins, settings)
     pin_values = rcp.pin_vars(pins)
 

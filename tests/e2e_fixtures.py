@@ -1,0 +1,217 @@
+"""A local stand-in for every upstream the installer talks to, for end-to-end runs.
+
+`build_world(root)` makes, on disk and on loopback servers:
+- a TheRock directory (JSON listing) with a generated gfx120X-all toolchain tarball
+  whose clang/clang++/hipcc are scripts that compile with the host compiler and
+  stamp amdgcn-amd-amdhsa--<arch> ids into the objects (build_fixtures.FAKE_CLANG);
+- a PEP 503 index with TheRock-shaped rocm/torch/triton wheels, and a decoy
+  "PyPI" offering a CUDA-style torch with a higher version;
+- local git repos shaped like flash-attention (with CK/aiter submodules) and
+  ROCm triton, and a vLLM-shaped release sdist served over HTTP;
+- a copy of the real recipes/ with a pins file pointing at all of the above,
+  and a vLLM patch that applies to the fake sdist.
+Build tools (setuptools, cmake, ninja) come from the real PyPI through uv, as in
+a real install, so tests using this are marked `network`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from build_fixtures import ARCH_VARS, FAKE_CLANG, fa_like_repo, git, triton_like_repo, vllm_like_sdist
+from detect_fixtures import gpuless_host
+from index_fixtures import build_decoy_pypi, build_torch_stack, serve_index
+from therock_fixtures import _PadReader, _add, serve, sha256_of, toolchain_members
+
+REPO = Path(__file__).resolve().parent.parent
+ROCM = "10.1.0"
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+VLLM_VERSION = "0.33.0"
+# what the fake sdist's build needs from PyPI, like vLLM's requirements/build/rocm.txt
+VLLM_BUILD_REQS = "cmake>=3.26.1,<4\nninja\nsetuptools>=78.1.1,<80.0.0\nwheel\n"
+
+VLLM_PATCH = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+From: rdna4-install tests <tests@example.com>
+Subject: [PATCH] test patch for the fake vLLM sdist
+
+Why: exercises the patch step end to end. Upstream: none (test only).
+Drop when: never; it only exists in the test world.
+---
+ csrc/a.c | 2 +-
+ 1 file changed, 1 insertion(+), 1 deletion(-)
+
+--- a/csrc/a.c
++++ b/csrc/a.c
+@@ -1 +1 @@
+-int tiny_a(int x) {{ return x + 0; }}
++int tiny_a(int x) {{ return x + {value}; }}
+"""
+
+
+def toolchain_tarball(path: Path, version: str = ROCM, pad_bytes: int = 0) -> Path:
+    """A TheRock-shaped tarball whose compilers really compile (see build_fixtures).
+
+    pad_bytes adds lib/librocblas-pad.so (therock_fixtures._PadReader data), so a
+    test can make the download and the unpack take measurable time.
+    """
+    clang = FAKE_CLANG.format(python=sys.executable, watch=ARCH_VARS).encode()
+    rows = [r for r in toolchain_members(version) if r[0] != "./lib/llvm/bin/clang"]
+    rows += [("./lib/llvm/bin/clang", clang, 0o755, tarfile.REGTYPE, ""),
+             ("./lib/llvm/bin/clang++", clang, 0o755, tarfile.REGTYPE, ""),
+             ("./bin/hipcc", clang, 0o755, tarfile.REGTYPE, "")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz", compresslevel=1, format=tarfile.PAX_FORMAT) as tf:
+        for name, data, mode, kind, link in rows:
+            _add(tf, name, data, mode=mode, kind=kind, link=link)
+        if pad_bytes:
+            info = tarfile.TarInfo("./lib/librocblas-pad.so")
+            info.size, info.mode, info.mtime = pad_bytes, 0o644, 1_780_000_000
+            tf.addfile(info, _PadReader(pad_bytes, 0))
+    return path
+
+
+def _vllm_sdist(root: Path) -> Path:
+    archive = vllm_like_sdist(root, VLLM_VERSION)
+    tree = root / "sdist-tree" / f"vllm-{VLLM_VERSION}"
+    req = tree / "requirements" / "build" / "rocm.txt"
+    req.write_text(req.read_text() + VLLM_BUILD_REQS)
+    archive.unlink()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+    shutil.rmtree(root / "sdist-tree")
+    return archive
+
+
+@dataclass
+class World:
+    root: Path
+    http: object                     # therock_fixtures.FileServer
+    index_url: str
+    pypi_url: str
+    recipes: Path                    # a copy of recipes/ (patches/ beside it)
+    pins: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def pins_file(self) -> Path:
+        return self.root / "world-pins.toml"
+
+    @property
+    def vllm_patch(self) -> Path:
+        return self.recipes.parent / "patches" / "vllm" / "0001-test.patch"
+
+    def write_pins(self, **overrides: dict[str, str]) -> Path:
+        pins = {t: dict(v) for t, v in self.pins.items()}
+        for table, values in overrides.items():
+            pins[table.replace("_", "-")].update(values)
+        lines = []
+        for table, values in pins.items():
+            lines.append(f"[{table}]")
+            lines += [f'{k} = "{v}"' for k, v in values.items()]
+        self.pins_file.write_text("\n".join(lines) + "\n")
+        return self.pins_file
+
+    def env(self, home: Path) -> dict[str, str]:
+        """The environment of an installer run on a GPU-less build host."""
+        sysfs = home.parent / "sysfs"
+        if not sysfs.exists():
+            gpuless_host(sysfs)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RDNA4_", "PIP_", "VIRTUAL_ENV", "PYTHONPATH"))}
+        env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"),
+                   XDG_DATA_HOME=str(home / ".local" / "share"), XDG_CONFIG_HOME=str(home / ".config"),
+                   RDNA4_SYSFS_ROOT=str(sysfs), RDNA4_CACHE_DIR=str(self.root / "cache"),
+                   RDNA4_RECIPES_DIR=str(self.recipes), RDNA4_PINS=str(self.pins_file),
+                   RDNA4_NO_MODIFY_PATH="1")
+        return env
+
+
+def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContextManager[World]:
+    """pad_bytes: see toolchain_tarball (0 = the default ~2 KB tarball)."""
+
+    @contextlib.contextmanager
+    def cm():
+        root.mkdir(parents=True, exist_ok=True)
+        files = root / "files"
+        toolchain_tarball(files / "therock" / f"therock-dist-linux-gfx120X-all-{ROCM}.tar.gz",
+                          pad_bytes=pad_bytes)
+        sdist = _vllm_sdist(files)
+        wheels, decoy = root / "wheels", root / "decoy"
+        wheels.mkdir()
+        decoy.mkdir()
+        stack = build_torch_stack(wheels, rocm=ROCM)
+        build_decoy_pypi(decoy)
+        tk_repo, tk_sha = triton_like_repo(root / "git" / "triton")
+        fa_repo, fa_sha, _ = fa_like_repo(root / "git" / "fa" / "flash-attention")
+
+        recipes = root / "tree" / "recipes"
+        shutil.copytree(REPO / "recipes", recipes)
+        (root / "tree" / "patches" / "vllm").mkdir(parents=True)
+        (root / "tree" / "patches" / "vllm" / "0001-test.patch").write_text(VLLM_PATCH.format(value=1))
+
+        with serve(files) as http:
+            world = World(root=root, http=http, index_url=serve_index(wheels),
+                          pypi_url=serve_index(decoy), recipes=recipes)
+            world.pins = {
+                "therock": {"version": ROCM, "index_url": http.url + "therock/"},
+                "torch": {"python": PY, "index_url": world.index_url, "pypi_url": world.pypi_url,
+                          **{k: stack[k] for k in ("rocm", "torch", "torchvision", "torchaudio", "triton")}},
+                "triton-kernels": {"git_url": str(tk_repo), "commit": tk_sha},
+                "flash-attention": {"git_url": str(fa_repo), "commit": fa_sha},
+                "vllm": {"sdist_url": http.url + sdist.name, "sdist_sha256": sha256_of(sdist)},
+            }
+            world.write_pins()
+            yield world
+    return cm()
+
+
+def run_cli(world: World, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m installer ARGS` from this checkout, as a user would run it."""
+    env = world.env(home)
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "installer", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=home)
+
+
+def receipt_core(prefix: Path) -> dict:
+    """The receipt without timestamps and tool versions: what must match across reruns."""
+    import json
+
+    data = json.loads((prefix / "rdna4-manifest.json").read_text())
+    comps = {}
+    for name, comp in data["components"].items():
+        facts = {k: v for k, v in (comp.get("facts") or {}).items()
+                 if k not in ("wheel_cache", "from_cache", "max_jobs")}
+        comps[name] = {"status": comp["status"], "fingerprint": comp["fingerprint"],
+                       "version": comp["version"], "facts": facts, "patches": comp["patches"]}
+    return {"archs": data["archs"], "pins": data["pins"], "components": comps}
+
+
+def leftovers(*roots: Path) -> list[str]:
+    """Temp trees or partial files an interrupted run must not leave behind."""
+    bad = []
+    for root in roots:
+        if not root.exists():
+            continue
+        for path in root.rglob("*"):
+            name = path.name
+            if any(tag in name for tag in (".tmp", ".partial", ".part", "-tmp-", ".unpack-")) \
+                    and "site-packages" not in path.parts:
+                bad.append(str(path))
+    return bad
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def git_head(path: Path) -> str:
+    return git("rev-parse", "HEAD", cwd=path)

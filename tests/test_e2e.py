@@ -1,0 +1,214 @@
+"""End to end on a GPU-less machine: install.sh from this checkout installs the tool,
+which installs the whole stack for gfx1201 from local stand-ins of every upstream
+(tests/e2e_fixtures.py). Then reruns, a patch change, activation in a fresh shell,
+a concurrent install, and every kind of bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from build_fixtures import compiler_calls
+from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, receipt_core, run_cli
+from therock_fixtures import make_toolchain_tarball
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+RECIPES = ["therock", "triton-kernels", "torch", "activate", "flash-attention", "vllm"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with build_world(tmp_path_factory.mktemp("world")) as w:
+        yield w
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "home"
+    h.mkdir(exist_ok=True)
+    return h
+
+
+def stamps(prefix: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (prefix / ".rdna4" / "state").glob("*.json")}
+
+
+def status(world, home, prefix) -> dict[str, str]:
+    out = run_cli(world, home, "status", "--json", "--prefix", str(prefix))
+    assert out.returncode == 0, out.stderr
+    return {r["recipe"]: r["status"] for r in json.loads(out.stdout)["recipes"]}
+
+
+def test_install_sh_then_rerun_patch_change_and_activation(world, tmp_path, home):
+    prefix = tmp_path / "my prefix"          # a space, as users' paths have
+    env = world.env(home)
+    env.update(RDNA4_INSTALLER_SOURCE=str(REPO), UV_TOOL_DIR=str(tmp_path / "uv-tools"),
+               UV_TOOL_BIN_DIR=str(tmp_path / "uv-bin"), RDNA4_NO_CHECKS="1")
+    # the `curl | sh` path: the script arrives on stdin
+    first = subprocess.run(["sh", "-s", "--", "--prefix", str(prefix), "--gpu-arch", "gfx1201"],
+                           input=(REPO / "install.sh").read_text(), env=env, capture_output=True,
+                           text=True, timeout=900, cwd=home)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "Traceback" not in first.stderr
+    tool = tmp_path / "uv-bin" / "rdna4-install"
+    assert tool.exists(), "install.sh installed the tool"
+    for n, name in enumerate(RECIPES, 1):
+        assert re.search(rf"\[{n}/6\] {re.escape(name)}\b", first.stderr), name
+
+    # every recipe done; the receipt lists every pin and what each resolved to
+    assert status(world, home, prefix) == {name: "done" for name in RECIPES}
+    receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
+    for table, values in world.pins.items():
+        for key, value in values.items():
+            assert receipt["pins"][table][key] == value, f"{table}.{key}"
+    assert receipt["pins"]["vllm"]["version"] == "0.33.0", "pins not overridden still listed"
+    comps = receipt["components"]
+    assert comps["therock"]["facts"]["sha256"] and comps["therock"]["facts"]["version"] == "10.1.0"
+    assert comps["vllm"]["facts"]["code_objects"], "the vLLM check read the code objects"
+    assert all(archs == ["gfx1201"] for archs in comps["vllm"]["facts"]["code_objects"].values())
+    assert comps["vllm"]["patches"] == {"0001-test.patch": comps["vllm"]["patches"]["0001-test.patch"]}
+    fa_source = comps["flash-attention"]["facts"]["source"]
+    assert fa_source["commit"] == world.pins["flash-attention"]["commit"]
+    assert set(fa_source["submodules"]) == {"csrc/composable_kernel", "third_party/aiter"}
+
+    # the arch reached every compile; the Triton switch never reached flash-attention's
+    calls = compiler_calls(prefix / "rocm")
+    device = [c for c in calls if any(a.startswith("--offload-arch=") for a in c["argv"])]
+    assert device and all("--offload-arch=gfx1201" in c["argv"] for c in device)
+    assert all(c["env"]["FLASH_ATTENTION_TRITON_AMD_ENABLE"] is None for c in device
+               if c["env"]["GPU_ARCHS"])
+
+    # the activation script works in a fresh shell and undoes itself
+    script = (f'. "{prefix}/activate" && python -c "import torch, vllm, flash_attn; '
+              f'print(torch.version.hip)" && echo "R=$ROCM_PATH A=$PYTORCH_ROCM_ARCH" && '
+              f'rdna4_deactivate && echo "after=${{ROCM_PATH:-unset}}"')
+    shell = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert shell.returncode == 0, shell.stderr
+    assert f"R={prefix}/rocm A=gfx1201" in shell.stdout and "after=unset" in shell.stdout
+
+    # a rerun does nothing: no step runs, no compiler runs, no download
+    before_calls, before_stamps = len(compiler_calls(prefix / "rocm")), stamps(prefix)
+    gets = len(world.http.log)
+    again = subprocess.run([str(tool), "--prefix", str(prefix), "--gpu-arch", "gfx1201"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=home)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stderr
+    assert len(compiler_calls(prefix / "rocm")) == before_calls
+    assert stamps(prefix) == before_stamps
+    assert len(world.http.log) == gets
+
+    # a changed vLLM patch rebuilds vLLM and nothing else
+    world.vllm_patch.write_text(VLLM_PATCH.format(value=2))
+    try:
+        plan = run_cli(world, home, "plan", "--prefix", str(prefix))
+        assert re.search(r"will run\s+vllm .*patches changed: 0001-test.patch", plan.stdout), plan.stdout
+        assert plan.stdout.count("will run") == 1
+        changed = run_cli(world, home, "run", "vllm", "--prefix", str(prefix))
+        assert changed.returncode == 0, changed.stderr
+        after = stamps(prefix)
+        assert [n for n in RECIPES if after[n]["finished"] != before_stamps[n]["finished"]] == ["vllm"]
+        assert len(compiler_calls(prefix / "rocm")) > before_calls
+    finally:
+        world.vllm_patch.write_text(VLLM_PATCH.format(value=1))
+    assert leftovers(prefix, world.root / "cache") == []
+
+
+def test_second_prefix_reuses_the_cache_and_a_concurrent_install_is_refused(world, tmp_path, home):
+    prefix = tmp_path / "second"
+    args = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks"]
+    env = world.env(home)
+    env["PYTHONPATH"] = str(REPO)
+    gets = len(world.http.log)
+    first = subprocess.Popen([sys.executable, "-m", "installer", "install", *args], env=env, cwd=home,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = prefix / ".rdna4" / "lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and first.poll() is None, "first install never took the lock"
+        time.sleep(0.02)
+    second = run_cli(world, home, "install", *args)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    if "is in use by another rdna4-install" not in second.stderr:
+        pytest.fail(f"the second install was not refused: {second.stderr[-2000:]}")
+    assert second.returncode == 1 and f"(PID {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    # the cache was warm: the tarball and the sdist were not downloaded again
+    assert not [r for r in world.http.log[gets:] if r["method"] == "GET" and r["path"].endswith(".tar.gz")]
+    facts = json.loads((prefix / "rdna4-manifest.json").read_text())["components"]
+    assert facts["vllm"]["facts"]["wheel_cache"] == "hit"
+    assert facts["flash-attention"]["facts"]["wheel_cache"] == "hit"
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    hints = [line for line in result.stderr.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, result.stderr
+    for word in words:
+        assert word in errors[0] + hints[0], (word, errors[0], hints[0])
+
+
+@pytest.mark.parametrize("case", [
+    "no-gpu", "unsupported-arch", "unwritable-prefix", "unknown-recipe", "bad-set-key",
+    "sha256-mismatch", "offline-miss", "corrupt-tarball", "unreachable-server",
+])
+def test_bad_input(world, tmp_path, home, case):
+    prefix = tmp_path / "p"
+    gpu = ["--gpu-arch", "gfx1201"]
+    if case == "no-gpu":
+        r = run_cli(world, home, "install", "--prefix", str(prefix))
+        return one_line_error(r, 1, "no RDNA4 GPU", "--gpu-arch gfx1201")
+    if case == "unsupported-arch":
+        r = run_cli(world, home, "install", "--prefix", str(prefix), "--gpu-arch", "gfx1100")
+        return one_line_error(r, 2, "gfx1100 is not an RDNA4 arch", "--allow-unsupported-arch")
+    if case == "unwritable-prefix":
+        (tmp_path / "file").write_text("")
+        r = run_cli(world, home, "install", "--prefix", str(tmp_path / "file" / "p"), *gpu)
+        return one_line_error(r, 1, "is not a directory", "--prefix")
+    if case == "unknown-recipe":
+        r = run_cli(world, home, "run", "vllmm", "--prefix", str(prefix), *gpu)
+        return one_line_error(r, 2, "unknown recipe 'vllmm'", "recipes are:")
+    if case == "bad-set-key":
+        r = run_cli(world, home, "install", "--prefix", str(prefix), *gpu, "--set", "vllm.verison=1")
+        return one_line_error(r, 2, "unknown pin 'vllm.verison'", "RECIPE.KEY")
+    cache = tmp_path / "fresh-cache"
+    os.environ  # the world env reads RDNA4_CACHE_DIR; point it at a fresh cache per case
+    base = ["install", "--prefix", str(prefix), *gpu, "--no-checks", "--cache-dir", str(cache)]
+    if case == "sha256-mismatch":
+        r = run_cli(world, home, *base, "--set", "therock.sha256=" + "0" * 64)
+        one_line_error(r, 1, "0" * 16)
+        assert not list(cache.rglob("*.tar.gz")), "a mismatched download is deleted"
+        return
+    if case == "offline-miss":
+        r = run_cli(world, home, *base, "--offline")
+        return one_line_error(r, 1, "offline")
+    if case == "corrupt-tarball":
+        bad = world.root / "files" / "therock" / "therock-dist-linux-gfx120X-all-10.1.1.tar.gz"
+        make_toolchain_tarball(bad, "10.1.1", truncate=True)
+        try:
+            r = run_cli(world, home, *base, "--set", "therock.version=10.1.1")
+        finally:
+            bad.unlink()
+        one_line_error(r, 1)
+        assert re.search(r"corrupt|truncated|incomplete", r.stderr, re.I), r.stderr
+        assert not (prefix / "rocm").exists() and not (prefix / "rocm-10.1.1").exists()
+        return
+    if case == "unreachable-server":
+        r = run_cli(world, home, *base, "--set", "therock.index_url=http://127.0.0.1:9/therock/")
+        one_line_error(r, 1, "127.0.0.1:9")
+        return
+    raise AssertionError(case)
