@@ -409,7 +409,9 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
 
     prefix = _path(prefix or _default_prefix())
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
-    names = list(rcp.load_recipes(folder))
+    from .plan import dependency_order
+
+    names = dependency_order(rcp.load_recipes(folder))
     rows = engine.status(prefix, names)
     if as_json:
         click.echo(json.dumps({"prefix": str(prefix), "recipes": rows}, indent=2))

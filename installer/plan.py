@@ -124,7 +124,7 @@ def context_vars(settings: Settings, name: str) -> dict[str, str]:
     }
 
 
-def _order(recipes: dict[str, rcp.Recipe]) -> list[str]:
+def dependency_order(recipes: dict[str, rcp.Recipe]) -> list[str]:
     """Dependency order; ties broken by name so the plan reads the same every time."""
     sorter = graphlib.TopologicalSorter({n: r.depends for n, r in recipes.items()})
     try:
@@ -251,7 +251,7 @@ def make_plan(settings: Settings) -> Plan:
     for kind, names in (("--only", settings.only), ("--skip", settings.skip), ("run", settings.targets)):
         _check_names(kind, names, recipes)
     pins = {t: dict(v) for t, v in settings.pins.items()}
-    order = _order(recipes)
+    order = dependency_order(recipes)
 
     if settings.targets:
         active = _descendants(recipes, set(settings.targets))

@@ -250,6 +250,8 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
         if wanted != "latest":
             channel = wanted.split("-", 1)[1]
         directory = directory or directory_url(channel)
+        if has_torch is None and channel == "nightly" and not offline:
+            has_torch = _torch_check(pins)
         version = (_latest_cached(cache_dir, directory, family, channel) if offline
                    else pick_latest(list_versions(directory, family), channel, has_torch))
         if version is None:
@@ -267,6 +269,18 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
     url = str(mine.get("url", "") or "") or tarball_url(directory, family, version)
     out.update(url=url, version=version, channel=channel, index_url=directory)
     return out
+
+
+def _torch_check(pins: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool] | None:
+    """A nightly tarball only counts when TheRock's index has torch wheels for it."""
+    torch = pins.get("torch", {})
+    index = str(torch.get("index_url", "") or "")
+    if not index:
+        return None
+    from . import pyenv
+
+    py = tuple(int(p) for p in str(torch.get("python", "3.12")).split(".")[:2])
+    return lambda version: pyenv.has_torch(index, version, py)  # type: ignore[arg-type]
 
 
 def _latest_cached(cache_dir: Path, directory: str, family: str, channel: str) -> str | None:

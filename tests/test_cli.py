@@ -138,3 +138,28 @@ def test_doctor_on_this_gpu_less_host_fails_cleanly(runner, tmp_path):
     result = invoke(runner, "doctor", "--prefix", str(tmp_path / "p"))
     assert result.exit_code == 1
     assert "FAIL  gpu" in result.output and "fix:" in result.output
+
+
+def test_install_runs_doctors_blocking_checks_first(runner, recipes, tmp_path):
+    # a plan that needs more disk than any machine has is refused before anything runs
+    text = (recipes / "vllm.toml").read_text().replace('depends = ', 'disk_gb = 1000000000\ndepends = ', 1)
+    (recipes / "vllm.toml").write_text(text)
+    prefix = tmp_path / "p"
+    result = runner.invoke(cli, ["install", "--recipes-dir", str(recipes), "--prefix", str(prefix),
+                                 "--gpu-arch", "gfx1201"])
+    assert result.exit_code == 1, result.output
+    assert "error: disk:" in result.output and "hint:" in result.output
+    assert order(prefix) == [], "nothing ran"
+    skipped = runner.invoke(cli, ["install", "--recipes-dir", str(recipes), "--prefix", str(prefix),
+                                  "--gpu-arch", "gfx1201", "--no-checks"])
+    assert skipped.exit_code == 0, skipped.output
+    assert len(order(prefix)) == 6
+
+
+def test_status_lists_recipes_in_dependency_order(runner, recipes, tmp_path):
+    import json
+
+    result = runner.invoke(cli, ["status", "--json", "--recipes-dir", str(recipes), "--prefix", str(tmp_path)])
+    names = [r["recipe"] for r in json.loads(result.output)["recipes"]]
+    assert names.index("therock") < names.index("torch") < names.index("vllm") < names.index("activate")
+    assert {r["status"] for r in json.loads(result.output)["recipes"]} == {"pending"}

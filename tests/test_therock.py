@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import os
 from pathlib import Path
 
@@ -197,3 +198,18 @@ def test_parse_listing_formats():
     assert therock.parse_listing(xml) == (["a.tar.gz"], None)
     assert therock.parse_listing('<a href="therock-dist-linux-x-1.0.dev0%2Babc.tar.gz">')[0] == \
         ["therock-dist-linux-x-1.0.dev0+abc.tar.gz"]
+
+
+def test_latest_nightly_asks_the_torch_index_from_the_pins(tmp_path, repo):
+    # the plan calls the resolver without a callback: the torch pins name the index to ask
+    from index_fixtures import build_torch_stack, serve_index
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_torch_stack(wheels, rocm="10.2.0a20260926")   # torch exists for the 26th only
+    pins = _pins(version="latest", channel="nightly")
+    with serve(repo) as srv:
+        pins["therock"]["index_url"] = srv.url
+        pins["torch"] = {"index_url": serve_index(wheels), "python": "%d.%d" % sys.version_info[:2]}
+        got = therock.resolve(pins, ("gfx1201",), offline=False, cache_dir=tmp_path)
+    assert got["version"] == "10.2.0a20260926"

@@ -1,0 +1,454 @@
+"""SIGKILL the installer at many points, rerun, and get the same install (issue 8).
+
+Every scenario kills `rdna4-install install` at a point chosen by watching the
+file system or the installer's own output (never by a sleep), reruns it to the
+end and then checks: exit 0, the receipt equal to an uninterrupted install's
+(prefix and cache paths normalised), no temp trees or partial files in the
+prefix or the cache, `status --json` all done, and no recipe that had finished
+before the kill was redone.
+
+Two ways of killing: `tree` SIGKILLs the installer and every process under it
+(a power cut or `kill -9` of the session), `installer` SIGKILLs only the
+installer's python and leaves its children running as orphans (the installer
+starts them in their own sessions, so closing a terminal or killing the PID
+does exactly this).
+
+The upstreams are tests/e2e_fixtures.py's loopback world; build tools come from
+the real PyPI through uv, so this module is marked network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from e2e_fixtures import REPO, ROCM, build_world, leftovers, receipt_core, run_cli
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+ARCH = "gfx1201"
+RECIPES = ("therock", "triton-kernels", "torch", "activate", "flash-attention", "vllm")
+PAD = 32 << 20             # a 32 MiB library in the toolchain tarball (16 MiB compressed)
+COMPILE_SECONDS = "0.6"    # each fake device compile sleeps this long: a build is a window, not an instant
+GIT_DELAY = 3              # seconds the slow-git hook holds a fetch open
+TREE = "rdna4-rocm"
+
+
+# --- the world ------------------------------------------------------------------
+
+def _slow_compiles(world) -> None:
+    # the fake clang sleeps FAKE_COMPILE_SECONDS per device compile; a recipe's
+    # [env] is the only way a variable reaches a build (proc.base_env allow-lists)
+    line = f'FAKE_COMPILE_SECONDS = "{COMPILE_SECONDS}"\n'
+    fa = world.recipes / "flash-attention.toml"
+    fa.write_text(fa.read_text() + "\n[env]\n" + line)
+    vllm = world.recipes / "vllm.toml"
+    vllm.write_text(vllm.read_text().replace('VLLM_TARGET_DEVICE = "rocm"\n',
+                                             'VLLM_TARGET_DEVICE = "rocm"\n' + line))
+
+
+def _slow_git(home: Path) -> Path:
+    """A pack-objects hook in HOME's git config: while FLAG exists every fetch
+    touches MARK and stalls GIT_DELAY s, so a kill lands inside the fetch.
+    Git honours the hook only from protected (global) config, which is HOME's."""
+    flag, mark = home / "slow-git.flag", home / "slow-git.mark"
+    hook = home / "slow-git.sh"
+    hook.write_text(f'#!/bin/sh\nif [ -e "{flag}" ]; then touch "{mark}"; sleep {GIT_DELAY}; fi\nexec "$@"\n')
+    hook.chmod(0o755)
+    (home / ".gitconfig").write_text(f"[uploadpack]\n\tpackObjectsHook = {hook}\n")
+    return flag
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, uv_cache):
+    root = tmp_path_factory.mktemp("e2e-kill")
+    home = root / "home"
+    home.mkdir()
+    _slow_git(home)
+    with build_world(root / "w", pad_bytes=PAD) as world:
+        _slow_compiles(world)
+        yield Env(root, home, world, uv_cache)
+
+
+class Env:
+    def __init__(self, root: Path, home: Path, world, uv_cache: Path):
+        self.root, self.home, self.world, self.uv_cache = root, home, world, uv_cache
+        self.cache = world.root / "cache"
+        self.orphans: list[int] = []
+
+    def start(self, prefix: Path, cache: Path | None = None) -> "Installer":
+        return Installer(self, prefix, cache)
+
+    def finish(self, prefix: Path, cache: Path | None = None) -> "Installer":
+        run = self.start(prefix, cache)
+        code = run.wait()
+        assert code == 0, run.text()
+        return run
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    prefix = env.root / "ref"
+    started = time.monotonic()
+    run = env.finish(prefix)
+    assert "==> [6/6]" in run.text()
+    return {"core": normalised(prefix, env.cache), "seconds": time.monotonic() - started}
+
+
+# --- running and killing ------------------------------------------------------------
+
+class Installer:
+    """`python -m installer -v install` in a session of its own, output read live."""
+
+    def __init__(self, env: Env, prefix: Path, cache: Path | None):
+        self.env, self.prefix = env, prefix
+        run_env = env.world.env(env.home)
+        run_env.update(PYTHONPATH=str(REPO), UV_CACHE_DIR=str(env.uv_cache))
+        argv = [sys.executable, "-m", "installer", "-v", "install", "--prefix", str(prefix),
+                "--gpu-arch", ARCH, "--no-checks"]
+        if cache is not None:
+            argv += ["--cache-dir", str(cache)]
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(argv, env=run_env, cwd=env.home, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait(self, timeout: float = 600) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return code
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=10)
+                pytest.fail(f"the installer ended (exit {self.proc.returncode}) before {what}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                self.kill("tree")
+                pytest.fail(f"no {what} within {timeout} s:\n{self.text()}")
+            time.sleep(0.002)
+
+    def kill(self, how: str) -> list[int]:
+        """SIGKILL the installer ("installer") or it and all it started ("tree").
+        Returns the processes left running."""
+        if how == "installer":
+            left = descendants(self.proc.pid)
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.env.orphans += left
+        else:
+            kill_tree(self.proc.pid)
+            left = []
+        self.wait()
+        return left
+
+    def saw(self, *texts: str) -> bool:
+        """The output has these texts on lines in this order."""
+        i = 0
+        for line in list(self.lines):
+            if texts[i] in line:
+                i += 1
+                if i == len(texts):
+                    return True
+        return False
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # the command name may contain spaces and parentheses: split after the last ")"
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(stat.parent.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = _children_map(), [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    # stop first so nothing forks or gets re-parented while the tree is walked
+    frozen: set[int] = set()
+    todo = {pid}
+    while todo:
+        for p in todo:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen |= todo
+        todo = set(descendants(pid)) - frozen
+    for p in frozen:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes(env):
+    yield
+    for pid in env.orphans:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    env.orphans.clear()
+
+
+# --- what a rerun must produce ---------------------------------------------------------
+
+def _drop(data, key: str):
+    if isinstance(data, dict):
+        return {k: _drop(v, key) for k, v in data.items() if k != key}
+    if isinstance(data, list):
+        return [_drop(v, key) for v in data]
+    return data
+
+
+def normalised(prefix: Path, cache: Path) -> dict:
+    """receipt_core with this prefix's and cache's paths made symbolic; `from_cache`
+    (whether a source came from the git/download cache) legitimately differs."""
+    text = json.dumps(receipt_core(prefix), sort_keys=True)
+    text = text.replace(str(cache), "{cache}").replace(str(prefix), "{prefix}")
+    return _drop(json.loads(text), "from_cache")
+
+
+def stamps(prefix: Path) -> dict[str, dict]:
+    out = {}
+    for name in RECIPES:
+        path = prefix / ".rdna4" / "state" / f"{name}.json"
+        try:
+            out[name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def stamp_status(prefix: Path, name: str) -> str | None:
+    return (stamps(prefix).get(name) or {}).get("status")
+
+
+def done_before(prefix: Path) -> dict[str, tuple[str, int]]:
+    """Recipes done at the moment of the kill: their finish time and log's mtime."""
+    out = {}
+    for name, stamp in stamps(prefix).items():
+        if stamp.get("status") == "done":
+            log = prefix / ".rdna4" / "logs" / f"{name}.log"
+            out[name] = (stamp["finished"], log.stat().st_mtime_ns)
+    return out
+
+
+def rerun_and_check(env: Env, reference: dict, prefix: Path, cache: Path | None = None) -> Installer:
+    cache_dir = cache or env.cache
+    before = done_before(prefix)
+    run = env.finish(prefix, cache)
+    assert normalised(prefix, cache_dir) == reference["core"]
+    assert leftovers(prefix, cache_dir) == []
+    after = stamps(prefix)
+    for name, (finished, log_mtime) in before.items():
+        assert after[name]["finished"] == finished, f"{name} was redone:\n{run.text()}"
+        assert (prefix / ".rdna4" / "logs" / f"{name}.log").stat().st_mtime_ns == log_mtime, name
+        assert f"] {name} " not in run.text() + " ", f"{name} was redone:\n{run.text()}"
+    status = run_cli(env.world, env.home, "status", "--json", "--prefix", str(prefix))
+    assert status.returncode == 0, status.stderr
+    rows = {r["recipe"]: r["status"] for r in json.loads(status.stdout)["recipes"]}
+    assert rows == dict.fromkeys(RECIPES, "done")
+    return run
+
+
+# --- triggers ------------------------------------------------------------------------
+
+def log_has(prefix: Path, recipe: str, text: str) -> Callable[[], bool]:
+    log = prefix / ".rdna4" / "logs" / f"{recipe}.log"
+
+    def cond() -> bool:
+        try:
+            return text in log.read_text(errors="replace")
+        except OSError:
+            return False
+    return cond
+
+
+def device_compile_running(prefix: Path, recipe: str, run: Installer) -> Callable[[], bool]:
+    """The fake clang logged a device compile while `recipe` is being built (it then sleeps)."""
+    calls = prefix / f"rocm-{ROCM}" / "compiler-calls.log"
+
+    def cond() -> bool:
+        if not run.saw(f"] {recipe} ", "build wheel"):
+            return False
+        try:
+            lines = calls.read_text().splitlines()
+        except OSError:
+            return False
+        return any("--offload-arch" in line and f"/work/{recipe}/" in line for line in lines)
+    return cond
+
+
+def unpack_tree_has_pad(prefix: Path, min_bytes: int = 1) -> Callable[[], bool]:
+    def cond() -> bool:
+        for tmp in prefix.glob(f".rocm-{ROCM}.tmp-*"):
+            pad = tmp / "lib" / "librocblas-pad.so"
+            try:
+                if pad.stat().st_size >= min_bytes:
+                    return True
+            except OSError:
+                pass
+        return False
+    return cond
+
+
+def partial_download(cache: Path, min_bytes: int) -> Callable[[], bool]:
+    def cond() -> bool:
+        for part in (cache / "downloads" / "partial").glob("*.part"):
+            try:
+                if part.stat().st_size >= min_bytes:
+                    return True
+            except OSError:
+                pass
+        return False
+    return cond
+
+
+# --- the scenarios --------------------------------------------------------------------
+
+def test_reference_is_complete(env, reference):
+    """The uninterrupted install the others are compared with."""
+    core = reference["core"]
+    assert sorted(core["components"]) == sorted(RECIPES)
+    assert all(c["status"] == "done" for c in core["components"].values())
+    assert leftovers(env.root / "ref", env.cache) == []
+
+
+# Kill points on a prefix of its own with the shared (warm) cache: what a user
+# whose second install dies sees. Each entry: the trigger and the kill mode.
+SHARED = {
+    "mid-unpack of the cached tarball": (
+        lambda p, r: unpack_tree_has_pad(p), "tree"),
+    "uv venv creating the venv": (
+        lambda p, r: log_has(p, "torch", " venv --no-config"), "tree"),
+    "uv pip install of the torch stack": (
+        lambda p, r: log_has(p, "torch", "pip install --python"), "tree"),
+    "right after the torch stamp is written": (
+        lambda p, r: lambda: stamp_status(p, "torch") == "done", "tree"),
+    "activation being written": (
+        lambda p, r: lambda: stamp_status(p, "activate") == "incomplete", "tree"),
+    "vLLM patch being applied": (
+        lambda p, r: lambda: r.saw("] vllm ", "apply patches"), "tree"),
+    "install-wheel of vLLM (orphaned uv)": (
+        lambda p, r: lambda: r.saw("] vllm ", "install wheel") and log_has(p, "vllm", "--reinstall-package")(),
+        "installer"),
+}
+
+
+@pytest.mark.parametrize("point", list(SHARED))
+def test_kill_then_rerun(env, reference, point):
+    trigger, how = SHARED[point]
+    prefix = env.root / ("p-" + "".join(c if c.isalnum() else "-" for c in point))
+    run = env.start(prefix)
+    run.wait_for(point, trigger(prefix, run))
+    run.kill(how)
+    rerun_and_check(env, reference, prefix)
+
+
+def test_repeated_kills_from_an_empty_cache(env, reference):
+    """One prefix, a cache of its own (so it downloads, fetches and compiles), killed
+    at five points in turn, then one rerun to the end."""
+    prefix, cache = env.root / "fresh", env.root / "fresh-cache"
+    http = env.world.http
+    tarball = f"therock-dist-linux-gfx120X-all-{ROCM}.tar.gz"
+
+    # 1: mid-download, which streams into the unpack: both are half done
+    http.rate = 4 << 20
+    try:
+        run = env.start(prefix, cache)
+        run.wait_for("a partial download and a half-written unpack",
+                     lambda: partial_download(cache, 1 << 20)() and unpack_tree_has_pad(prefix, 1 << 18)())
+        run.kill("tree")
+    finally:
+        http.rate = 0
+    assert not (prefix / f"rocm-{ROCM}").exists()
+    gets = len(http.downloads(tarball))
+
+    # 2: inside `git fetch` into the (new) mirror cache, the resumed download done by then
+    flag = env.home / "slow-git.flag"
+    flag.touch()
+    try:
+        run = env.start(prefix, cache)
+        run.wait_for("a git fetch", lambda: (env.home / "slow-git.mark").exists())
+        run.kill("tree")
+    finally:
+        flag.unlink()
+    resumed = http.downloads(tarball)[gets:]
+    assert resumed and resumed[0]["range"], "the second run downloaded the tarball from the start"
+    assert stamp_status(prefix, "therock") == "done"
+
+    # 3: in the middle of compiling flash-attention
+    run = env.start(prefix, cache)
+    run.wait_for("a flash-attention device compile", device_compile_running(prefix, "flash-attention", run))
+    run.kill("tree")
+
+    # 4: in the middle of compiling vLLM, killing only the installer: the build runs on
+    run = env.start(prefix, cache)
+    run.wait_for("a vLLM device compile", device_compile_running(prefix, "vllm", run))
+    orphans = run.kill("installer")
+    assert any(alive(p) for p in orphans), "nothing was left running to test orphans with"
+
+    rerun_and_check(env, reference, prefix, cache)
+    assert not [p for p in orphans if alive(p)], "an orphaned build outlived the rerun"
+
+
+def test_random_kills_with_a_fixed_seed(env, reference):
+    """Kills at random moments (fixed seed), all on one prefix, then a rerun."""
+    rng = random.Random(20261127)
+    prefix = env.root / "random"
+    landed = 0
+    for _ in range(4):
+        delay = rng.uniform(0.3, 4.0)
+        how = rng.choice(("tree", "tree", "installer"))
+        run = env.start(prefix)
+        try:
+            run.proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            run.kill(how)
+            landed += 1
+        else:
+            run.wait()
+    assert landed >= 2
+    rerun_and_check(env, reference, prefix)
