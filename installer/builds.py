@@ -10,16 +10,13 @@ wheel and compiles nothing.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import re
-import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import buildenv, proc, wheelcache
+from . import buildenv, codeobjects, proc, wheelcache
 from .errors import InstallerError, RecipeError
 
 NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -180,6 +177,8 @@ def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = 
     if kind == "vllm" and triton_kernels and not Path(triton_kernels).is_dir():
         raise InstallerError(f"{ctx.name}: TRITON_KERNELS_SRC_DIR {triton_kernels} does not exist",
                              hint="run the triton-kernels recipe first (it keeps its source)")
+    if isinstance(editable, str):  # from a recipe placeholder: "true" / "false" / ""
+        editable = editable.lower() in ("1", "true", "yes") if editable else None
     editable = bool(ctx.options.get("editable") if editable is None else editable) and kind == "vllm"
     rust = bool(ctx.options.get("rust_frontend") if rust_frontend is None else rust_frontend)
     env = arch_env(ctx, kind, rust_frontend=rust, triton_kernels=triton_kernels)
@@ -195,6 +194,7 @@ def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = 
         prepare_vllm(ctx, env)
         pip_install(ctx, ["--no-build-isolation", "-e", str(ctx.src_dir)], env)
         ctx.facts["editable"] = str(ctx.src_dir)
+        ctx.keep_work = True  # the editable install points into the source tree
         return None
 
     key, parts = build_key(ctx, kind, backend, env)
@@ -241,68 +241,6 @@ def _dist_name(wheel: Path) -> str:
 
 # --- checking the code objects ----------------------------------------------------
 
-OFFLOAD_ID = re.compile(rb"amdgcn-amd-amdhsa--(gfx[0-9a-f]+)")
-COMPRESSED_MAGIC = b"CCOB"
-
-
-def _compressed_blobs(data: mmap.mmap) -> list[bytes]:
-    """Compressed offload bundles (clang --offload-compress) in a file.
-
-    Header: magic, u16 version, u16 method, then (v2) u32 / (v3) u64 total size.
-    Layout from LLVM's OffloadBundler.cpp (read, not run: no ROCm here). A v1
-    header has no size, so such a blob runs to the next magic or the file's end.
-    """
-    starts = [m.start() for m in re.finditer(re.escape(COMPRESSED_MAGIC), data)]
-    blobs = []
-    for i, at in enumerate(starts):
-        version = struct.unpack_from("<H", data, at + 4)[0] if at + 6 <= len(data) else 0
-        end = starts[i + 1] if i + 1 < len(starts) else len(data)
-        if version == 2:
-            end = min(len(data), at + struct.unpack_from("<I", data, at + 8)[0])
-        elif version == 3:
-            end = min(len(data), at + struct.unpack_from("<Q", data, at + 8)[0])
-        elif version != 1:
-            continue  # four letters that happen to spell CCOB
-        blobs.append(bytes(data[at:end]))
-    return blobs
-
-
-def _bundler(rocm: Path) -> str | None:
-    for cand in (rocm / "lib" / "llvm" / "bin" / "clang-offload-bundler",
-                 rocm / "llvm" / "bin" / "clang-offload-bundler"):
-        if cand.exists():
-            return str(cand)
-    return None
-
-
-def code_object_archs(path: Path, rocm: Path, env: dict[str, str]) -> set[str]:
-    """The gfx targets whose code objects a shared object carries."""
-    with open(path, "rb") as fh:
-        try:
-            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            return set()
-        with data:
-            found = {m.group(1).decode() for m in OFFLOAD_ID.finditer(data)}
-            blobs = _compressed_blobs(data)
-    if not blobs:
-        return found
-    tool = _bundler(Path(rocm))
-    if tool is None:
-        raise InstallerError(f"{path.name} holds compressed code objects and the toolchain has no "
-                             "clang-offload-bundler to list them", hint=f"looked under {rocm}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, blob in enumerate(blobs):
-            part = Path(tmp) / f"bundle{i}.o"
-            part.write_bytes(blob)
-            got = proc.capture([tool, "--list", "--type=o", f"--input={part}"], env=env, timeout=120)
-            if not got.ok:
-                raise InstallerError(f"clang-offload-bundler could not list {path.name}",
-                                     hint=(got.stderr.strip() or got.stdout.strip())[-300:] or None)
-            found |= {m.group(1).decode() for m in OFFLOAD_ID.finditer(got.stdout.encode())}
-    return found
-
-
 def _platlib(ctx) -> Path:
     got = proc.capture([ctx.vars["python"], "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
                        env=ctx.env, timeout=60)
@@ -315,9 +253,9 @@ def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dic
     """Action "check-code-objects": each `required` glob (relative to site-packages)
     matches a .so with code objects for exactly the target archs, and every other
     .so under `scan` that carries code objects has exactly those archs too."""
-    site = _platlib(ctx)
+    # an editable install imports (and so loads extensions) from the source tree
+    site = Path(ctx.facts["editable"]) if ctx.facts.get("editable") else _platlib(ctx)
     want = set(ctx.archs)
-    rocm = Path(ctx.vars["rocm"])
     results: dict[str, list[str]] = {}
     files: list[tuple[Path, bool]] = []
     for pattern in required:
@@ -332,8 +270,15 @@ def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dic
         seen = {f for f, _ in files}
         files += [(f, False) for f in sorted((site / scan).rglob("*.so")) if f not in seen]
     for path, must in files:
-        archs = code_object_archs(path, rocm, ctx.env)
         rel = str(path.relative_to(site))
+        try:
+            archs = codeobjects.archs_in(path)
+        except OSError as exc:
+            raise InstallerError(f"{ctx.name}: cannot read {rel}: {exc.strerror or exc}",
+                                 hint=f"check the file's permissions: {path}") from None
+        except (codeobjects.Malformed, codeobjects.Unreadable) as exc:
+            raise InstallerError(f"{ctx.name}: {exc.message}", hint=exc.hint or
+                                 f"a damaged file? reinstall it: rdna4-install run --force {ctx.name}") from None
         if not archs and not must:
             continue  # host-only helper library
         if archs != want:

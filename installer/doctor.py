@@ -423,16 +423,8 @@ def check_python(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> Chec
                  "`uv tool install rdna4-install`)")
 
 
-def find_uv() -> str | None:
-    try:
-        import uv
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        return proc.which("uv")
-
-
 def check_uv(uv_path: str | None = None) -> Check:
-    uv_path = uv_path or find_uv()
+    uv_path = uv_path or proc.find_uv()
     if not uv_path:
         return Check("uv", FAIL, "uv not found",
                      "python -m pip install uv (or https://docs.astral.sh/uv/ install script)")

@@ -121,7 +121,7 @@ def _read_index(cache_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     # several prefixes share one cache; two installers must not write one file
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -135,7 +135,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _update_index(cache_dir: Path, url: str, digest: str | None) -> None:
     """Set (or with None, drop) the recorded sha256 of `url`."""
     index = _index_path(cache_dir)
-    with _locked(index.with_suffix(".lock")):
+    with locked(index.with_suffix(".lock")):
         data = _read_index(cache_dir)
         if digest:
             data[url] = digest
@@ -144,6 +144,16 @@ def _update_index(cache_dir: Path, url: str, digest: str | None) -> None:
         tmp = index.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, index)
+
+
+def sweep(cache_dir: Path) -> None:
+    """Remove urls.json temps of killed runs (only written under the index lock)."""
+    index = _index_path(cache_dir)
+    if not index.parent.is_dir():
+        return
+    with locked(index.with_suffix(".lock")):
+        for tmp in index.parent.glob("urls.tmp*"):
+            tmp.unlink(missing_ok=True)
 
 
 def recorded_sha256(url: str, cache_dir: Path) -> str | None:
@@ -196,7 +206,7 @@ def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool
     hit = _cached_file(cache_dir, expect, name) if expect else None
     if hit is None and not offline:
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
-        with _locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
+        with locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
             # another installer may have finished it while we waited
             recorded = recorded_sha256(url, cache_dir)
             expect = pinned or recorded

@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__, actions, proc, state
 from . import recipes as rcp
 from .errors import InstallerError, StepFailed
-from .plan import RUN, Item, Plan, Settings, make_plan, find_uv
+from .plan import RUN, Item, Plan, Settings, make_plan
 from .ui import UI
 
 
@@ -29,7 +29,7 @@ class Outcome:
 
 def tool_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "rdna4-install": __version__}
-    for name, argv in (("uv", [find_uv(), "--version"]), ("git", ["git", "--version"])):
+    for name, argv in (("uv", [proc.find_uv() or "uv", "--version"]), ("git", ["git", "--version"])):
         got = proc.capture(argv, env=proc.base_env(), timeout=20)
         out[name] = got.stdout.strip() if got.ok else "not found"
     return out
@@ -117,7 +117,7 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         "source": item.inputs.get("source", {}), "patches": item.inputs.get("patches", {}),
         "env": item.inputs.get("env", {}), "started": started, "finished": state.now(),
     })
-    if not item.recipe.keep_work:
+    if not (item.recipe.keep_work or ctx.keep_work):
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
     ui.success(f"{name} done")
 
@@ -129,6 +129,12 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan,
     if dry_run:
         return make_plan(settings), outcome
     with state.PrefixLock(settings.prefix):
+        # an earlier run may have been SIGKILLed, which runs no cleanup: its temps go now
+        from . import download, wheelcache
+
+        state.sweep(settings.prefix)
+        wheelcache.sweep(settings.cache_dir)
+        download.sweep(settings.cache_dir)
         plan = make_plan(settings)
         todo = plan.to_run
         tools = tool_versions() if todo else {}

@@ -15,21 +15,21 @@ import importlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import proc
 from . import recipes as rcp
 from . import state
 from .errors import RecipeError, UsageError
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
-                "archs", "arch_list", "jobs", "patches", "visible_devices")
+                "archs", "arch_list", "jobs", "patches", "visible_devices", "editable")
 # context values that change what a recipe produces, so they stay in its fingerprint
 # (the others are paths or parallelism, which must not force a rebuild)
-FINGERPRINTED = ("visible_devices",)
+FINGERPRINTED = ("visible_devices", "editable")
 
 
 @dataclass
@@ -98,18 +98,6 @@ def _hash_json(data: Any) -> str:
     return _sha256_text(json.dumps(data, sort_keys=True, default=str))
 
 
-def find_uv() -> str:
-    found = shutil.which("uv")
-    if found:
-        return found
-    try:  # the uv that came with rdna4-install as a dependency
-        from uv import find_uv_bin
-
-        return find_uv_bin()
-    except Exception:  # noqa: BLE001 - any failure means "not installed"
-        return "uv"
-
-
 def context_vars(settings: Settings, name: str) -> dict[str, str]:
     prefix = settings.prefix
     work = state.work_root(prefix) / name
@@ -118,10 +106,15 @@ def context_vars(settings: Settings, name: str) -> dict[str, str]:
         "prefix": str(prefix), "work": str(work), "src": str(work / "src"),
         "cache": str(settings.cache_dir), "rocm": str(prefix / "rocm"),
         "venv": str(prefix / "venv"), "python": str(prefix / "venv" / "bin" / "python"),
-        "uv": find_uv(), "archs": ",".join(settings.archs), "arch_list": ";".join(settings.archs),
+        "uv": proc.find_uv() or "uv", "archs": ",".join(settings.archs), "arch_list": ";".join(settings.archs),
         "jobs": str(jobs), "patches": str(rcp.patches_dir_for(settings.recipes_dir) / name),
-        "visible_devices": str(settings.options.get("visible_devices", "")),
+        **{name: _option(settings, name) for name in FINGERPRINTED},
     }
+
+
+def _option(settings: Settings, name: str) -> str:
+    value = settings.options.get(name, "")
+    return str(value).lower() if isinstance(value, bool) else str(value or "")
 
 
 def dependency_order(recipes: dict[str, rcp.Recipe]) -> list[str]:
@@ -198,7 +191,8 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
     where = str(recipe.path)
     symbolic = dict(pin_values)
     symbolic.update({v: "{" + v + "}" for v in CONTEXT_VARS if v not in FINGERPRINTED})
-    symbolic["visible_devices"] = str(settings.options.get("visible_devices", ""))
+    for name in FINGERPRINTED:
+        symbolic[name] = _option(settings, name)
     used = {k for k in rcp.placeholders(recipe.raw) if k not in CONTEXT_VARS}
     used |= {k for k in pin_values if k.startswith(recipe.name + ".")}
     body = rcp.interpolate(dict(recipe.raw), symbolic, where)

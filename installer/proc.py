@@ -38,6 +38,18 @@ ENV_ALLOW = (
 
 TAIL_LINES = 30
 
+# Open descriptors every run/spawn child inherits (state.PrefixLock's children
+# lock), so processes left running by a killed installer can be found later.
+_INHERITED: set[int] = set()
+
+
+def inherit_fd(fd: int, keep: bool = True) -> None:
+    """Pass `fd` to (or, with keep=False, stop passing it to) every child started from now on."""
+    if keep:
+        _INHERITED.add(fd)
+    else:
+        _INHERITED.discard(fd)
+
 
 def base_env(extra: Mapping[str, str] | None = None, allow: Iterable[str] = ENV_ALLOW,
              drop: Iterable[str] = ()) -> dict[str, str]:
@@ -53,6 +65,19 @@ def base_env(extra: Mapping[str, str] | None = None, allow: Iterable[str] = ENV_
 
 def which(name: str, path: str | None = None) -> str | None:
     return shutil.which(name, path=path)
+
+
+def find_uv() -> str | None:
+    """The uv on PATH, else the one installed with rdna4-install (the `uv` package)."""
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        import uv  # the PyPI package that ships the uv binary
+
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -79,7 +104,8 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 def _start(argv: Sequence[str], **kw) -> subprocess.Popen:
     try:
-        return subprocess.Popen([str(a) for a in argv], start_new_session=True, **kw)
+        return subprocess.Popen([str(a) for a in argv], start_new_session=True,
+                                pass_fds=tuple(sorted(_INHERITED)), **kw)
     except FileNotFoundError:
         raise InstallerError(f"command not found: {argv[0]}",
                              hint="install it or check PATH") from None

@@ -45,17 +45,13 @@ _ARCH = re.compile(r"^gfx[0-9a-f]{3,5}$")
 # --- locations -----------------------------------------------------------------
 
 def find_uv() -> str:
-    """The uv on PATH, else the one installed with rdna4-install (the `uv` package)."""
-    found = proc.which("uv")
-    if found:
-        return found
-    try:
-        import uv  # the PyPI package that ships the uv binary
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
+    """proc.find_uv, or a clear error when there is no uv at all."""
+    found = proc.find_uv()
+    if found is None:
         raise InstallerError("uv not found on PATH or next to rdna4-install",
                              hint="install uv (https://docs.astral.sh/uv/) or reinstall "
-                                  "rdna4-install, which depends on it") from None
+                                  "rdna4-install, which depends on it")
+    return found
 
 
 def venv_dir(prefix: Path) -> Path:

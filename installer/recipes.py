@@ -269,7 +269,7 @@ def interpolate(value: Any, variables: Mapping[str, Any], where: str) -> Any:
                 raise RecipeError(f"{where}: unknown placeholder {{{key}}}",
                                   hint="placeholders are pins (recipe.key) or prefix, work, src, "
                                        "cache, rocm, venv, python, uv, archs, arch_list, jobs, patches, "
-                                       "visible_devices")
+                                       "visible_devices, editable")
             return str(variables[key])
         return _PLACEHOLDER.sub(sub, value)
     if isinstance(value, list):

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from . import proc
-from .download import check_url
+from .download import check_url, locked
 from .errors import InstallerError, RecipeError
 
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
@@ -59,16 +59,40 @@ def ensure_commit(ctx, url: str, commit: str) -> tuple[Path, bool]:
     if ctx.offline:
         raise InstallerError(f"offline, and {url} @ {commit[:12]} is not in the git cache",
                              hint=f"run once without --offline to fill {mirror}")
-    if not mirror.is_dir():
-        mirror.parent.mkdir(parents=True, exist_ok=True)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    # the cache is shared by every prefix: one writer per mirror at a time
+    with locked(mirror.with_name(mirror.name + ".lock")):
+        if _has_commit(ctx, mirror, commit):  # another installer fetched it meanwhile
+            return mirror, True
+        if mirror.is_dir():
+            _clear_stale_locks(mirror)
+        # also on an existing mirror: `git init` is idempotent and repairs one
+        # whose own `git init` was killed half way
         ctx.run(["git", "init", "-q", "--bare", mirror], env=_git_env(ctx), what="git init")
-    ctx.run(["git", "-C", mirror, "fetch", "-q", "--depth", "1", "--no-tags", url,
-             f"{commit}:refs/pins/{commit}"], env=_git_env(ctx),
-            what=f"git fetch {url} {commit[:12]}")
+        ctx.run(["git", "-C", mirror, "fetch", "-q", "--depth", "1", "--no-tags", url,
+                 f"{commit}:refs/pins/{commit}"], env=_git_env(ctx),
+                what=f"git fetch {url} {commit[:12]}")
     if not _has_commit(ctx, mirror, commit):
         raise InstallerError(f"{url} did not deliver commit {commit}",
                              hint="check the pinned commit exists upstream")
     return mirror, False
+
+
+def _clear_stale_locks(mirror: Path) -> None:
+    """Remove what a killed `git fetch` leaves in a mirror.
+
+    SIGKILL runs no cleanup: shallow.lock and ref locks stay behind and every
+    later fetch fails with "Unable to create ...lock: File exists"; a quarantine
+    dir (objects/incoming-*) or tmp_pack_* is dead weight. Only called with the
+    mirror's flock held, so no git process of ours is using them.
+    """
+    for lock in [*mirror.glob("*.lock"), *(mirror / "refs").rglob("*.lock")]:
+        lock.unlink(missing_ok=True)
+    for junk in [*mirror.glob("objects/incoming-*"), *mirror.glob("objects/pack/tmp_*")]:
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        else:
+            junk.unlink(missing_ok=True)
 
 
 def _checkout(ctx, mirror: Path, commit: str, dest: Path, *, git_dir: Path | None = None,

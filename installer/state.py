@@ -93,11 +93,23 @@ def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
 
 class PrefixLock:
     """An flock on PREFIX/.rdna4/lock. The kernel drops it when its holder dies,
-    so a lock left by a killed installer is simply taken over."""
+    so a lock left by a killed installer is simply taken over.
+
+    The build steps an installer starts run in sessions of their own (so Ctrl-C
+    can kill them as a group), which also means they outlive an installer that
+    is SIGKILLed or loses its terminal: an orphaned hour-long compile would
+    then race the next run in the same work dir. So every child inherits a
+    second lock, PREFIX/.rdna4/children.lock; whoever still holds it when the
+    next installer has taken the prefix lock is such an orphan and is killed.
+    """
+
+    ORPHAN_WAIT = 15.0  # seconds for killed orphans to let go of the children lock
 
     def __init__(self, prefix: Path):
         self.path = meta_dir(prefix) / "lock"
+        self.children_path = meta_dir(prefix) / "children.lock"
         self._fd: int | None = None
+        self._children_fd: int | None = None
 
     def acquire(self) -> "PrefixLock":
         import fcntl
@@ -118,9 +130,49 @@ class PrefixLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        try:
+            self._children_fd = self._take_children_lock()
+        except BaseException:
+            self.release()
+            raise
         return self
 
+    def _take_children_lock(self) -> int:
+        import fcntl
+
+        from . import proc
+
+        fd = os.open(self.children_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            # we hold the prefix lock, so no live installer has children here
+            if deadline is None:
+                deadline = time.monotonic() + self.ORPHAN_WAIT
+            left = kill_holders(self.children_path)
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise InstallerError(
+                    f"processes left by an interrupted rdna4-install still use {self.path.parent.parent}"
+                    f" (PIDs {', '.join(map(str, left)) or 'unknown'})",
+                    hint="stop them (kill -9 PID) and rerun")
+            time.sleep(0.05)
+        proc.inherit_fd(fd)
+        return fd
+
     def release(self) -> None:
+        if self._children_fd is not None:
+            from . import proc
+
+            proc.inherit_fd(self._children_fd, keep=False)
+            os.close(self._children_fd)
+            self._children_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -130,6 +182,70 @@ class PrefixLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# What a SIGKILLed run leaves in a prefix: write-then-rename temps (stamps, the
+# receipt, activate), unpack temp trees and the PREFIX/rocm link's temp.
+PREFIX_TEMPS = (".*.tmp*", ".*.old-*", ".rocm.link-*", ".rdna4/state/.*.tmp")
+
+
+def sweep(prefix: Path) -> None:
+    """Delete the temp files and trees of killed runs; the caller holds the prefix
+    lock, so none of them belongs to a live run. (SIGKILL runs no cleanup code.)"""
+    import shutil
+
+    for pattern in PREFIX_TEMPS:
+        for path in prefix.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_holders(path: Path) -> list[int]:
+    """SIGKILL the process group of every other process that has `path` open
+    (read from /proc, so only this user's processes); returns their PIDs."""
+    import signal
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.stat(f"/proc/{entry.name}/fd/{fd}")
+            except OSError:
+                continue
+            if (link.st_dev, link.st_ino) == (st.st_dev, st.st_ino):
+                found.append(int(entry.name))
+                break
+    for pid in found:
+        try:
+            group = os.getpgid(pid)
+            if group != os.getpgrp():  # never our own group (a shell's, a test runner's)
+                os.killpg(group, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
 
 
 def check_writable(prefix: Path) -> None:

@@ -2,21 +2,18 @@
 
 The Python-level probes run in the venv's own interpreter (verify_probes.py,
 executed by path, one JSON line per probe) with the activation's environment.
-The code-object probes read the extensions' `.hip_fatbin` sections right here:
-they need no GPU and no import of the extension.
+The code-object probes read the extensions' code objects right here
+(codeobjects.py): they need no GPU, no toolchain and no import of the extension.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import tempfile
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import activate, proc, state
+from . import activate, codeobjects, proc, state
 from .errors import InstallerError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -83,111 +80,6 @@ def run_script_probes(python: Path, expect: dict, env: dict[str, str],
 
 # --- code objects in HIP extensions ----------------------------------------------
 
-BUNDLE_MAGIC = b"__CLANG_OFFLOAD_BUNDLE__"
-COMPRESSED_MAGIC = b"CCOB"
-
-
-class Unreadable(Exception):
-    pass
-
-
-def elf_section(path: Path, wanted: str) -> bytes | None:
-    """The bytes of one section of a 64-bit little-endian ELF file, or None."""
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            raise ValueError(f"{path.name} is not a 64-bit little-endian ELF file")
-        shoff, = struct.unpack_from("<Q", head, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
-        fh.seek(shoff)
-        table = fh.read(shentsize * shnum)
-        sections = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
-        _, _, _, _, str_off, str_size = sections[shstrndx]
-        fh.seek(str_off)
-        names = fh.read(str_size)
-        for name_off, _type, _flags, _addr, offset, size in sections:
-            name = names[name_off:names.index(b"\0", name_off)].decode("ascii", "replace")
-            if name == wanted:
-                fh.seek(offset)
-                return fh.read(size)
-    return None
-
-
-def _zstd(data: bytes) -> bytes:
-    for module in ("compression.zstd", "zstandard"):
-        try:
-            mod = __import__(module, fromlist=["x"])
-        except ImportError:
-            continue
-        if hasattr(mod, "ZstdDecompressor"):  # zstandard
-            return mod.ZstdDecompressor().decompressobj().decompress(data)
-        return mod.decompress(data)
-    # neither module here: the zstd command line tool, through files (proc is text-only)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.zst", Path(tmp) / "out"
-        src.write_bytes(data)
-        got = proc.capture(["zstd", "-d", "-q", "-f", "-o", str(dst), str(src)], env=proc.base_env())
-        if not got.ok:
-            raise Unreadable("code objects are zstd-compressed; install the zstd command to read them")
-        return dst.read_bytes()
-
-
-def _bundle_ids(data: bytes, pos: int) -> tuple[list[str], int]:
-    """Entry IDs of the uncompressed bundle at `pos`, and where it ends."""
-    count, = struct.unpack_from("<Q", data, pos + len(BUNDLE_MAGIC))
-    at, end, ids = pos + len(BUNDLE_MAGIC) + 8, pos, []
-    for _ in range(count):
-        offset, size, id_len = struct.unpack_from("<QQQ", data, at)
-        ids.append(data[at + 24:at + 24 + id_len].decode("ascii", "replace"))
-        at += 24 + id_len
-        end = max(end, pos + offset + size)
-    return ids, max(end, at)
-
-
-def _decompress(data: bytes, pos: int) -> tuple[bytes, int]:
-    # clang OffloadBundler "CCOB": magic, u16 version, u16 method, then v2: u32
-    # total size, u32 uncompressed size; v3: u64, u64; then a u64 hash. Method
-    # 0 is zlib, 1 is zstd (llvm::compression::Format). Version 1 has no total
-    # size, so it can only be the last bundle in the section.
-    version, method = struct.unpack_from("<HH", data, pos + 4)
-    if version == 1:
-        start, total = pos + 20, len(data) - pos
-    elif version == 2:
-        total, = struct.unpack_from("<I", data, pos + 8)
-        start = pos + 24
-    elif version == 3:
-        total, = struct.unpack_from("<Q", data, pos + 8)
-        start = pos + 32
-    else:
-        raise Unreadable(f"compressed code-object bundle version {version} is not known")
-    body = data[start:pos + total]
-    if method == 0:
-        return zlib.decompress(body), pos + total
-    if method == 1:
-        return _zstd(body), pos + total
-    raise Unreadable(f"unknown code-object compression method {method}")
-
-
-def fatbin_archs(fatbin: bytes) -> set[str]:
-    """Every gfx target the bundles in a `.hip_fatbin` section carry code for."""
-    archs: set[str] = set()
-    pos = 0
-    while True:
-        hits = [i for i in (fatbin.find(BUNDLE_MAGIC, pos), fatbin.find(COMPRESSED_MAGIC, pos)) if i >= 0]
-        if not hits:
-            return archs
-        pos = min(hits)
-        if fatbin.startswith(COMPRESSED_MAGIC, pos):
-            inner, pos = _decompress(fatbin, pos)
-            ids, _ = _bundle_ids(inner, 0)
-        else:
-            ids, pos = _bundle_ids(fatbin, pos)
-        for entry in ids:
-            # e.g. hipv4-amdgcn-amd-amdhsa--gfx1201 or ...--gfx90a:xnack-
-            if "amdgcn" in entry and "--" in entry:
-                archs.add(entry.rsplit("--", 1)[1].split(":")[0])
-
-
 def site_packages(venv: Path) -> list[Path]:
     return sorted(venv.glob("lib/python3*/site-packages"))
 
@@ -199,16 +91,14 @@ def code_object_probe(name: str, files: list[Path], archs: tuple[str, ...], miss
     good, bad, plain = [], [], []
     try:
         for path in files:
-            section = elf_section(path, ".hip_fatbin")
-            if section is None:
+            found = codeobjects.archs_in(path)
+            if not found:
                 plain.append(path.name)  # a host-only helper (e.g. cumem_allocator)
                 continue
-            found = fatbin_archs(section)
-            (good if all(a in found for a in archs) else bad).append(
-                (path.name, ",".join(sorted(found)) or "none"))
-    except Unreadable as exc:
-        return Probe(name, SKIP, str(exc))
-    except (OSError, struct.error, zlib.error, ValueError) as exc:
+            (good if all(a in found for a in archs) else bad).append((path.name, ",".join(sorted(found))))
+    except codeobjects.Unreadable as exc:
+        return Probe(name, SKIP, f"{exc.message} ({exc.hint})" if exc.hint else exc.message)
+    except (OSError, codeobjects.Malformed) as exc:
         return Probe(name, FAIL, f"could not read code objects: {exc}")
     if bad:
         return Probe(name, FAIL, "; ".join(f"{n} has code for {f}, not {','.join(archs)}" for n, f in bad))

@@ -60,7 +60,7 @@ def store(cache_dir: Path, recipe: str, key: str, wheel: Path, meta: Mapping[str
     if (hit := lookup(cache_dir, recipe, key)) is not None:
         return hit
     slot.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=slot.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:12]}-", dir=slot.parent))
     try:
         shutil.copy2(wheel, tmp / wheel.name)
         (tmp / "build.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
@@ -72,3 +72,14 @@ def store(cache_dir: Path, recipe: str, key: str, wheel: Path, meta: Mapping[str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return slot / wheel.name
+
+
+def sweep(cache_dir: Path) -> None:
+    """Remove store() temp dirs whose process is gone (a SIGKILL mid-copy leaves
+    them). The cache is shared, so a live installer's temp dir is left alone."""
+    from .state import pid_alive
+
+    for tmp in (Path(cache_dir) / "wheels").glob("*/.tmp-*-*"):
+        pid = tmp.name.split("-")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)

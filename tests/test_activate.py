@@ -13,7 +13,7 @@ import pytest
 from installer import activate, actions
 from installer.actions import StepContext
 from installer.errors import InstallerError
-from installer.plan import find_uv
+from installer.proc import find_uv
 from installer.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

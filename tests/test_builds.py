@@ -17,8 +17,9 @@ from build_fixtures import (
     triton_like_repo,
     vllm_like_sdist,
 )
+from codeobject_fixtures import bundle, ccob, ids_for, make_so, needs_elf, padded, undecodable_zstd_ccob
 
-from installer import builds, sources
+from installer import builds, codeobjects, sources
 from installer.errors import InstallerError
 from installer.recipes import Source
 from installer.ui import UI
@@ -137,20 +138,29 @@ def test_missing_ck_extension_is_named(world):
     assert "Triton-only" in err.value.hint
 
 
-def test_compressed_bundles_are_listed_with_the_toolchain_bundler(tmp_path):
-    rocm = fake_rocm(tmp_path / "rocm")
-    bundler = rocm / "lib/llvm/bin/clang-offload-bundler"
-    # stands in for LLVM's tool: "lists" what the test hid in the blob
-    bundler.write_text("#!/bin/sh\nfor a; do case $a in --input=*) f=${a#--input=};; esac; done\n"
-                       "tr -c 'a-z0-9\\n' '\\n' < \"$f\" | grep '^gfx' | sed 's/^/hipv4-amdgcn-amd-amdhsa--/'\n")
-    bundler.chmod(0o755)
-    so = tmp_path / "lib.so"
-    blob = b"CCOB" + (2).to_bytes(2, "little") + (1).to_bytes(2, "little") + (30).to_bytes(4, "little")
-    so.write_bytes(b"\x7fELF" + b"\0" * 20 + blob + b"\0gfx1201\0".ljust(18, b"\0") + b"tail")
-    assert builds.code_object_archs(so, rocm, {"PATH": "/usr/bin:/bin"}) == {"gfx1201"}
-    shutil.rmtree(rocm / "lib/llvm/bin")
-    with pytest.raises(InstallerError, match="compressed"):
-        builds.code_object_archs(so, rocm, {"PATH": "/usr/bin:/bin"})
+@needs_elf
+def test_compressed_bundles_are_read_without_the_toolchain(tmp_path, monkeypatch):
+    # vLLM 0.33 builds _rocm_C with --offload-compress; the check decodes the
+    # bundles itself, so a toolchain without clang-offload-bundler is fine
+    ctx = make_ctx(tmp_path, "vllm", prefix=tmp_path / "p", rocm=tmp_path / "no-rocm",
+                   venv=make_venv(tmp_path / "p" / "venv"), cache=tmp_path / "cache")
+    vllm = site(ctx) / "vllm"
+    make_so(vllm / "_rocm_C.abi3.so", ccob(bundle(ids_for("gfx1201")), version=3), tmp_path)
+    make_so(vllm / "cumem_allocator.abi3.so", None, tmp_path)
+    assert builds.check_code_objects(ctx, required=["vllm/_rocm_C*.so"], scan="vllm") == {
+        "vllm/_rocm_C.abi3.so": ["gfx1201"]}
+
+    make_so(vllm / "_moe_C.abi3.so", padded(ccob(bundle(ids_for("gfx942")))), tmp_path)
+    with pytest.raises(InstallerError, match=r"vllm/_moe_C.abi3.so has code objects for gfx942 "
+                                             r"\(missing gfx1201; unexpected gfx942\)"):
+        builds.check_code_objects(ctx, required=["vllm/_rocm_C*.so"], scan="vllm")
+
+    # a zstd bundle on a host with no zstd decoder at all: say what to install
+    monkeypatch.setattr(codeobjects, "ZSTD_DECODERS", ())
+    make_so(vllm / "_moe_C.abi3.so", undecodable_zstd_ccob(), tmp_path)
+    with pytest.raises(InstallerError, match="vllm: _moe_C.abi3.so: .*no zstd decoder") as err:
+        builds.check_code_objects(ctx, required=["vllm/_rocm_C*.so"], scan="vllm")
+    assert "install zstd" in err.value.hint
 
 
 def test_ninja_progress_eta_and_phases():

@@ -121,6 +121,14 @@ def test_install_sh_then_rerun_patch_change_and_activation(world, tmp_path, home
         assert len(compiler_calls(prefix / "rocm")) > before_calls
     finally:
         world.vllm_patch.write_text(VLLM_PATCH.format(value=1))
+
+    # switching to --editable redoes vLLM as an editable install whose source stays
+    editable = run_cli(world, home, "run", "vllm", "--editable", "--prefix", str(prefix))
+    assert editable.returncode == 0, editable.stderr[-3000:]
+    src = prefix / ".rdna4" / "work" / "vllm" / "src"
+    where = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c", "import vllm; print(vllm.__file__)"],
+                           capture_output=True, text=True, cwd=home)
+    assert where.stdout.strip() == str(src / "vllm" / "__init__.py"), where
     assert leftovers(prefix, world.root / "cache") == []
 
 

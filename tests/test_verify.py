@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import struct
-import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
+from codeobject_fixtures import bundle, ccob, ids_for, make_so, needs_elf, padded, undecodable_zstd_ccob
 
-from installer import state, verify
+from installer import codeobjects, state, verify
 from installer.errors import InstallerError
-
-HAS_BUILD_TOOLS = shutil.which("cc") is not None and shutil.which("objcopy") is not None
-needs_elf = pytest.mark.skipif(not HAS_BUILD_TOOLS, reason="needs cc and objcopy to build a .so")
 
 ALL_PASS = [{"name": n, "status": "pass", "detail": f"{n} ok"} for n in verify.SCRIPT_PROBES]
 
@@ -57,61 +51,14 @@ def shq(s: str) -> str:
     return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
-# --- bundles and ELF files -----------------------------------------------------------
-
-def bundle(ids: list[str]) -> bytes:
-    head_len = len(verify.BUNDLE_MAGIC) + 8 + sum(24 + len(i) for i in ids)
-    blobs = [b"\x7fELF-code-object-for-" + i.encode() for i in ids]
-    out, offset = bytearray(verify.BUNDLE_MAGIC + struct.pack("<Q", len(ids))), head_len
-    for i, blob in zip(ids, blobs):
-        out += struct.pack("<QQQ", offset, len(blob), len(i)) + i.encode()
-        offset += len(blob)
-    return bytes(out) + b"".join(blobs)
-
-
-def ccob(inner: bytes, *, method: str = "zlib", version: int = 2) -> bytes:
-    if method == "zlib":
-        body, code = zlib.compress(inner), 0
-    else:
-        body = subprocess.run(["zstd", "-q", "-c"], input=inner, capture_output=True, check=True).stdout
-        code = 1
-    if version == 1:  # no total size: only ever the last bundle
-        return b"CCOB" + struct.pack("<HHIQ", 1, code, len(inner), 0) + body
-    if version == 2:
-        return b"CCOB" + struct.pack("<HHIIQ", 2, code, 24 + len(body), len(inner), 0) + body
-    return b"CCOB" + struct.pack("<HHQQQ", 3, code, 32 + len(body), len(inner), 0) + body
-
-
-def ids_for(*archs: str) -> list[str]:
-    return ["host-x86_64-unknown-linux-gnu-"] + [f"hipv4-amdgcn-amd-amdhsa--{a}" for a in archs]
-
-
-def make_so(path: Path, fatbin: bytes | None, tmp: Path) -> Path:
-    src = tmp / "empty.c"
-    src.write_text("int rdna4_probe_symbol(void) { return 0; }\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(src)], check=True)
-    if fatbin is not None:
-        blob = tmp / f"{path.name}.fatbin"
-        blob.write_bytes(fatbin)
-        subprocess.run(["objcopy", "--add-section", f".hip_fatbin={blob}", str(path)], check=True)
-    return path
-
-
-def padded(*parts: bytes) -> bytes:
-    out = b""
-    for part in parts:  # the linker aligns each translation unit's bundle
-        out += part + b"\0" * (-len(part) % 4096)
-    return out
-
-
 # --- the probe table ---------------------------------------------------------------------
 
 @needs_elf
 def test_all_pass_gives_a_pass_table_and_no_failure(tmp_path):
     prefix = fake_prefix(tmp_path / "p", [json.dumps(d) for d in ALL_PASS])
     sp = prefix / "venv" / "lib" / "python3.12" / "site-packages"
-    make_so(sp / "vllm" / "_rocm_C.abi3.so", padded(bundle(ids_for("gfx1201")), ccob(bundle(ids_for("gfx1201")))), tmp_path)
+    rocm_c = padded(bundle(ids_for("gfx1201")), ccob(bundle(ids_for("gfx1201"))))
+    make_so(sp / "vllm" / "_rocm_C.abi3.so", rocm_c, tmp_path)
     make_so(sp / "vllm" / "cumem_allocator.abi3.so", None, tmp_path)
     make_so(sp / "flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so", bundle(ids_for("gfx1201")), tmp_path)
 
@@ -214,20 +161,6 @@ def test_the_real_probe_script_reports_every_probe_without_torch(tmp_path):
 # --- code objects --------------------------------------------------------------------------
 
 @needs_elf
-@pytest.mark.parametrize("wrap", ["plain", "zlib-v1", "zlib-v2", "zlib-v3", "zstd-v2", "zstd-v3"])
-def test_fatbin_archs_are_read_from_plain_and_compressed_bundles(tmp_path, wrap):
-    if wrap.startswith("zstd") and shutil.which("zstd") is None:
-        pytest.skip("zstd not installed")
-    inner = bundle(ids_for("gfx1201", "gfx90a:xnack-"))
-    method, _, version = wrap.partition("-v")
-    blob = inner if wrap == "plain" else ccob(inner, method=method, version=int(version))
-    # v1 cannot be followed by padding: it has no size, so it runs to the section's end
-    tail = blob if wrap.endswith("v1") else blob + b"\0" * (-len(blob) % 4096)
-    so = make_so(tmp_path / "ext.so", padded(bundle(ids_for("gfx1100"))) + tail, tmp_path)
-    assert verify.fatbin_archs(verify.elf_section(so, ".hip_fatbin")) == {"gfx1100", "gfx1201", "gfx90a"}
-
-
-@needs_elf
 def test_an_extension_without_the_target_fails(tmp_path):
     good = make_so(tmp_path / "a.so", bundle(ids_for("gfx1201")), tmp_path)
     bad = make_so(tmp_path / "b.so", ccob(bundle(ids_for("gfx942", "gfx950"))), tmp_path)
@@ -248,3 +181,12 @@ def test_a_non_elf_file_is_reported_not_raised(tmp_path):
     junk.write_bytes(b"not an elf file at all" * 4)
     probe = verify.code_object_probe("vllm.code-objects", [junk], ("gfx1201",), "fail")
     assert probe.status == "fail" and "not a 64-bit little-endian ELF" in probe.detail
+
+
+@needs_elf
+def test_code_objects_this_host_cannot_decode_skip_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(codeobjects, "ZSTD_DECODERS", (lambda data, size: None,))
+    so = make_so(tmp_path / "_rocm_C.so", undecodable_zstd_ccob(), tmp_path)
+    probe = verify.code_object_probe("vllm.code-objects", [so], ("gfx1201",), "fail")
+    assert probe.status == "skip"
+    assert "no zstd decoder" in probe.detail and "install zstd" in probe.detail

@@ -186,7 +186,8 @@ def _sha256(path: Path) -> str:
 def vllm_sdist(request, tmp_path_factory) -> Path:
     """The pinned sdist, verified; kept in pytest's cache so a rerun downloads nothing."""
     pin = load_pins()["vllm"]
-    cache = Path(request.config.cache.mkdir("vllm-sdist"))
+    store = getattr(request.config, "cache", None)   # absent under -p no:cacheprovider
+    cache = Path(store.mkdir("vllm-sdist")) if store else tmp_path_factory.mktemp("vllm-sdist")
     tarball = cache / pin["sdist_url"].rsplit("/", 1)[1]
     if tarball.exists() and _sha256(tarball) != pin["sdist_sha256"]:
         tarball.unlink()
