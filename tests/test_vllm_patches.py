@@ -8,7 +8,6 @@ does. Later patches therefore see the earlier ones.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -159,42 +158,18 @@ def test_patch_header_explains_itself(patch: Path):
 # ---------------------------------------------------------------- against the real sdist
 
 
-def _download(url: str, dest: Path, sha256: str) -> None:
-    import requests
-
-    digest = hashlib.sha256()
-    part = dest.with_suffix(".part")
-    with requests.get(url, stream=True, timeout=60) as resp:
-        resp.raise_for_status()
-        with open(part, "wb") as fh:
-            for chunk in resp.iter_content(1 << 20):
-                fh.write(chunk)
-                digest.update(chunk)
-    assert digest.hexdigest() == sha256, f"{url}: sha256 {digest.hexdigest()} != pin {sha256}"
-    part.rename(dest)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def vllm_sdist(request, tmp_path_factory) -> Path:
-    """The pinned sdist, verified; kept in pytest's cache so a rerun downloads nothing."""
+    """The pinned sdist through the installer's own download (sha256 checked), cached in
+    pytest's cache dir so a rerun downloads nothing."""
+    from installer import download
+
     pin = load_pins()["vllm"]
     store = getattr(request.config, "cache", None)   # absent under -p no:cacheprovider
     cache = Path(store.mkdir("vllm-sdist")) if store else tmp_path_factory.mktemp("vllm-sdist")
-    tarball = cache / pin["sdist_url"].rsplit("/", 1)[1]
-    if tarball.exists() and _sha256(tarball) != pin["sdist_sha256"]:
-        tarball.unlink()
-    if not tarball.exists():
-        _download(pin["sdist_url"], tarball, pin["sdist_sha256"])
-    assert _sha256(tarball) == pin["sdist_sha256"]
-    return tarball
+    got = download.fetch(pin["sdist_url"], cache_dir=cache, sha256=pin["sdist_sha256"])
+    assert got.sha256 == pin["sdist_sha256"]
+    return got.path
 
 
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
