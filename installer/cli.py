@@ -164,13 +164,18 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     sets = tuple(opts.get("sets") or ())
     if opts.get("flash_attention_backend"):
         sets += (f"flash-attention.backend={opts['flash_attention_backend']}",)
+    without = tuple(opts.get("without") or ())
+    if "flash-attention" in without:
+        # a pin, not a skip: the activation script must also stop selecting a backend
+        sets += ("flash-attention.backend=none",)
+        without = tuple(w for w in without if w != "flash-attention")
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets)
     archs = _target_archs(opts, ui, prefix, need=need_gpu, detection=detection)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
-        skip=tuple(opts.get("skip") or ()) + tuple(opts.get("without") or ()),
+        skip=tuple(opts.get("skip") or ()) + without,
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")), "jobs": opts.get("jobs"),
                  "visible_devices": _visible(detection, prefix)},
@@ -192,6 +197,8 @@ def _preflight(settings, detection: Any, ui: UI, archs_given: bool) -> None:
     from .plan import make_plan
 
     todo = make_plan(settings).to_run
+    if not todo:
+        return  # nothing will run, so nothing can fail for lack of disk or tools
     need = int(sum(i.recipe.disk_gb for i in todo) * 1024 ** 3)
     jobs = buildenv.max_jobs("vllm", override=settings.jobs)
     checks = doctor.run_checks(prefix=settings.prefix, cache_dir=settings.cache_dir, need_bytes=need,

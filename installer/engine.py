@@ -89,9 +89,9 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         steps.append(item.recipe.check)
     try:
         for step in steps:
-            unmet = [k for k, v in step.when if item.vars.get(k) != v]
-            if unmet:
-                ui.detail(f"{step.name}: not needed ({unmet[0]} is {item.vars.get(unmet[0])})")
+            why = rcp.unmet(step.when, item.vars, f"{item.recipe.path} step {step.name!r}")
+            if why:
+                ui.detail(f"{step.name}: not needed ({why})")
                 continue
             ui.detail(step.name)
             _run_step(ctx, step, item)

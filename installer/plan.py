@@ -177,15 +177,6 @@ def _patch_files(recipe: rcp.Recipe, settings: Settings) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def _when_fails(conds: tuple[tuple[str, str], ...], variables: dict[str, str], where: str) -> str:
-    for key, want in conds:
-        if key not in variables:
-            raise RecipeError(f"{where}: 'when' names unknown pin {key!r}")
-        if variables[key] != want:
-            return f"{key} is {variables[key]}, not {want}"
-    return ""
-
-
 def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
             patches: tuple[Path, ...], dep_fps: dict[str, str]) -> dict[str, Any]:
     where = str(recipe.path)
@@ -274,7 +265,7 @@ def make_plan(settings: Settings) -> Plan:
     for name in order:
         recipe = recipes[name]
         stamp = state.read_stamp(settings.prefix, name)
-        not_needed = _when_fails(recipe.when, pin_values, str(recipe.path))
+        not_needed = rcp.unmet(recipe.when, pin_values, str(recipe.path))
         dep_fps = {}
         for dep in recipe.depends:
             d = items[dep]

@@ -281,6 +281,19 @@ def interpolate(value: Any, variables: Mapping[str, Any], where: str) -> Any:
     return value
 
 
+def unmet(conds: tuple[tuple[str, str], ...], variables: Mapping[str, str], where: str) -> str:
+    """Why a `when` table does not hold ("" when it does). "!x" means "anything but x"."""
+    for key, want in conds:
+        if key not in variables:
+            raise RecipeError(f"{where}: 'when' names unknown pin {key!r}")
+        have = variables[key]
+        if want.startswith("!") and have == want[1:]:
+            return f"{key} is {have}"
+        if not want.startswith("!") and have != want:
+            return f"{key} is {have}, not {want}"
+    return ""
+
+
 def placeholders(value: Any) -> set[str]:
     """Every placeholder name used anywhere in a recipe's raw data."""
     found: set[str] = set()

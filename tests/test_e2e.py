@@ -220,3 +220,33 @@ def test_bad_input(world, tmp_path, home, case):
         one_line_error(r, 1, "127.0.0.1:9")
         return
     raise AssertionError(case)
+
+
+@pytest.mark.parametrize("option, backend", [
+    (["--flash-attention-backend", "triton"], "TRUE"),
+    (["--without", "flash-attention"], None),
+])
+def test_flash_attention_backend_choices(world, tmp_path, home, option, backend):
+    prefix = tmp_path / "p"
+    result = run_cli(world, home, "install", "--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks",
+                     *option)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = stamps(prefix)
+    activate = (prefix / "activate").read_text()
+    site = next((prefix / "venv" / "lib").glob("python*/site-packages"))
+    if backend is None:
+        assert "flash-attention" not in state, "left out, not built"
+        assert "FLASH_ATTENTION_TRITON_AMD_ENABLE" not in activate
+        assert not list(site.glob("flash_attn*"))
+        plan = run_cli(world, home, "plan", "--prefix", str(prefix), "--without", "flash-attention")
+        assert re.search(r"skip\s+flash-attention .*not needed: flash-attention.backend is none", plan.stdout)
+    else:
+        assert state["flash-attention"]["facts"]["backend"] == "triton"
+        assert f"export FLASH_ATTENTION_TRITON_AMD_ENABLE={backend}" in activate
+        assert (site / "flash_attn" / "__init__.py").exists()
+        assert not list(site.glob("flash_attn_2_cuda*.so")), "the Triton backend builds no CK extension"
+    # switching back to CK rebuilds flash-attention and rewrites the activation script
+    back = run_cli(world, home, "install", "--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks")
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "export FLASH_ATTENTION_TRITON_AMD_ENABLE=FALSE" in (prefix / "activate").read_text()
+    assert list(site.glob("flash_attn_2_cuda*.so"))
