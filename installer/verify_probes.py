@@ -80,6 +80,15 @@ def torch_import(expect):
     return True, f"torch {torch.__version__} ({torch.__file__.rsplit('/', 2)[0]})"
 
 
+def _dist_version(name):
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def torch_version(expect):
     torch = _torch()
     hip = torch.version.hip
@@ -90,10 +99,17 @@ def torch_version(expect):
     problems = []
     if torch.__version__ != expect["torch"]:
         problems.append(f"torch {torch.__version__} != pin {expect['torch']}")
-    # HIP versions carry ROCm's major.minor (HIP 7.1.x ships with ROCm 7.1)
+    # HIP has its own numbering (ROCm 10.0.0 ships HIP 7.15, 10.1.0 HIP 7.16: facts/
+    # pins_evidence.md), so the ROCm version is read from torch's local segment and
+    # from the rocm wheel that torch loads its libraries from
     rocm = expect.get("rocm", "")
-    if rocm and hip.split(".")[:2] != rocm.split(".")[:2]:
-        problems.append(f"HIP {hip} is not from ROCm {rocm}")
+    if rocm:
+        local = torch.__version__.partition("+")[2]
+        if local != f"rocm{rocm}":
+            problems.append(f"torch is built for {local or 'no ROCm'}, not ROCm {rocm}")
+        wheel = _dist_version("rocm")
+        if wheel is not None and wheel != rocm:
+            problems.append(f"the rocm wheel is {wheel}, not {rocm}")
     if problems:
         return False, "; ".join(problems)
     return True, f"torch {torch.__version__}, HIP {hip} (pins: torch {expect['torch']}, ROCm {rocm})"

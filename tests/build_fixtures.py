@@ -155,7 +155,7 @@ def vllm_like_sdist(dest_dir: Path, version: str = "0.33.0") -> Path:
     files = {
         "CMakeLists.txt": CMAKELISTS,
         **SOURCES,
-        "vllm/__init__.py": "",
+        "vllm/__init__.py": f"__version__ = {version!r}\n",
         "requirements/common.txt": "# nothing needed for the fake\n",
         "requirements/build/rocm.txt": "-r ../common.txt\n--extra-index-url https://repo.amd.com/x/\n"
                                        "torch==2.12.0+rocm7.14.0\ntriton==3.7.1+git0263a6a6\namdsmi==7.0.2\n",
@@ -224,6 +224,13 @@ def fa_like_repo(root: Path) -> tuple[Path, str, dict[str, str]]:
     files = {
         "CMakeLists.txt": CMAKELISTS, **SOURCES,
         "flash_attn/__init__.py": "__version__ = '2.8.4'\n",
+        # upstream picks its backend from this switch at import time (flash_attention.md §5);
+        # the fake's CK library has no Python init, so a named stand-in takes its place
+        "flash_attn/flash_attn_interface.py": (
+            "import os, types\n"
+            "USE_TRITON_ROCM = os.environ.get('FLASH_ATTENTION_TRITON_AMD_ENABLE', 'FALSE') == 'TRUE'\n"
+            "flash_attn_gpu = types.ModuleType('flash_attn.flash_attn_triton_amd' if USE_TRITON_ROCM "
+            "else 'flash_attn_2_cuda')\n"),
         "setup.py": SETUP_COMMON.format(watch=ARCH_VARS) + textwrap.dedent("""
             ARCH_VAR = "GPU_ARCHS"
             DEVICE = {"flash_attn_2_cuda"}

@@ -174,7 +174,7 @@ def main():
 '''
 
 TORCH_INIT = '''\
-from . import version
+from . import cuda, version
 from rocm_sdk import initialize_process
 
 initialize_process(check_version="{rocm}")
@@ -222,6 +222,8 @@ def build_torch_stack(dir: Path, *, rocm: str = "10.1.0", torch: str = "2.13.0",
                     files={f"_amd_torch_device_{a}/__init__.py": ""})
     build_wheel(dir, "torch", pins["torch"], tag=tag, files={
         "torch/__init__.py": TORCH_INIT.format(rocm=rocm),
+        # what a ROCm torch says on a host without a GPU
+        "torch/cuda.py": "def is_available():\n    return False\n\ndef device_count():\n    return 0\n",
         "torch/version.py": (f'__version__ = "{pins["torch"]}"\nhip = "{hip}"\ncuda = None\n'),
     }, requires=[f"rocm[libraries]=={rocm}", f"triton=={pins['triton']}"],
         extras={f"device-{a}": [f"amd-torch-device-{a}=={pins['torch']}"] for a in archs})

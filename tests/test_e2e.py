@@ -250,3 +250,37 @@ def test_flash_attention_backend_choices(world, tmp_path, home, option, backend)
     assert back.returncode == 0, back.stderr[-3000:]
     assert "export FLASH_ATTENTION_TRITON_AMD_ENABLE=FALSE" in (prefix / "activate").read_text()
     assert list(site.glob("flash_attn_2_cuda*.so"))
+
+
+def test_verify_and_bench_on_the_installed_prefix(world, tmp_path, home):
+    from bench_fixtures import FAKE_VLLM, RESULT, read_state, wait_dead
+
+    prefix = tmp_path / "p"
+    result = run_cli(world, home, "install", "--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # no GPU here: the hardware probes skip, what the install put on disk passes
+    verify = run_cli(world, home, "verify", "--json", "--prefix", str(prefix))
+    probes = {p["name"]: p for p in json.loads(verify.stdout)["probes"]}
+    assert verify.returncode == 0, verify.stdout
+    for name in ("torch.import", "torch.version", "vllm.import", "flash_attn.backend",
+                 "vllm.code-objects", "flash_attn.code-objects"):
+        assert probes[name]["status"] == "pass", probes[name]
+    for name in ("torch.gpu-arch", "torch.fp8-scaled-mm", "vllm.fp8-kernel", "flash_attn.vs-sdpa"):
+        assert probes[name]["status"] == "skip", probes[name]
+    assert "gfx1201" in probes["vllm.code-objects"]["detail"]
+    table = run_cli(world, home, "verify", "--prefix", str(prefix))
+    assert re.search(r"torch\.version\s+pass\s+torch 2\.13\.0\+rocm10\.1\.0", table.stdout)
+
+    # bench drives `vllm serve` / `vllm bench serve` from the venv (a stand-in server here)
+    bindir = prefix / "venv" / "bin"
+    (bindir / "vllm").write_text(FAKE_VLLM.format(python=sys.executable, result=repr(RESULT)))
+    (bindir / "vllm").chmod(0o755)
+    (bindir / "fake-mode").write_text("ok")
+    (bindir / "fake-state").mkdir()
+    bench = run_cli(world, home, "bench", "--prefix", str(prefix), "--num-prompts", "20",
+                    "--ready-timeout", "30")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert re.search(r"output throughput.*251\.37.*248\.12", bench.stdout, re.I | re.S), bench.stdout
+    assert list((prefix / "bench").glob("*.json"))
+    assert wait_dead(read_state(bindir / "fake-state", "pids.json")) == [], "the server was stopped"
