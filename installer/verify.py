@@ -20,6 +20,7 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 PROBES_SCRIPT = Path(__file__).with_name("verify_probes.py")
 # what verify_probes.py reports, in order; a crash leaves the rest "not reached"
 SCRIPT_PROBES = ("torch.import", "torch.version", "torch.gpu-arch", "torch.fp8-scaled-mm",
+                 "torch.idle-cpu",
                  "vllm.import", "vllm.platform", "vllm.fp8-kernel",
                  "flash_attn.backend", "flash_attn.vs-sdpa")
 PROBE_TIMEOUT = 900.0  # first GPU init plus the vLLM import can take minutes on a cold cache

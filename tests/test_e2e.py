@@ -266,7 +266,8 @@ def test_verify_and_bench_on_the_installed_prefix(world, tmp_path, home):
     for name in ("torch.import", "torch.version", "vllm.import", "flash_attn.backend",
                  "vllm.code-objects", "flash_attn.code-objects"):
         assert probes[name]["status"] == "pass", probes[name]
-    for name in ("torch.gpu-arch", "torch.fp8-scaled-mm", "vllm.fp8-kernel", "flash_attn.vs-sdpa"):
+    for name in ("torch.gpu-arch", "torch.fp8-scaled-mm", "torch.idle-cpu", "vllm.fp8-kernel",
+                 "flash_attn.vs-sdpa"):
         assert probes[name]["status"] == "skip", probes[name]
     assert "gfx1201" in probes["vllm.code-objects"]["detail"]
     table = run_cli(world, home, "verify", "--prefix", str(prefix))
