@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 from . import proc
 from .errors import RecipeError
 
+LAST_COMMAND = "last-command.sh"
+
 RESOLVERS: dict[str, str] = {
     # recipe name -> "module:function"; see docs/design.md "Resolvers"
     "therock": "installer.therock:resolve",
@@ -64,8 +66,29 @@ class StepContext:
     def run(self, argv: Sequence[str], *, cwd: Path | str | None = None,
             env: Mapping[str, str] | None = None, on_line: Callable[[str], None] | None = None,
             what: str | None = None, timeout: float | None = None) -> None:
-        proc.run(argv, env=env if env is not None else self.env, cwd=cwd or self.work_dir,
-                 log=self.log, on_line=on_line, what=what, timeout=timeout)
+        env = env if env is not None else self.env
+        cwd = cwd or self.work_dir
+        self._record(argv, env, cwd)
+        proc.run(argv, env=env, cwd=cwd, log=self.log, on_line=on_line, what=what, timeout=timeout)
+
+    def _record(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | str) -> None:
+        """Keep the exact command and environment as a script in the work dir, so a
+        failed step can be rerun by hand (`sh last-command.sh`), and put the variables
+        that differ from the recipe's env into the log."""
+        import shlex
+
+        changed = {k: v for k, v in env.items() if self.env.get(k) != v}
+        if changed and self.log.parent.is_dir():
+            with open(self.log, "a", encoding="utf-8") as fh:
+                fh.writelines(f"# env {k}={v}\n" for k, v in sorted(changed.items()))
+        if self.work_dir.is_dir():
+            script = self.work_dir / LAST_COMMAND
+            lines = ["#!/bin/sh", f"# the last command of {self.name}; rerun it with: sh {shlex.quote(str(script))}",
+                     "env -i \\"]
+            lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(env.items())]
+            lines += [f"  sh -c 'cd \"$1\" && shift && exec \"$@\"' _ {shlex.quote(str(cwd))} \\",
+                      "  " + " ".join(shlex.quote(str(a)) for a in argv), ""]
+            script.write_text("\n".join(lines))
 
 
 def lookup(name: str, where: str = "") -> Callable[..., None]:

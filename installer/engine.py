@@ -109,6 +109,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
                                  hint=f"work dir kept at {ctx.work_dir}; log: {ctx.log}") from None
         if not exc.hint:
             exc.hint = f"log: {ctx.log}; work dir kept at {ctx.work_dir}"
+        if isinstance(exc, StepFailed) and (ctx.work_dir / actions.LAST_COMMAND).exists():
+            exc.hint += f"; rerun the failed command with: sh '{ctx.work_dir / actions.LAST_COMMAND}'"
         exc.message = f"{name}: {exc.message}" if not exc.message.startswith(name) else exc.message
         raise
     state.write_stamp(prefix, name, {

@@ -136,6 +136,11 @@ def test_failing_step_keeps_log_and_work_dir_and_stamps_nothing(runner, tmp_path
     log = prefix / ".rdna4" / "logs" / "vllm.log"
     assert "line 0" in log.read_text(), "the full log is on disk"
     assert (prefix / ".rdna4" / "work" / "vllm" / "partial.o").exists(), "work dir kept"
+    # the failed command can be rerun by hand, with the same environment
+    script = prefix / ".rdna4" / "work" / "vllm" / "last-command.sh"
+    assert f"sh '{script}'" in result.output
+    again = subprocess.run(["sh", str(script)], capture_output=True, text=True)
+    assert again.returncode == 3 and "line 49" in again.stdout
     stamp = state.read_stamp(prefix, "vllm")
     assert stamp["status"] == "failed" and "fingerprint" not in stamp
     assert "activate" not in order(prefix)
