@@ -106,6 +106,18 @@ print(json.dumps({{"seconds": time.monotonic() - t, "from_cache": got.from_cache
 """
 
 
+def _tree_summary(root: Path) -> tuple[int, int, str]:
+    """File count, total bytes and a hash of the sorted (path, size, mode) list."""
+    import hashlib
+
+    rows = []
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rows.append(f"{path.relative_to(root)} {st.st_size if path.is_file() else 0} {st.st_mode:o}")
+    total = sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    return len(rows), total, hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=1024, help="compressed size, about (default 1024)")
@@ -128,7 +140,7 @@ def main() -> int:
         try:
             for run in range(args.runs):
                 order = ("curl", "ours") if run % 2 == 0 else ("ours", "curl")
-                times = {}
+                times, trees = {}, {}
                 for which in order:
                     dest = work / f"out-{which}"
                     shutil.rmtree(dest, ignore_errors=True)
@@ -146,7 +158,11 @@ def main() -> int:
                                              check=True, capture_output=True, text=True)
                         times[which] = time.monotonic() - t
                         rss.append(json.loads(out.stdout)["rss_mb"])
+                    trees[which] = _tree_summary(dest)
                     shutil.rmtree(dest, ignore_errors=True)
+                # both sides must have produced the same tree, or the timing means nothing
+                if trees["curl"] != trees["ours"]:
+                    raise SystemExit(f"trees differ: curl|tar {trees['curl'][:2]} vs ours {trees['ours'][:2]}")
                 ratios.append(times["ours"] / times["curl"])
                 ours_all.append(times["ours"])
                 curl_all.append(times["curl"])
