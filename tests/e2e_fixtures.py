@@ -87,6 +87,13 @@ def _vllm_sdist(root: Path) -> Path:
     archive.unlink()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname=tree.name)
+    # the same tree as a git repository with the release tag, for vllm.source = "git"
+    repo = root.parent / "git" / "vllm"
+    shutil.move(str(tree), str(repo))
+    git("init", "-q", "-b", "main", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", f"vLLM {VLLM_VERSION}", cwd=repo)
+    git("tag", f"v{VLLM_VERSION}", cwd=repo)
     shutil.rmtree(root / "sdist-tree")
     return archive
 
@@ -98,6 +105,7 @@ class World:
     index_url: str
     pypi_url: str
     recipes: Path                    # a copy of recipes/ (patches/ beside it)
+    vllm_git: Path = Path()          # the fake vLLM as a git repo tagged v<version>
     pins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
@@ -159,7 +167,7 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
 
         with serve(files) as http:
             world = World(root=root, http=http, index_url=serve_index(wheels),
-                          pypi_url=serve_index(decoy), recipes=recipes)
+                          pypi_url=serve_index(decoy), recipes=recipes, vllm_git=root / "git" / "vllm")
             world.pins = {
                 "therock": {"version": ROCM, "index_url": http.url + "therock/"},
                 "torch": {"python": PY, "index_url": world.index_url, "pypi_url": world.pypi_url,

@@ -285,3 +285,21 @@ def test_verify_and_bench_on_the_installed_prefix(world, tmp_path, home):
     assert re.search(r"output throughput.*251\.37.*248\.12", bench.stdout, re.I | re.S), bench.stdout
     assert list((prefix / "bench").glob("*.json"))
     assert wait_dead(read_state(bindir / "fake-state", "pids.json")) == [], "the server was stopped"
+
+
+def test_vllm_from_its_git_tag(world, tmp_path, home):
+    from e2e_fixtures import git_head
+
+    prefix = tmp_path / "p"
+    sha = git_head(world.vllm_git)
+    base = ["install", "--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks",
+            "--set", "vllm.source=git", "--set", f"vllm.git_url={world.vllm_git}"]
+    short = run_cli(world, home, *base, "--set", f"vllm.commit={sha[:9]}")
+    one_line_error(short, 2, "full 40-character SHA", "git rev-parse")
+    result = run_cli(world, home, *base, "--set", f"vllm.commit={sha}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads((prefix / "rdna4-manifest.json").read_text())["components"]["vllm"]["facts"]
+    assert facts["source"]["kind"] == "git" and facts["source"]["commit"] == sha
+    assert facts["source"]["tag"] == "v0.33.0"
+    assert facts["patches"] == {"0001-test.patch": "applied"}
+    assert facts["code_objects"]
