@@ -488,5 +488,7 @@ def test_archive_url_source_and_rerun_updates(tmp_path, serve):
         # cwd away from the checkout, whose installer/ would shadow the installed one
         out = subprocess.run([str(tool_python), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
         assert out.stdout.strip() == mark, out.stderr
-    assert requests == ["/main.tar.gz", "/main.tar.gz"]  # the rerun fetched the moved archive again
+    # the rerun fetched the moved archive again (the mark above proves the new content
+    # arrived); uv may ask more than once per run, depending on its cache
+    assert set(requests) == {"/main.tar.gz"} and len(requests) >= 2
     assert (tmp_path / "uv-bin/rdna4-install").is_file()
