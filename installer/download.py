@@ -256,11 +256,26 @@ def session():
                       respect_retry_after_header=True)
         s = requests.Session()
         s.headers["User-Agent"] = "rdna4-install"
+        s.verify = ca_bundle()
         adapter = HTTPAdapter(max_retries=retry)
         s.mount("https://", adapter)
         s.mount("http://", adapter)
         _SESSION = s
     return _SESSION
+
+
+def ca_bundle() -> str | bool:
+    """The CA certificates to trust: requests' own variables, else OpenSSL's.
+
+    requests reads only REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE and otherwise trusts
+    certifi's list, so behind a TLS-inspecting proxy whose CA is given, as curl,
+    git and uv take it, in SSL_CERT_FILE / SSL_CERT_DIR, every download would fail.
+    """
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        value = os.environ.get(var)
+        if value and os.path.exists(value):
+            return value
+    return True
 
 
 def _proxies(url: str) -> dict | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,45 @@ def test_sigkill_mid_download_then_rerun_resumes(tmp_path, tarball):
         got = download.fetch(srv.url + NAME, cache_dir=cache)
         assert srv.downloads(NAME)[-1]["range"] == f"bytes={kept}-"
     assert got.sha256 == sha256_of(tarball) and not got.from_cache
+
+
+# --- TLS: the CA a TLS-inspecting proxy (or a mirror) uses must be trusted as curl does ---
+
+@pytest.fixture
+def https_server(tmp_path):
+    import http.server
+    import ssl
+    import subprocess
+    import threading
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "file.bin").write_bytes(b"x" * 4096)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/file.bin", cert
+    server.shutdown()
+
+
+def test_the_ca_in_ssl_cert_file_is_trusted(https_server, tmp_path, monkeypatch):
+    url, cert = https_server
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(download, "_SESSION", None)
+    monkeypatch.setattr(download, "RETRIES", 0)  # an untrusted certificate does not get better
+    with pytest.raises(InstallerError, match="TLS certificate not trusted"):
+        download.fetch(url, cache_dir=tmp_path / "c1")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setattr(download, "_SESSION", None)
+    got = download.fetch(url, cache_dir=tmp_path / "c2")
+    assert got.size == 4096
