@@ -19,7 +19,6 @@ from . import __version__
 from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
 from .ui import UI
 
-SUPPORTED_ARCHS = ("gfx1200", "gfx1201")
 
 
 def _default_prefix() -> Path:
@@ -111,46 +110,28 @@ def selection_options(fn):
     return fn
 
 
-def parse_archs(value: str | None, allow_unsupported: bool, ui: UI) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    archs = tuple(dict.fromkeys(a.strip() for a in value.split(",") if a.strip()))
-    if not archs:
-        raise UsageError("--gpu-arch is empty", hint="for example --gpu-arch gfx1201")
-    for arch in archs:
-        if not arch.startswith("gfx") or not arch[3:].isalnum():
-            raise UsageError(f"--gpu-arch {arch!r} is not a GPU arch", hint="for example gfx1201")
-        if arch not in SUPPORTED_ARCHS:
-            if not allow_unsupported:
-                raise UsageError(f"--gpu-arch {arch} is not an RDNA4 arch",
-                                 hint="use gfx1200 or gfx1201, or add --allow-unsupported-arch")
-            ui.warn(f"{arch} is not an RDNA4 arch; this build is untested")
-    return archs
-
-
 def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool,
                   detection: Any = None) -> tuple[str, ...]:
-    archs = parse_archs(opts.get("gpu_arch"), opts.get("allow_unsupported_arch", False), ui)
-    if archs:
-        return archs
-    from . import state
+    """--gpu-arch, else the detected RDNA4 arches, else (for reruns) what the prefix was built for."""
+    from . import detect, state
 
-    receipt = state.read_receipt(prefix) or {}
-    if not need and receipt.get("archs"):
-        return tuple(receipt["archs"])
+    gpu_arch = opts.get("gpu_arch")
+    receipt_archs = tuple((state.read_receipt(prefix) or {}).get("archs") or ())
+    if not gpu_arch and not need and receipt_archs:
+        return receipt_archs
     if detection is None:
-        from . import detect
-
-        detection = detect.detect(prefix=prefix)
-        for warning in detection.warnings:
-            ui.warn(warning)
-    if detection.target:
-        return tuple(detection.target)
-    if receipt.get("archs"):
-        return tuple(receipt["archs"])
-    raise InstallerError("no RDNA4 GPU (gfx1200/gfx1201) found on this machine",
-                         hint="run `rdna4-install detect` to see what was found, or pass "
-                              "--gpu-arch gfx1201 to build for a card in another machine")
+        # with --gpu-arch nothing needs the hardware, so don't wait for rocminfo
+        detection = detect.Detection([], (), "") if gpu_arch else detect.detect(prefix=prefix)
+    seen = len(detection.warnings)
+    try:
+        archs = detect.choose_target(detection, gpu_arch, opts.get("allow_unsupported_arch", False))
+    except UsageError:
+        if gpu_arch or not receipt_archs:
+            raise
+        archs = receipt_archs  # a build host: keep building for what this prefix targets
+    for warning in detection.warnings[seen:]:
+        ui.warn(warning)
+    return archs
 
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,

@@ -54,13 +54,6 @@ class DownloadError(InstallerError):
         self.status = status
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("RDNA4_CACHE_DIR"):
-        return Path(os.environ["RDNA4_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "rdna4-install"
-
-
 def _is_loopback(host: str | None) -> bool:
     if not host:
         return False

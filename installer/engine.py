@@ -24,7 +24,6 @@ from .ui import UI
 @dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
 
 
 def tool_versions() -> dict[str, str]:
@@ -150,7 +149,6 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan,
                                 tools=tools or receipt_old.get("tools", {}),
                                 installer_version=__version__,
                                 visible_devices=str(settings.options.get("visible_devices", "")))
-        outcome.skipped = [i.name for i in plan.items if i.action != RUN]
     return plan, outcome
 
 

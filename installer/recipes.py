@@ -175,6 +175,9 @@ def load_recipe(path: Path) -> Recipe:
                  "patches", "disk_gb"},
                 {"name"})
     name = _typed(where, head["name"], str, "name")
+    if not NAME_RE.match(name):
+        # names become folder and file names under the prefix
+        raise RecipeError(f"{where}: recipe name {name!r} must be lowercase letters, digits and '-'")
     if name != path.stem:
         raise RecipeError(f"{where}: recipe name {name!r} must match the file name {path.stem!r}")
     env = _typed(where, data.get("env", {}), dict, "[env]")

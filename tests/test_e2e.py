@@ -179,10 +179,10 @@ def test_bad_input(world, tmp_path, home, case):
     gpu = ["--gpu-arch", "gfx1201"]
     if case == "no-gpu":
         r = run_cli(world, home, "install", "--prefix", str(prefix))
-        return one_line_error(r, 1, "no RDNA4 GPU", "--gpu-arch gfx1201")
+        return one_line_error(r, 2, "no RDNA4 GPU", "--gpu-arch gfx1201")
     if case == "unsupported-arch":
         r = run_cli(world, home, "install", "--prefix", str(prefix), "--gpu-arch", "gfx1100")
-        return one_line_error(r, 2, "gfx1100 is not an RDNA4 arch", "--allow-unsupported-arch")
+        return one_line_error(r, 2, "gfx1100 is not an RDNA4 target", "--allow-unsupported-arch")
     if case == "unwritable-prefix":
         (tmp_path / "file").write_text("")
         r = run_cli(world, home, "install", "--prefix", str(tmp_path / "file" / "p"), *gpu)

@@ -55,6 +55,7 @@ run = ["{python}", "-c", "import vllm"]
     ('[recipe]\nname = "x"\n[source]\nkind = "git"\nurl = "u"\n', ["missing required key 'commit'"]),
     ('[recipe]\nname = "x"\n[source]\nkind = "ftp"\nurl = "u"\n', ["kind must be one of"]),
     ('[recipe]\nname = "y"\n', ["must match the file name"]),
+    ('[recipe]\nname = "../x"\n', ["lowercase letters"]),
     ('[recipe\nname = "x"\n', ["not valid TOML"]),
     ('[recipe]\nname = "x"\n[env]\nN = 3\n', ["[env] N", "must be str"]),
 ])
