@@ -131,6 +131,10 @@ def build_env(base: Mapping[str, str], archs: tuple[str, ...] | list[str], *, ro
     })
     if kind == "vllm":
         env["VLLM_TARGET_DEVICE"] = "rocm"
+        # On ROCm the only FetchContent is triton_kernels (CMakeLists.txt:1686-1688), given
+        # as TRITON_KERNELS_SRC_DIR; disconnected turns any other download a later vLLM
+        # adds into a build error instead of a silent fetch of an unpinned source.
+        env["CMAKE_ARGS"] += " -DFETCHCONTENT_FULLY_DISCONNECTED=ON"
         if triton_kernels is not None:
             env["TRITON_KERNELS_SRC_DIR"] = str(triton_kernels)
         if rust_frontend:

@@ -113,3 +113,11 @@ def test_available_memory_reads_meminfo(tmp_path):
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20971520 kB\n")
     assert buildenv.available_memory(meminfo) == 20 * GIB
     assert buildenv.available_memory(tmp_path / "missing") == 0
+
+
+def test_vllm_builds_cannot_fetch_content(tmp_path):
+    rocm = fake_rocm(tmp_path / "rocm")
+    vllm = buildenv.build_env({"PATH": "/usr/bin"}, ("gfx1201",), rocm=rocm, kind="vllm", jobs=1)
+    fa = buildenv.build_env({"PATH": "/usr/bin"}, ("gfx1201",), rocm=rocm, kind="flash-attention", jobs=1)
+    assert "-DFETCHCONTENT_FULLY_DISCONNECTED=ON" in vllm["CMAKE_ARGS"].split()
+    assert "FETCHCONTENT" not in fa["CMAKE_ARGS"]
