@@ -214,9 +214,9 @@ def render_sh(act: Activation) -> str:
             "    unset -f rdna4_deactivate",
             "}", "",
             ""]
+    out.append("# the toolchain's bin (amd-smi, rocminfo) and lib/llvm/bin (clang) on PATH, behind the venv")
     for d in reversed(act.path_dirs):
-        out += [f"# {d.name} of the toolchain on PATH (amd-smi, rocminfo, clang), behind the venv",
-                f"_rdna4_dir={q(d)}",
+        out += [f"_rdna4_dir={q(d)}",
                 'case ":$PATH:" in *":$_rdna4_dir:"*) ;; *) PATH="$_rdna4_dir:$PATH" ;; esac']
     out += ["export PATH", "unset _rdna4_dir",
             "# The venv: its activate sets VIRTUAL_ENV and puts venv/bin first on PATH. Its",
@@ -281,9 +281,9 @@ def render_fish(act: Activation) -> str:
     out += ["    functions -e rdna4_deactivate",
             "end", "",
             ""]
+    out.append("# the toolchain's bin (amd-smi, rocminfo) and lib/llvm/bin (clang) on PATH, behind the venv")
     for d in reversed(act.path_dirs):
-        out += [f"# {d.name} of the toolchain on PATH (amd-smi, rocminfo, clang), behind the venv",
-                f"contains -- {q(d)} $PATH; or set -gx PATH {q(d)} $PATH"]
+        out.append(f"contains -- {q(d)} $PATH; or set -gx PATH {q(d)} $PATH")
     out += ["# The venv: its activate sets VIRTUAL_ENV and puts venv/bin first on PATH.",
             "source " + q(act.venv / "bin" / "activate.fish"),
             ""]
