@@ -391,12 +391,20 @@ SHARED = {
 @pytest.mark.parametrize("point", list(SHARED))
 def test_kill_then_rerun(env, reference, point):
     trigger, how, landed = SHARED[point]
-    prefix = env.root / ("p-" + "".join(c if c.isalnum() else "-" for c in point))
-    run = env.start(prefix)
-    run.wait_for(point, trigger(prefix, run))
-    run.kill(how)
-    assert landed(prefix), f"the kill missed {point}:\n{run.text()}"
-    rerun_and_check(env, reference, prefix)
+    slug = "p-" + "".join(c if c.isalnum() else "-" for c in point)
+    # the shortest windows (the unpack of a cached tarball: ~0.1 s) can be missed on a
+    # busy machine; a miss is retried on a fresh prefix, and every attempt is rerun and
+    # checked, so a miss never hides a failed resume
+    for attempt in range(3):
+        prefix = env.root / f"{slug}-{attempt}"
+        run = env.start(prefix)
+        run.wait_for(point, trigger(prefix, run))
+        run.kill(how)
+        hit = landed(prefix)
+        rerun_and_check(env, reference, prefix)
+        if hit:
+            return
+    pytest.fail(f"the kill missed {point} three times:\n{run.text()}")
 
 
 def test_temps_of_killed_writes_are_swept(env, reference):
