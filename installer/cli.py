@@ -196,16 +196,21 @@ def _preflight(settings, detection: Any, ui: UI, archs_given: bool) -> None:
                              hint=first.fix or "run `rdna4-install doctor` for details")
 
 
+def _short(version: str) -> str:
+    """A commit SHA as version reads better in a table as its first 12 digits."""
+    return version[:12] if len(version) == 40 and all(c in "0123456789abcdef" for c in version) else version
+
+
 def _print_plan(plan, ui: UI, verbose: bool) -> None:
     width = max((len(i.name) for i in plan.items), default=0)
     click.echo(f"plan for {plan.settings.prefix} (target: {','.join(plan.settings.archs)})")
     for item in plan.items:
         mark = "will run" if item.action == "run" else "skip    "
-        version = item.vars.get("_version", "")
-        click.echo(f"  {mark}  {item.name:<{width}}  {version:<24}  {item.reason}")
+        version = _short(item.vars.get("_version", ""))
+        click.echo(f"  {mark}  {item.name:<{width}}  {version:<20}  {item.reason}")
         if verbose:
             for key, value in item.inputs.get("pins", {}).items():
-                click.echo(f"      pin {key} = {value}")
+                click.echo(f"      pin {key} = {value if value != '' else '(empty)'}")
             for key, value in item.inputs.get("source", {}).items():
                 click.echo(f"      source {key} = {value}")
             for key, value in item.inputs.get("patches", {}).items():
@@ -406,7 +411,7 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
         return
     click.echo(f"status of {prefix}")
     for row in rows:
-        click.echo(f"  {row['recipe']:<18} {row['status']:<22} {row['version']:<24} "
+        click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
                    f"{row['when']:<21} {row['fingerprint'][:12]}")
 
 
