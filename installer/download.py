@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from .errors import InstallerError, UsageError
@@ -365,17 +365,23 @@ def _copy_local(src: Path, part: Path, what: str, ui: Any, sink: Sink | None) ->
     if not src.is_file():
         raise InstallerError(f"{what}: no such file {src}", hint="check the mirror path")
     h = hashlib.sha256()
-    size = 0
     with open(src, "rb") as f, open(part, "wb") as out, \
             _progress(ui, src.stat().st_size, what) as bar:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-            out.write(block)
-            if sink is not None:
-                sink(block)
-            size += len(block)
-            bar.update(len(block))
+        size = _pump(iter(lambda: f.read(CHUNK), b""), out, h, sink, bar)
     return h.hexdigest(), size
+
+
+def _pump(blocks: Iterable[bytes], out: Any, h: Any, sink: Sink | None, bar: Any) -> int:
+    """Write blocks to the partial file, hashing and feeding the sink as they pass."""
+    n = 0
+    for block in blocks:
+        out.write(block)
+        h.update(block)
+        if sink is not None:
+            sink(block)
+        n += len(block)
+        bar.update(len(block))
+    return n
 
 
 def _replay(part: Path, h: "hashlib._Hash", sink: Sink | None) -> int:
@@ -479,13 +485,9 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                     bar.update(have)
                 try:
                     with open(part, mode) as out:
+                        # counted as it goes: a broken body must still say how far it got
                         for block in _body(resp):
-                            out.write(block)
-                            h.update(block)
-                            if sink is not None:
-                                sink(block)
-                            have += len(block)
-                            bar.update(len(block))
+                            have += _pump((block,), out, h, sink, bar)
                         done = have
                 except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
                     done = have
