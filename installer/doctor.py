@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from . import detect as det
 from . import proc
+from .rocminfo import OVERRIDE, leading_int
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 GIB = 1024 ** 3
@@ -309,7 +310,7 @@ def check_detection_notes(detection: det.Detection) -> Check | None:
     notes = [w for w in detection.warnings if not w.startswith("rocminfo failed")]
     if not notes:
         return None
-    fix = "unset HSA_OVERRIDE_GFX_VERSION*" if any(det._OVERRIDE in n for n in notes) else ""
+    fix = "unset HSA_OVERRIDE_GFX_VERSION*" if any(OVERRIDE in n for n in notes) else ""
     return Check("gpu notes", WARN, "; ".join(notes), fix)
 
 
@@ -343,7 +344,7 @@ def _meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     values = {}
     for line in (_read(path) or "").splitlines():
         key, _, rest = line.partition(":")
-        n = det._int(rest)
+        n = leading_int(rest)
         if n is not None:
             values[key.strip()] = n * 1024
     return values

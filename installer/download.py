@@ -54,7 +54,7 @@ class DownloadError(InstallerError):
         self.status = status
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if not host:
         return False
     if host == "localhost":
@@ -82,7 +82,7 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and is_loopback(parts.hostname):
         return
     raise UsageError(f"refusing to download {url}",
                      hint="use an https:// URL (plain http only to 127.0.0.1), a local path or file://")
@@ -273,7 +273,7 @@ def ca_bundle() -> str | bool:
 
 def _proxies(url: str) -> dict | None:
     # never send loopback traffic (tests, local mirrors) through a proxy
-    return {"http": None, "https": None} if _is_loopback(urlsplit(url).hostname) else None
+    return {"http": None, "https": None} if is_loopback(urlsplit(url).hostname) else None
 
 
 def get(url: str, **kw):

@@ -277,10 +277,10 @@ def _torch_check(pins: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool]
     index = str(torch.get("index_url", "") or "")
     if not index:
         return None
-    from . import pyenv
+    from . import torchindex
 
     py = tuple(int(p) for p in str(torch.get("python", "3.12")).split(".")[:2])
-    return lambda version: pyenv.has_torch(index, version, py)  # type: ignore[arg-type]
+    return lambda version: torchindex.has_torch(index, version, py)  # type: ignore[arg-type]
 
 
 def _latest_cached(cache_dir: Path, directory: str, family: str, channel: str) -> str | None:

@@ -244,3 +244,12 @@ def build_decoy_pypi(dir: Path) -> None:
     })
     build_wheel(dir, "triton", "99.0.0", files={"triton/__init__.py": ""})
     build_wheel(dir, "tiny-dep", "1.0.0", files={"tiny_dep/__init__.py": ""})
+
+
+def build_nightly_gap(dir: Path) -> None:
+    """Nightly stacks for 10.2.0a20260927 and 10.2.0a20260930, and two days between
+    with rocm wheels but no torch (TheRock's nightlies have such days)."""
+    for day in ("10.2.0a20260927", "10.2.0a20260930"):
+        build_torch_stack(dir, rocm=day, torch="2.15.0a0", torchvision="0.30.0a0")
+    for day in ("10.2.0a20260928", "10.2.0a20260929"):  # tarballs/SDK but no torch that day
+        build_wheel(dir, "rocm", day)

@@ -128,7 +128,7 @@ def test_other_rocminfo_failures_have_a_fix(tmp_path, host, name, words):
 
 
 def test_rocminfo_hang(tmp_path, host, monkeypatch):
-    monkeypatch.setattr(detect, "ROCMINFO_TIMEOUT", 1.0)
+    monkeypatch.setattr("installer.rocminfo.ROCMINFO_TIMEOUT", 1.0)
     by_name, _ = host(f1_host(tmp_path / "root"), rocminfo=fixture("F1")[:3000], hang=True)
     assert by_name["rocminfo"].status == "fail"
     assert "did not finish" in by_name["rocminfo"].detail and "reboot" in by_name["rocminfo"].fix
