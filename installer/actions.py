@@ -56,7 +56,6 @@ class StepContext:
     facts: dict[str, Any] = field(default_factory=dict)     # recorded in stamp + receipt
     source: Any = None             # the recipe's interpolated recipes.Source, or None
     patches: tuple[Path, ...] = ()  # patches/<name>/*.patch in apply order
-    pins: Mapping[str, Any] = field(default_factory=dict)   # this recipe's own pins (resolved)
     keep_work: bool = False        # an action sets it when the work dir must outlive the run
 
     @property

@@ -6,6 +6,7 @@ calls one core function and prints what it returns.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -110,13 +111,13 @@ def selection_options(fn):
     return fn
 
 
-def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool,
+def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str, Any], *, need: bool,
                   detection: Any = None) -> tuple[str, ...]:
     """--gpu-arch, else the detected RDNA4 arches, else (for reruns) what the prefix was built for."""
-    from . import detect, state
+    from . import detect
 
     gpu_arch = opts.get("gpu_arch")
-    receipt_archs = tuple((state.read_receipt(prefix) or {}).get("archs") or ())
+    receipt_archs = tuple(receipt.get("archs") or ())
     if not gpu_arch and not need and receipt_archs:
         return receipt_archs
     if detection is None:
@@ -137,9 +138,12 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, *, need: bool,
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
               need_gpu: bool = True, detection: Any = None):
     from . import recipes as rcp
+    from . import state
     from .plan import Settings
 
     prefix = _path(opts.get("prefix") or _default_prefix())
+    # what the last install here recorded: the target and GPU visibility of a rerun
+    receipt = state.read_receipt(prefix) or {}
     cache = _path(opts.get("cache_dir") or _default_cache())
     recipes_dir = _path(opts["recipes_dir"]) if opts.get("recipes_dir") else rcp.default_recipes_dir()
     sets = tuple(opts.get("sets") or ())
@@ -152,34 +156,22 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         without = tuple(w for w in without if w != "flash-attention")
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets)
-    archs = _target_archs(opts, ui, prefix, need=need_gpu, detection=detection)
+    archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()) + without,
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")), "jobs": opts.get("jobs"),
-                 "visible_devices": _visible(detection, prefix)},
+                 "visible_devices": detection.visible_devices if detection is not None
+                 else str(receipt.get("visible_devices", ""))},
     )
 
 
-def _visible(detection: Any, prefix: Path) -> str:
-    """The GPU visibility value for activation: detected now, else what the last install saw."""
-    if detection is not None:
-        return detection.visible_devices
-    from . import state
-
-    return str((state.read_receipt(prefix) or {}).get("visible_devices", ""))
-
-
-def _preflight(settings, detection: Any, ui: UI, archs_given: bool) -> None:
-    """Run doctor's blocking checks before touching the prefix."""
+def _preflight(settings, detection: Any, ui: UI, archs_given: bool, todo: list) -> None:
+    """Doctor's blocking checks, for the recipes about to run (engine.install calls it)."""
     from . import buildenv, doctor
-    from .plan import make_plan
 
-    todo = make_plan(settings).to_run
-    if not todo:
-        return  # nothing will run, so nothing can fail for lack of disk or tools
     need = int(sum(i.recipe.disk_gb for i in todo) * 1024 ** 3)
     jobs = buildenv.max_jobs("vllm", override=settings.jobs)
     checks = doctor.run_checks(prefix=settings.prefix, cache_dir=settings.cache_dir, need_bytes=need,
@@ -249,17 +241,13 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
     for warning in detection.warnings:
         obj.ui.warn(warning)
     settings = _settings(opts, obj.ui, detection=detection)
-    from . import state
-
-    if not dry_run:
-        state.check_writable(settings.prefix)
-    if not dry_run and not no_checks:
-        _preflight(settings, detection, obj.ui, archs_given=bool(opts.get("gpu_arch")))
-    plan, outcome = engine.install(settings, obj.ui, dry_run=dry_run)
+    preflight = None if no_checks else functools.partial(
+        _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
+    plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
     if dry_run:
         _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
         return
-    if not outcome.ran:
+    if not ran:
         obj.ui.success(f"everything in {settings.prefix} is up to date")
     else:
         obj.ui.success(f"installed into {settings.prefix}; activate with: . '{settings.prefix}/activate'")
@@ -292,10 +280,10 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
     from . import engine
 
     settings = _settings(opts, obj.ui, targets=recipes, force=force, need_gpu=False)
-    result, outcome = engine.install(settings, obj.ui, dry_run=dry_run)
+    result, ran = engine.install(settings, obj.ui, dry_run=dry_run)
     if dry_run:
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
-    elif not outcome.ran:
+    elif not ran:
         obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
 
 

@@ -7,23 +7,16 @@ failed run is redone next time and a finished one is skipped.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, actions, proc, state
 from . import recipes as rcp
 from .errors import InstallerError, StepFailed
 from .plan import RUN, Item, Plan, Settings, make_plan
 from .ui import UI
-
-
-@dataclass
-class Outcome:
-    ran: list[str] = field(default_factory=list)
 
 
 def tool_versions() -> dict[str, str]:
@@ -47,7 +40,6 @@ def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> act
         env=env, vars=item.vars, archs=settings.archs, jobs=settings.jobs or 0,
         offline=settings.offline, options=settings.options, ui=ui,
         source=source, patches=item.patches,
-        pins={k.split(".", 1)[1]: v for k, v in item.vars.items() if k.startswith(item.name + ".")},
     )
 
 
@@ -123,12 +115,17 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
     ui.success(f"{name} done")
 
 
-def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan, Outcome]:
-    """Plan, then run what the plan says. Returns the plan and what ran."""
-    state.check_writable(settings.prefix)
-    outcome = Outcome()
+def install(settings: Settings, ui: UI, *, dry_run: bool = False,
+            preflight: Callable[[list[Item]], None] | None = None) -> tuple[Plan, list[str]]:
+    """Plan, then run what the plan says. Returns the plan and the recipes that ran.
+
+    `preflight` sees the items about to run, under the lock and before any of them
+    starts; it raises to stop the install (the CLI runs doctor's blocking checks there).
+    """
     if dry_run:
-        return make_plan(settings), outcome
+        return make_plan(settings), []
+    state.check_writable(settings.prefix)
+    ran: list[str] = []
     with state.PrefixLock(settings.prefix):
         # an earlier run may have been SIGKILLed, which runs no cleanup: its temps go now
         from . import download, wheelcache
@@ -138,18 +135,19 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False) -> tuple[Plan,
         download.sweep(settings.cache_dir)
         plan = make_plan(settings)
         todo = plan.to_run
+        if todo and preflight is not None:
+            preflight(todo)
         tools = tool_versions() if todo else {}
         try:
             for n, item in enumerate(todo, 1):
                 run_recipe(item, settings, ui, n, len(todo))
-                outcome.ran.append(item.name)
+                ran.append(item.name)
         finally:
-            receipt_old = state.read_receipt(settings.prefix) or {}
-            state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins,
-                                tools=tools or receipt_old.get("tools", {}),
+            # no tools measured (nothing ran): write_receipt keeps the recorded ones
+            state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins, tools=tools,
                                 installer_version=__version__,
                                 visible_devices=str(settings.options.get("visible_devices", "")))
-    return plan, outcome
+    return plan, ran
 
 
 def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:

@@ -237,6 +237,7 @@ def make_plan(settings: Settings) -> Plan:
         _check_names(kind, names, recipes)
     pins = {t: dict(v) for t, v in settings.pins.items()}
     order = dependency_order(recipes)
+    stamps = state.all_stamps(settings.prefix)   # read once: the loops below ask often
 
     if settings.targets:
         active = _descendants(recipes, set(settings.targets))
@@ -249,7 +250,7 @@ def make_plan(settings: Settings) -> Plan:
     for name in order:
         if not recipes[name].resolver:
             continue
-        recorded = (state.read_stamp(settings.prefix, name) or {}).get("inputs", {}).get("pins", {})
+        recorded = (stamps.get(name) or {}).get("inputs", {}).get("pins", {})
         if name not in active and recorded:
             # not rerun now: what it resolved to last time is what is installed, and
             # resolving again could need the network (version = "latest")
@@ -264,12 +265,12 @@ def make_plan(settings: Settings) -> Plan:
     items: dict[str, Item] = {}
     for name in order:
         recipe = recipes[name]
-        stamp = state.read_stamp(settings.prefix, name)
+        stamp = stamps.get(name)
         not_needed = rcp.unmet(recipe.when, pin_values, str(recipe.path))
         dep_fps = {}
         for dep in recipe.depends:
             d = items[dep]
-            if d.action == RUN or not (dstamp := state.read_stamp(settings.prefix, dep)):
+            if d.action == RUN or not (dstamp := stamps.get(dep)):
                 dep_fps[dep] = d.fingerprint
             else:
                 dep_fps[dep] = dstamp.get("fingerprint", "")
@@ -305,7 +306,7 @@ def make_plan(settings: Settings) -> Plan:
             continue
         for dep in item.recipe.depends:
             d = items[dep]
-            dstamp = state.read_stamp(settings.prefix, dep)
+            dstamp = stamps.get(dep)
             if d.action == SKIP and d.fingerprint and not (dstamp and dstamp.get("status") == state.DONE):
                 raise UsageError(f"{item.name} needs {dep}, which is not installed in {settings.prefix}",
                                  hint=f"run without --only/--skip, or add --only {dep}")

@@ -223,12 +223,6 @@ class Child:
                 pass
         self._logf.close()
 
-    def __enter__(self) -> "Child":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def spawn(argv: Sequence[str], *, env: Mapping[str, str], log: Path,
           cwd: Path | str | None = None) -> Child:

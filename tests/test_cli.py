@@ -163,3 +163,11 @@ def test_status_lists_recipes_in_dependency_order(runner, recipes, tmp_path):
     names = [r["recipe"] for r in json.loads(result.output)["recipes"]]
     assert names.index("therock") < names.index("torch") < names.index("vllm") < names.index("activate")
     assert {r["status"] for r in json.loads(result.output)["recipes"]} == {"pending"}
+
+
+def test_install_dry_run_changes_nothing(runner, recipes, tmp_path):
+    prefix = tmp_path / "p"
+    result = invoke(runner, "install", "--dry-run", "--recipes-dir", str(recipes), "--prefix", str(prefix),
+                    "--gpu-arch", "gfx1201")
+    assert result.exit_code == 0 and result.output.count("will run") == 6
+    assert not prefix.exists()
