@@ -246,10 +246,6 @@ find_uv() {
     return 1
 }
 
-user_bin_dir() {
-    RETVAL="${XDG_BIN_HOME:-$HOME/.local/bin}"
-}
-
 install_uv_with_script() {
     _uv_url="${RDNA4_UV_INSTALL_URL:-$(default_uv_install_url)}"
     check_url "$_uv_url"
@@ -260,10 +256,10 @@ install_uv_with_script() {
         warn "could not download uv's installer from $_uv_url"
         return 1
     fi
-    user_bin_dir
     # We add the bin dir to PATH ourselves (once, or not at all with
     # RDNA4_NO_MODIFY_PATH), so uv's installer must not edit rc files too.
-    if ! UV_INSTALL_DIR="${UV_INSTALL_DIR:-$RETVAL}" UV_NO_MODIFY_PATH=1 sh "$_script" </dev/null >&2; then
+    if ! UV_INSTALL_DIR="${UV_INSTALL_DIR:-${XDG_BIN_HOME:-$HOME/.local/bin}}" UV_NO_MODIFY_PATH=1 \
+        sh "$_script" </dev/null >&2; then
         warn "uv's installer failed"
         return 1
     fi

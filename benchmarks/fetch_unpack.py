@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+PATHS = [str(ROOT), str(ROOT / "tests")]   # for the child processes, which import installer and fixtures
 
 
 def build_tree(root: Path, total: int) -> None:
@@ -79,7 +80,7 @@ def make_tarball(work: Path, size_mb: int) -> Path:
 
 
 SERVER = """
-import sys, time
+import sys
 sys.path[:0] = {paths!r}
 from pathlib import Path
 from therock_fixtures import serve
@@ -107,14 +108,15 @@ print(json.dumps({{"seconds": time.monotonic() - t, "from_cache": got.from_cache
 
 
 def _tree_summary(root: Path) -> tuple[int, int, str]:
-    """File count, total bytes and a hash of the sorted (path, size, mode) list."""
+    """File count, total bytes (of regular files) and a hash of the sorted (path, size, mode) list."""
     import hashlib
 
-    rows = []
+    rows, total = [], 0
     for path in sorted(root.rglob("*")):
         st = path.lstat()
         rows.append(f"{path.relative_to(root)} {st.st_size if path.is_file() else 0} {st.st_mode:o}")
-    total = sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
     return len(rows), total, hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
@@ -126,13 +128,12 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fetch-unpack-", dir=args.workdir))
-    paths = [str(ROOT), str(ROOT / "tests")]
     try:
         t = time.monotonic()
         tarball = make_tarball(work, args.size_mb)
         size = tarball.stat().st_size
         print(f"tarball {size / 1e6:.0f} MB built in {time.monotonic() - t:.0f}s", flush=True)
-        server = subprocess.Popen([sys.executable, "-c", SERVER.format(paths=paths), str(tarball.parent)],
+        server = subprocess.Popen([sys.executable, "-c", SERVER.format(paths=PATHS), str(tarball.parent)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         url = server.stdout.readline().strip() + tarball.name
         ratios, rss, ours_all, curl_all = [], [], [], []
@@ -153,7 +154,7 @@ def main() -> int:
                     else:
                         shutil.rmtree(cache, ignore_errors=True)
                         t = time.monotonic()
-                        out = subprocess.run([sys.executable, "-c", CHILD.format(paths=paths),
+                        out = subprocess.run([sys.executable, "-c", CHILD.format(paths=PATHS),
                                               url, str(cache), str(dest), "fresh"],
                                              check=True, capture_output=True, text=True)
                         times[which] = time.monotonic() - t
@@ -172,7 +173,7 @@ def main() -> int:
             server.stdin.close()
             server.wait(timeout=30)
         # the server is gone: a cached rerun that made any request would fail
-        out = subprocess.run([sys.executable, "-c", CHILD.format(paths=paths),
+        out = subprocess.run([sys.executable, "-c", CHILD.format(paths=PATHS),
                               url, str(cache), "-", "cached"], check=True, capture_output=True, text=True)
         cached = json.loads(out.stdout)
         ratio = statistics.median(ratios)

@@ -17,7 +17,7 @@ a real install, so tests using this are marked `network`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -189,10 +189,15 @@ def run_cli(world: World, home: Path, *args: str, timeout: float = 900) -> subpr
                           text=True, timeout=timeout, cwd=home)
 
 
+def recipe_statuses(world: World, home: Path, prefix: Path) -> dict[str, str]:
+    """What `status --json` says of each recipe."""
+    out = run_cli(world, home, "status", "--json", "--prefix", str(prefix))
+    assert out.returncode == 0, out.stderr
+    return {r["recipe"]: r["status"] for r in json.loads(out.stdout)["recipes"]}
+
+
 def receipt_core(prefix: Path) -> dict:
     """The receipt without timestamps and tool versions: what must match across reruns."""
-    import json
-
     data = json.loads((prefix / "rdna4-manifest.json").read_text())
     comps = {}
     for name, comp in data["components"].items():
@@ -215,10 +220,6 @@ def leftovers(*roots: Path) -> list[str]:
                     and "site-packages" not in path.parts:
                 bad.append(str(path))
     return bad
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def git_head(path: Path) -> str:

@@ -7,19 +7,18 @@ a concurrent install, and every kind of bad input.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from build_fixtures import compiler_calls
-from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, receipt_core, run_cli
+from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, recipe_statuses, run_cli
 from therock_fixtures import make_toolchain_tarball
+
+from installer.state import all_stamps as stamps
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -39,16 +38,6 @@ def home(tmp_path):
     return h
 
 
-def stamps(prefix: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in (prefix / ".rdna4" / "state").glob("*.json")}
-
-
-def status(world, home, prefix) -> dict[str, str]:
-    out = run_cli(world, home, "status", "--json", "--prefix", str(prefix))
-    assert out.returncode == 0, out.stderr
-    return {r["recipe"]: r["status"] for r in json.loads(out.stdout)["recipes"]}
-
-
 def test_install_sh_then_rerun_patch_change_and_activation(world, tmp_path, home):
     prefix = tmp_path / "my prefix"          # a space, as users' paths have
     env = world.env(home)
@@ -66,7 +55,7 @@ def test_install_sh_then_rerun_patch_change_and_activation(world, tmp_path, home
         assert re.search(rf"\[{n}/6\] {re.escape(name)}\b", first.stderr), name
 
     # every recipe done; the receipt lists every pin and what each resolved to
-    assert status(world, home, prefix) == {name: "done" for name in RECIPES}
+    assert recipe_statuses(world, home, prefix) == {name: "done" for name in RECIPES}
     receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
     for table, values in world.pins.items():
         for key, value in values.items():
@@ -193,8 +182,8 @@ def test_bad_input(world, tmp_path, home, case):
     if case == "bad-set-key":
         r = run_cli(world, home, "install", "--prefix", str(prefix), *gpu, "--set", "vllm.verison=1")
         return one_line_error(r, 2, "unknown pin 'vllm.verison'", "RECIPE.KEY")
+    # a fresh cache per case (the world env's RDNA4_CACHE_DIR is shared by every test)
     cache = tmp_path / "fresh-cache"
-    os.environ  # the world env reads RDNA4_CACHE_DIR; point it at a fresh cache per case
     base = ["install", "--prefix", str(prefix), *gpu, "--no-checks", "--cache-dir", str(cache)]
     if case == "sha256-mismatch":
         r = run_cli(world, home, *base, "--set", "therock.sha256=" + "0" * 64)

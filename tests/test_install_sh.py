@@ -9,23 +9,27 @@ installer server is faked (a loopback HTTP server).
 from __future__ import annotations
 
 import functools
-import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
+from therock_fixtures import serve
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SH = REPO / "install.sh"
 
 DASH = shutil.which("dash")
 needs_dash = pytest.mark.skipif(DASH is None, reason="dash is not installed")
+
+
+def real_uv_run(test):
+    """Tests where real uv fetches from PyPI: network, slow, and run in dash."""
+    return pytest.mark.network(pytest.mark.slow(needs_dash(test)))
 
 
 def _real_uv() -> str:
@@ -284,32 +288,17 @@ def test_help_prints_usage_without_network_or_tools(tmp_path):
 # --- installing uv (uv's installer server is faked on loopback)
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-        self.server.requests.append(self.path)  # type: ignore[attr-defined]
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def serve(tmp_path):
-    """serve(dir) -> base URL of a loopback HTTP server for that dir; .requests lists paths."""
-    servers = []
+def site(tmp_path):
+    """A loopback HTTP server for the empty dir tmp_path/site (.root; .log lists requests)."""
+    root = tmp_path / "site"
+    root.mkdir()
+    with serve(root) as server:
+        yield server
 
-    def start(directory: Path) -> tuple[str, list[str]]:
-        handler = functools.partial(_QuietHandler, directory=str(directory))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.requests = []  # type: ignore[attr-defined]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", server.requests  # type: ignore[attr-defined]
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def requests(server) -> list[tuple[str, str]]:
+    return [(r["method"], r["path"]) for r in server.log]
 
 
 UV_FAKE_INSTALLER = """#!/bin/sh
@@ -322,19 +311,16 @@ printf '%s' "${{UV_NO_MODIFY_PATH:-unset}}" > "$HOME/no-modify-path"
 
 
 @needs_dash
-def test_ensure_uv_runs_uvs_installer(tmp_path, serve):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "install.sh").write_text(UV_FAKE_INSTALLER.format(uv=_real_uv()))
-    base, requests = serve(site)
+def test_ensure_uv_runs_uvs_installer(tmp_path, site):
+    (site.root / "install.sh").write_text(UV_FAKE_INSTALLER.format(uv=_real_uv()))
     path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "cp", "grep", "cat"))
-    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{site.url}install.sh")
     home = Path(env["HOME"])
 
     out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{home}/.local/bin/uv"
-    assert requests == ["/install.sh"]
+    assert requests(site) == [("GET", "install.sh")]
     assert (home / "no-modify-path").read_text() == "1"
     version = subprocess.run([out.stdout, "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("uv ")
@@ -343,35 +329,29 @@ def test_ensure_uv_runs_uvs_installer(tmp_path, serve):
 
     # Found now, so a second call installs nothing.
     out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
-    assert out.stdout == f"{home}/.local/bin/uv" and requests == ["/install.sh"]
+    assert out.stdout == f"{home}/.local/bin/uv" and requests(site) == [("GET", "install.sh")]
 
 
 @needs_dash
-def test_ensure_uv_fails_clearly_without_installer_or_python(tmp_path, serve):
-    site = tmp_path / "site"
-    site.mkdir()
-    base, requests = serve(site)  # serves nothing: the installer URL is a 404
+def test_ensure_uv_fails_clearly_without_installer_or_python(tmp_path, site):
+    # site serves nothing: the installer URL is a 404
     path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep"))
-    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{site.url}install.sh")
     out = _source("ensure_uv", env)
     assert out.returncode == 1
-    assert requests == ["/install.sh"]
-    assert f"could not download uv's installer from {base}/install.sh" in out.stderr
+    assert requests(site) == [("GET", "install.sh")]
+    assert f"could not download uv's installer from {site.url}install.sh" in out.stderr
     assert "python3 not found, cannot fall back to pip" in out.stderr
     assert "error: could not install uv" in out.stderr
 
 
-@pytest.mark.network
-@pytest.mark.slow
-@needs_dash
-def test_ensure_uv_falls_back_to_pip_user_install(tmp_path, serve):
-    site = tmp_path / "site"
-    site.mkdir()
-    base, _ = serve(site)  # 404: uv's installer cannot be used
+@real_uv_run
+def test_ensure_uv_falls_back_to_pip_user_install(tmp_path, site):
+    # site serves nothing (a 404): uv's installer cannot be used
     path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep"))
     # A real interpreter outside any venv, since pip --user refuses inside one.
     (path / "python3").symlink_to(getattr(sys, "_base_executable", sys.executable))
-    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{base}/install.sh")
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{site.url}install.sh")
     out = _source('ensure_uv\nprintf "%s" "$RETVAL"', env)
     if out.returncode != 0 and "externally-managed-environment" in out.stderr:
         pytest.skip("this python refuses pip --user (PEP 668)")
@@ -409,9 +389,7 @@ def _project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
-@pytest.mark.network
-@pytest.mark.slow
-@needs_dash
+@real_uv_run
 def test_bootstrap_installs_from_checkout_and_passes_arguments(tmp_path):
     env = _run_env(tmp_path, str(REPO))
     tool = tmp_path / "uv-bin/rdna4-install"
@@ -431,9 +409,7 @@ def test_bootstrap_installs_from_checkout_and_passes_arguments(tmp_path):
     assert profile.count(f'export PATH="{tool.parent}:$PATH"') == 1
 
 
-@pytest.mark.network
-@pytest.mark.slow
-@needs_dash
+@real_uv_run
 def test_bootstrap_dry_run_install(tmp_path):
     env = _run_env(tmp_path, str(REPO), RDNA4_NO_MODIFY_PATH="1")
     prefix = tmp_path / "prefix"
@@ -443,10 +419,9 @@ def test_bootstrap_dry_run_install(tmp_path):
     assert tool.is_file(), out.stderr
     assert f"running: {tool} install {' '.join(args)}" in out.stderr
     assert not Path(env["HOME"], ".profile").exists()
-    helptext = subprocess.run([str(tool), "install", "--help"], env=env, capture_output=True, text=True).stdout
-    if "--dry-run" not in helptext:
-        pytest.skip("`rdna4-install install` has no --dry-run yet")
     assert out.returncode == 0, out.stderr
+    # the exec'd CLI got the arguments: it printed the plan and installed nothing
+    assert re.search(r"will run\s+therock", out.stdout), out.stdout
     assert not (prefix / "rdna4-manifest.json").exists()
 
 
@@ -469,19 +444,14 @@ def _archive(tmp_path: Path, site: Path, mark: str) -> None:
         tar.add(probe, f"{top}/installer/_probe.py")
 
 
-@pytest.mark.network
-@pytest.mark.slow
-@needs_dash
-def test_archive_url_source_and_rerun_updates(tmp_path, serve):
-    site = tmp_path / "site"
-    site.mkdir()
-    base, requests = serve(site)
-    env = _run_env(tmp_path, f"{base}/main.tar.gz", RDNA4_NO_MODIFY_PATH="1")
+@real_uv_run
+def test_archive_url_source_and_rerun_updates(tmp_path, site):
+    env = _run_env(tmp_path, f"{site.url}main.tar.gz", RDNA4_NO_MODIFY_PATH="1")
     tool_python = tmp_path / "uv-tools/rdna4-install/bin/python"
     probe = "import installer._probe as p; print(p.MARK)"
 
     for mark in ("first", "second"):
-        _archive(tmp_path, site, mark)
+        _archive(tmp_path, site.root, mark)
         # The exec'd CLI may not accept these yet; the install before it must succeed.
         run = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True, timeout=300)
         assert f"running: {tmp_path}/uv-bin/rdna4-install install --help" in run.stderr, run.stderr
@@ -490,5 +460,5 @@ def test_archive_url_source_and_rerun_updates(tmp_path, serve):
         assert out.stdout.strip() == mark, out.stderr
     # the rerun fetched the moved archive again (the mark above proves the new content
     # arrived); uv may ask more than once per run, depending on its cache
-    assert set(requests) == {"/main.tar.gz"} and len(requests) >= 2
+    assert {path for _, path in requests(site)} == {"main.tar.gz"} and len(site.downloads("main.tar.gz")) >= 2
     assert (tmp_path / "uv-bin/rdna4-install").is_file()
