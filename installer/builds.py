@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
+
 from . import buildenv, codeobjects, proc, wheelcache
 from .errors import InstallerError, RecipeError
+from .pyenv import guarded_install, site_packages
 
 NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
 KINDS = ("vllm", "flash-attention")
@@ -87,13 +90,6 @@ def _duration(seconds: float) -> str:
 
 # --- installing into the venv ---------------------------------------------------
 
-def pip_install(ctx, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-    """Install into the venv through pyenv's torch-stack guard (constraints + a before/after check)."""
-    from .pyenv import guarded_install
-
-    guarded_install(ctx, list(args), env=env)
-
-
 def without_stack(req: Path) -> Path:
     """A copy of a requirements file, beside it (so `-r ../x.txt` still resolves), minus the torch stack."""
     keep = []
@@ -102,7 +98,7 @@ def without_stack(req: Path) -> Path:
         name = re.match(r"[A-Za-z0-9._-]+", stripped)
         if stripped.startswith(("--extra-index-url", "--index-url", "-i ")):
             continue  # the stack's indexes are pyenv's business
-        if name and re.sub(r"[-_.]+", "-", name.group(0).lower()) in STACK_PACKAGES:
+        if name and canonicalize_name(name.group(0)) in STACK_PACKAGES:
             continue
         keep.append(line)
     out = req.with_name(req.stem + ".rdna4" + req.suffix)
@@ -123,10 +119,10 @@ def prepare_vllm(ctx, env: dict[str, str]) -> None:
     build_req = next((p for p in (src / "requirements" / "build" / "rocm.txt",
                                   src / "requirements" / "rocm-build.txt") if p.is_file()), None)
     if build_req is not None:
-        pip_install(ctx, ["-r", str(without_stack(build_req))], env)
+        guarded_install(ctx, ["-r", str(without_stack(build_req))], env=env)
     runtime = src / "requirements" / "rocm.txt"
     if runtime.is_file():
-        pip_install(ctx, ["-r", str(without_stack(runtime))], env)
+        guarded_install(ctx, ["-r", str(without_stack(runtime))], env=env)
 
 
 # --- the build ---------------------------------------------------------------------
@@ -187,12 +183,12 @@ def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = 
         # Its setup.py runs `python -m pip install third_party/aiter`; uv venvs have no pip.
         env[buildenv.FA_TRITON_SWITCH] = "TRUE"
         if not proc.capture([ctx.vars["python"], "-m", "pip", "--version"], env=env, timeout=60).ok:
-            pip_install(ctx, ["pip"], env)
+            guarded_install(ctx, ["pip"], env=env)
     ctx.facts.update({"backend": backend, "max_jobs": int(env["MAX_JOBS"]), "archs": list(ctx.archs)})
 
     if editable:
         prepare_vllm(ctx, env)
-        pip_install(ctx, ["--no-build-isolation", "-e", str(ctx.src_dir)], env)
+        guarded_install(ctx, ["--no-build-isolation", "-e", str(ctx.src_dir)], env=env)
         ctx.facts["editable"] = str(ctx.src_dir)
         ctx.keep_work = True  # the editable install points into the source tree
         return None
@@ -232,7 +228,7 @@ def install_wheel(ctx) -> None:
     wheel = ctx.facts.get("wheel")
     if not wheel or not Path(wheel).is_file():
         raise RecipeError(f"{ctx.name}: install-wheel needs a build-wheel step before it")
-    pip_install(ctx, ["--reinstall-package", _dist_name(Path(wheel)), str(wheel)])
+    guarded_install(ctx, ["--reinstall-package", _dist_name(Path(wheel)), str(wheel)])
 
 
 def _dist_name(wheel: Path) -> str:
@@ -241,20 +237,12 @@ def _dist_name(wheel: Path) -> str:
 
 # --- checking the code objects ----------------------------------------------------
 
-def _platlib(ctx) -> Path:
-    got = proc.capture([ctx.vars["python"], "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
-                       env=ctx.env, timeout=60)
-    if not got.ok:
-        raise InstallerError(f"{ctx.name}: cannot ask the venv python for site-packages")
-    return Path(got.stdout.strip())
-
-
 def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dict[str, list[str]]:
     """Action "check-code-objects": each `required` glob (relative to site-packages)
     matches a .so with code objects for exactly the target archs, and every other
     .so under `scan` that carries code objects has exactly those archs too."""
     # an editable install imports (and so loads extensions) from the source tree
-    site = Path(ctx.facts["editable"]) if ctx.facts.get("editable") else _platlib(ctx)
+    site = Path(ctx.facts["editable"]) if ctx.facts.get("editable") else site_packages(Path(ctx.vars["venv"]))
     want = set(ctx.archs)
     results: dict[str, list[str]] = {}
     files: list[tuple[Path, bool]] = []
@@ -305,4 +293,4 @@ def pip_install_step(ctx, packages: str | Sequence[str]) -> None:
     loose = [p for p in items if "==" not in p]
     if loose:
         raise RecipeError(f"{ctx.name}: pip-install wants exact pins (name==version), not {loose[0]!r}")
-    pip_install(ctx, items)
+    guarded_install(ctx, items)

@@ -169,7 +169,7 @@ def install_torch_step(ctx, *, index_url: str, rocm: str, torch: str, torchvisio
     amdsmi = register_amdsmi(site, ctx.prefix)
     installed = installed_versions(venv)
     expect_installed(installed, pins, archs)
-    constraints = write_constraints(venv)
+    constraints = write_constraints(venv, installed)
     ctx.facts.update({
         "index_url": index_url, "rocm": pins["rocm"], "torch": installed["torch"],
         "torchvision": installed.get("torchvision", ""), "torchaudio": installed.get("torchaudio", ""),
@@ -321,9 +321,10 @@ def installed_versions(venv: Path) -> dict[str, str]:
     return out
 
 
-def write_constraints(venv: Path) -> Path:
-    """PREFIX/venv/rdna4-constraints.txt holding every guarded package at its installed version."""
-    installed = installed_versions(venv)
+def write_constraints(venv: Path, installed: Mapping[str, str] | None = None) -> Path:
+    """PREFIX/venv/rdna4-constraints.txt holding every guarded package at its installed
+    version (`installed`: installed_versions(venv), when the caller has just read it)."""
+    installed = installed_versions(venv) if installed is None else installed
     if "torch" not in installed:
         raise InstallerError(f"torch is not installed in {venv}", hint="run the torch recipe first")
     path = Path(venv) / CONSTRAINTS
@@ -350,7 +351,7 @@ def guarded_install(ctx, args: list[str], *, env: Mapping[str, str] | None = Non
     """
     venv = venv_dir(ctx.prefix)
     before = installed_versions(venv)
-    constraints = write_constraints(venv)
+    constraints = write_constraints(venv, before)
     # also as build constraints: an isolated build env must not fetch another torch
     argv = [find_uv(), "pip", "install", "--python", str(venv_python(ctx.prefix)), "--no-config",
             "--constraints", str(constraints), "--build-constraints", str(constraints)]

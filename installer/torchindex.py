@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from . import download
 from .errors import InstallerError, UsageError
 
 RESOLVE = ("auto", "latest")  # a pin value meaning "the newest matching build on the index"
@@ -146,14 +147,13 @@ class _Links(HTMLParser):
 
 def index_files(index_url: str, project: str) -> list[str]:
     """File names on the PEP 503 page `<index>/<project>/` ([] when the project is absent)."""
-    import requests
-
     url = index_url.rstrip("/") + "/" + canonicalize_name(project) + "/"
+    # download.get: the https policy, retries, the user's CA bundle and no proxy for loopback
     try:
-        resp = requests.get(url, timeout=60, headers={"Accept": "text/html"})
-    except requests.RequestException as exc:
-        raise InstallerError(f"cannot read {url}: {exc.__class__.__name__}",
-                             hint="check the network, or pin exact versions in recipes/pins.toml") from None
+        resp = download.get(url, headers={"Accept": "text/html"})
+    except download.DownloadError as exc:
+        raise InstallerError(exc.message, hint="check the network, or pin exact versions in "
+                                               "recipes/pins.toml") from None
     if resp.status_code == 404:
         return []
     if resp.status_code != 200:
@@ -205,20 +205,22 @@ def resolve_from_index(index_url: str, v_rocm: str, keys: Iterable[str], py: tup
                        *, torch: str | None = None) -> dict[str, str]:
     """The newest +rocm<V> build of each of `keys` whose tag fits CPython `py`."""
     want = Version(v_rocm)
-    if want not in all_versions(index_files(index_url, "rocm")):
+    rocms = all_versions(index_files(index_url, "rocm"))
+    if want not in rocms:
         raise InstallerError(f"ROCm {want} has no rocm package on {index_url}",
                              hint="check therock.version and torch.index_url (stable and nightly "
                                   "builds live on different hosts)")
     out: dict[str, str] = {}
     torch_v = Version(torch) if torch else None
     for key in [k for k in ("torch", "torchvision", "torchaudio") if k in keys]:
-        found = [v for v in wheel_versions(index_files(index_url, key), py) if v.local == rocm_local(want)]
+        versions = wheel_versions(index_files(index_url, key), py)
+        found = [v for v in versions if v.local == rocm_local(want)]
         if key == "torchvision" and torch_v is not None:
             # PyTorch's release matrix: torchvision minor = torch minor + 15
             found = [v for v in found if v.release[:2] == (0, torch_v.minor + 15)] or found
         if not found:
             if key == "torch":
-                raise _nightly_gap(index_url, want, py)
+                raise _nightly_gap(index_url, want, py, rocms, versions)
             raise InstallerError(f"no {key} wheel for ROCm {want} and cp{py[0]}{py[1]} on {index_url}",
                                  hint=f'pin torch.{key} exactly, or set it to "" to skip it')
         out[key] = str(max(found))
@@ -234,18 +236,19 @@ def has_torch(index_url: str, v_rocm: str, py: tuple[int, int] = (3, 12)) -> boo
     return any(v.local == want for v in wheel_versions(index_files(index_url, "torch"), py))
 
 
-def _nightly_gap(index_url: str, want: Version, py: tuple[int, int]) -> InstallerError:
-    rocms = all_versions(index_files(index_url, "rocm"))
+def _nightly_gap(index_url: str, want: Version, py: tuple[int, int], rocms: set[Version],
+                 torches: list[Version]) -> InstallerError:
+    """The error for a ROCm version without torch wheels, naming the nearest ones with both
+    (`rocms`: the rocm package's versions; `torches`: torch wheels that fit `py`)."""
     torch_rocms = set()
-    for v in wheel_versions(index_files(index_url, "torch"), py):
+    for v in torches:
         if v.local and v.local.startswith("rocm"):
             try:
                 torch_rocms.add(Version(v.local[4:]))
             except InvalidVersion:
                 pass
     both = sorted(rocms & torch_rocms)
-    near = [str(max(v for v in both if v < want))] if any(v < want for v in both) else []
-    near += [str(min(v for v in both if v > want))] if any(v > want for v in both) else []
+    near = [str(v) for v in [v for v in both if v < want][-1:] + [v for v in both if v > want][:1]]
     hint = (f"nearest ROCm versions with both rocm and torch wheels: {', '.join(near)}; "
             "set therock.version to one of them") if near else \
         "no ROCm version on this index has both rocm and torch wheels for this Python"

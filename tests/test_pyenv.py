@@ -218,11 +218,11 @@ def test_nightly_installs_with_prereleases(tmp_path, indexes, uv_cache):
 
 def test_bad_inputs_are_usage_errors(tmp_path, indexes, uv_cache):
     ctx = make_ctx(tmp_path / "p", uv_cache)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="torch.index_url must be an https URL"):
         install(ctx, indexes, index_url="http://example.com/simple/")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="tarball version is not known"):
         install(ctx, indexes, therock_version="latest")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="bad target arch list"):
         pyenv.install_torch_step(make_ctx(tmp_path / "q", uv_cache, archs=("gfx1201;x",)),
                                  index_url=indexes["amd"], rocm="", torch="auto", torchvision="",
                                  torchaudio="", triton="", therock_version="10.1.0")

@@ -8,7 +8,7 @@ import pytest
 
 from installer import torchindex
 from installer.errors import InstallerError
-from tests.index_fixtures import build_nightly_gap, serve_index
+from tests.index_fixtures import build_nightly_gap, request_log, serve_index
 
 
 def test_nightly_without_torch_names_nearest_versions(tmp_path):
@@ -20,6 +20,8 @@ def test_nightly_without_torch_names_nearest_versions(tmp_path):
         torchindex.resolve_from_index(url, "10.2.0a20260928", ["torch"], py)
     assert "no torch wheel for ROCm 10.2.0a20260928" in err.value.message
     assert "10.2.0a20260927, 10.2.0a20260930" in err.value.hint
+    # the hint is worked out from the pages already read, not from a second download
+    assert sorted(request_log(url)) == ["GET /simple/rocm/", "GET /simple/torch/"]
     assert torchindex.has_torch(url, "10.2.0a20260927", py)
     assert not torchindex.has_torch(url, "10.2.0a20260928", py)
     got = torchindex.resolve_from_index(url, "10.2.0a20260930", ["torch"], py)
