@@ -49,7 +49,7 @@ class StepContext:
     env: dict[str, str]            # the explicit environment for every command
     vars: Mapping[str, str]        # interpolation values (pins, prefix, archs, ...)
     archs: tuple[str, ...]
-    jobs: int
+    jobs: int                      # --jobs, or 0: each build picks from free memory
     offline: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)  # install options
     ui: Any = None                 # installer.ui.UI

@@ -156,7 +156,7 @@ def build_key(ctx, kind: str, backend: str, env: dict[str, str]) -> tuple[str, d
 
 
 def arch_env(ctx, kind: str, *, rust_frontend: bool = False, triton_kernels: str = "") -> dict[str, str]:
-    jobs = buildenv.max_jobs(kind, override=ctx.options.get("jobs"))
+    jobs = buildenv.max_jobs(kind, override=ctx.jobs or None)
     return buildenv.build_env(
         ctx.env, ctx.archs, rocm=Path(ctx.vars["rocm"]), kind=kind, jobs=jobs,
         venv=Path(ctx.vars["venv"]), src=ctx.src_dir, version=ctx.vars.get("_version", ""),

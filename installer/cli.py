@@ -162,7 +162,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()) + without,
         targets=targets, force=force, offline=bool(opts.get("offline")),
-        options={"editable": bool(opts.get("editable")), "jobs": opts.get("jobs"),
+        options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
                  else str(receipt.get("visible_devices", ""))},
     )

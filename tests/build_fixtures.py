@@ -287,5 +287,5 @@ def make_ctx(tmp: Path, name: str, *, prefix: Path, rocm: Path, venv: Path, cach
                  "uv": "uv", "archs": ",".join(archs), "arch_list": ";".join(archs), "jobs": "2",
                  "_version": version}
     return StepContext(name=name, prefix=prefix, cache_dir=cache, work_dir=work, log=log, env=env,
-                       vars=variables, archs=archs, jobs=2, offline=offline, options=options or {},
+                       vars=variables, archs=archs, jobs=0, offline=offline, options=options or {},
                        source=source, patches=patches)

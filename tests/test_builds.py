@@ -181,3 +181,14 @@ def test_ninja_progress_eta_and_phases():
     p.on_line("not a ninja line")
     p.close()
     assert any("10/40 (25%)" in m and "left" in m for m in seen)
+
+
+def test_jobs_come_from_the_option_else_from_memory(tmp_path):
+    from installer import buildenv
+
+    rocm = fake_rocm(tmp_path / "rocm")
+    ctx = make_ctx(tmp_path, "flash-attention", prefix=tmp_path / "p", rocm=rocm, venv=tmp_path / "venv",
+                   cache=tmp_path / "cache")
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
+    ctx.jobs = 7  # --jobs 7
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
