@@ -228,7 +228,6 @@ class GPU:
     chip_id: int | None = None
     reported_arch: str | None = None  # rocminfo's Name when it differs (an override)
     driver: str | None = None
-    render_minor: int | None = None
 
     @property
     def targeted(self) -> bool:
@@ -337,8 +336,7 @@ def _gpu(s: _Seen) -> GPU:
                integrated=integrated, source="+".join(sources),
                node=kfd.index if kfd else (agent.node if agent else None), uuid=_uuid(s),
                chip_id=chip, reported_arch=reported if reported and reported != arch else None,
-               driver=pci.driver if pci else None,
-               render_minor=(kfd.get("drm_render_minor") or None) if kfd else None)
+               driver=pci.driver if pci else None)
 
 
 def _visible_devices(gpus: Sequence[GPU]) -> str:

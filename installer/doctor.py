@@ -271,6 +271,8 @@ ROCMINFO_FIXES = {
     "not-live": "amdgpu did not initialise a GPU: see `sudo dmesg | grep -i -E 'amdgpu|kfd'`",
     "no-kfd": "/dev/kfd is missing: load amdgpu with KFD; in a container pass "
               "--device=/dev/kfd --device=/dev/dri",
+    "relogin": "log out and back in (or reboot) so the session gets the group; if it "
+               "persists, check udev rules and ACLs on /dev/kfd",
     "no-user": "no login name (container): run with --group-add render (or video) and "
                "--device=/dev/kfd",
     "blocked": "a device cgroup or security policy (container, systemd unit) blocks /dev/kfd",
@@ -296,12 +298,8 @@ def check_rocminfo(detection: det.Detection, who: Identity, gpu_needed: bool) ->
         archs = ", ".join(a.name for a in run.parsed.gpus)
         return Check("rocminfo", PASS, f"{run.path}: GPU agents {archs}")
     failure = run.failure
-    fix = ROCMINFO_FIXES.get(failure.kind, "")
-    if failure.kind in ("no-group", "relogin"):
-        fix = (f"sudo usermod -aG render,video {who.user}, then log out and back in"
-               if failure.kind == "no-group" else
-               "log out and back in (or reboot) so the session gets the group; if it "
-               "persists, check udev rules and ACLs on /dev/kfd")
+    fix = (f"sudo usermod -aG render,video {who.user}, then log out and back in"
+           if failure.kind == "no-group" else ROCMINFO_FIXES.get(failure.kind, ""))
     return Check("rocminfo", _gpu_status(gpu_needed),
                  f"{failure.summary}" + _build_only(gpu_needed), fix)
 

@@ -13,16 +13,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import activate, codeobjects, proc, state
+from . import activate, codeobjects, proc, state, verify_probes
 from .errors import InstallerError
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
-PROBES_SCRIPT = Path(__file__).with_name("verify_probes.py")
+PASS, FAIL, SKIP = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP
+PROBES_SCRIPT = Path(verify_probes.__file__)
 # what verify_probes.py reports, in order; a crash leaves the rest "not reached"
-SCRIPT_PROBES = ("torch.import", "torch.version", "torch.gpu-arch", "torch.fp8-scaled-mm",
-                 "torch.idle-cpu",
-                 "vllm.import", "vllm.platform", "vllm.fp8-kernel",
-                 "flash_attn.backend", "flash_attn.vs-sdpa")
+SCRIPT_PROBES = tuple(name for name, _ in verify_probes.PROBES)
 PROBE_TIMEOUT = 900.0  # first GPU init plus the vLLM import can take minutes on a cold cache
 
 
@@ -36,8 +33,8 @@ class Probe:
         return asdict(self)
 
 
-def _expectations(act: activate.Activation) -> dict:
-    torch_pins = ((state.read_receipt(act.prefix) or {}).get("pins") or {}).get("torch") or {}
+def _expectations(act: activate.Activation, receipt: dict) -> dict:
+    torch_pins = (receipt.get("pins") or {}).get("torch") or {}
     return {"archs": list(act.archs), "torch": str(torch_pins.get("torch", "")),
             "rocm": str(torch_pins.get("rocm", "")), "flash_attn": act.flash_attention_backend}
 
@@ -140,8 +137,9 @@ def run(prefix: Path, *, archs: tuple[str, ...] | None = None, visible_devices: 
                              hint=f"install first: rdna4-install --prefix '{prefix}'")
     if visible_devices is None:
         visible_devices = os.environ.get("ROCR_VISIBLE_DEVICES", "")
-    act = activate.from_receipt(prefix, archs=archs, visible_devices=visible_devices)
-    expect = _expectations(act)
+    receipt = state.read_receipt(prefix) or {}
+    act = activate.from_receipt(prefix, archs=archs, visible_devices=visible_devices, receipt=receipt)
+    expect = _expectations(act, receipt)
     probes = run_script_probes(python, expect, activate.environment(act), timeout)
     return probes + extension_probes(venv, tuple(expect["archs"]), expect["flash_attn"])
 

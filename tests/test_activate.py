@@ -150,6 +150,23 @@ def test_running_fish_file_prints_how_to_source(prefix):
     res = subprocess.run(["fish", "--no-config", str(prefix / "activate.fish")],
                          capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 1 and "source it instead of running it" in res.stderr
+    # the printed fish command works when pasted: it is the fish-quoted path
+    pasted = res.stderr.splitlines()[1].split("(fish)")[0].strip()
+    check = subprocess.run(["fish", "--no-config", "-c", pasted + '; printf "%s" "$VIRTUAL_ENV"'],
+                           capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert check.stdout == str(prefix / "venv"), check.stderr
+
+
+def test_environment_matches_what_sourcing_gives(prefix, monkeypatch):
+    """verify and bench start children with environment(), not through the file."""
+    act = _write(prefix, visible_devices="GPU-81ba7e079f6f7889", flash_attention_backend="triton")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION", "11.0.0")
+    built = activate.environment(act)
+    sourced = _session("bash", '. "$1/activate"; env; echo @@', prefix,
+                       {"HSA_OVERRIDE_GFX_VERSION": "11.0.0"})[0][0]
+    for name in ("PATH", "VIRTUAL_ENV", *(s.name for s in act.settings)):
+        assert built.get(name) == sourced.get(name), name
 
 
 def test_another_active_venv_is_deactivated_first(prefix, tmp_path):
