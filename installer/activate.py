@@ -308,7 +308,9 @@ def render_fish(act: Activation) -> str:
             "source " + q(act.venv / "bin" / "activate.fish"),
             ""]
     out += _setting_lines(act, q, "set -gx {name} {value}", "set -e {name}")
-    out.append("")
+    # `set -e` of an unset variable leaves status 4 behind; sourcing must report
+    # success, or `source .../activate.fish; and cmd` never runs cmd
+    out += ["true", ""]
     return "\n".join(out)
 
 

@@ -152,7 +152,7 @@ def test_running_fish_file_prints_how_to_source(prefix):
     assert res.returncode == 1 and "source it instead of running it" in res.stderr
     # the printed fish command works when pasted: it is the fish-quoted path
     pasted = res.stderr.splitlines()[1].split("(fish)")[0].strip()
-    check = subprocess.run(["fish", "--no-config", "-c", pasted + '; printf "%s" "$VIRTUAL_ENV"'],
+    check = subprocess.run(["fish", "--no-config", "-c", pasted + '; and printf "%s" "$VIRTUAL_ENV"'],
                            capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert check.stdout == str(prefix / "venv"), check.stderr
 
