@@ -32,15 +32,24 @@ DEFAULT_PER_JOB_GIB = 3.0
 FA_TRITON_SWITCH = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
 
 
-def available_memory(meminfo: Path = MEMINFO) -> int:
-    """MemAvailable in bytes (0 when unknown)."""
+def meminfo(path: Path = MEMINFO) -> dict[str, int]:
+    """/proc/meminfo as bytes by field name ({} when unreadable)."""
+    values = {}
     try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        text = path.read_text()
+    except OSError:
+        return values
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        number = rest.split()[:1]
+        if number and number[0].isdigit():
+            values[key.strip()] = int(number[0]) * 1024
+    return values
+
+
+def available_memory(path: Path = MEMINFO) -> int:
+    """MemAvailable in bytes (0 when unknown)."""
+    return meminfo(path).get("MemAvailable", 0)
 
 
 def max_jobs(kind: str, *, override: int | None = None, mem_bytes: int | None = None,

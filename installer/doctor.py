@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import buildenv
 from . import detect as det
 from . import proc
-from .rocminfo import OVERRIDE, leading_int
+from .rocminfo import OVERRIDE
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 GIB = 1024 ** 3
@@ -338,18 +339,8 @@ def check_disk(prefix: Path, cache_dir: Path, need_bytes: int) -> Check:
     return Check("disk", PASS, f"{need}; {places}")
 
 
-def _meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
-    values = {}
-    for line in (_read(path) or "").splitlines():
-        key, _, rest = line.partition(":")
-        n = leading_int(rest)
-        if n is not None:
-            values[key.strip()] = n * 1024
-    return values
-
-
 def check_memory(jobs: int, meminfo: dict[str, int] | None = None) -> Check:
-    info = _meminfo() if meminfo is None else meminfo
+    info = buildenv.meminfo() if meminfo is None else meminfo
     ram = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     swap = info.get("SwapTotal", 0)
     detail = f"{ram / GIB:.1f} GiB RAM + {swap / GIB:.1f} GiB swap; the build uses {jobs} parallel jobs"

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import activate, codeobjects, proc, state, verify_probes
+from .pyenv import site_packages
 from .errors import InstallerError
 
 PASS, FAIL, SKIP = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP
@@ -78,10 +79,6 @@ def run_script_probes(python: Path, expect: dict, env: dict[str, str],
 
 # --- code objects in HIP extensions ----------------------------------------------
 
-def site_packages(venv: Path) -> list[Path]:
-    return sorted(venv.glob("lib/python3*/site-packages"))
-
-
 def code_object_probe(name: str, files: list[Path], archs: tuple[str, ...], missing: str) -> Probe:
     if not files:
         return Probe(name, FAIL if missing == FAIL else SKIP,
@@ -108,8 +105,8 @@ def code_object_probe(name: str, files: list[Path], archs: tuple[str, ...], miss
 
 def extension_probes(venv: Path, archs: tuple[str, ...], flash_attn: str) -> list[Probe]:
     sp = site_packages(venv)
-    vllm_files = [p for d in sp for p in sorted((d / "vllm").glob("*.so"))]
-    fa_files = [p for d in sp for p in sorted(d.glob("flash_attn_2_cuda*.so"))]
+    vllm_files = sorted((sp / "vllm").glob("*.so"))
+    fa_files = sorted(sp.glob("flash_attn_2_cuda*.so"))
     out = [code_object_probe("vllm.code-objects", vllm_files, archs, FAIL)]
     if flash_attn == "ck":
         out.append(code_object_probe("flash_attn.code-objects", fa_files, archs, FAIL))
