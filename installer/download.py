@@ -70,7 +70,7 @@ def local_path(url: str) -> Path | None:
     parts = urlsplit(url)
     if parts.scheme == "file":
         return Path(unquote(parts.path))
-    if not parts.scheme or (len(parts.scheme) == 1 and os.name == "nt"):
+    if not parts.scheme:
         return Path(url).expanduser()
     return None
 
@@ -175,12 +175,6 @@ def forget(url: str, *, cache_dir: Path, sha256: str | None = None) -> None:
     _update_index(cache_dir, url, None)
 
 
-def cached(url: str, *, cache_dir: Path, sha256: str | None = None) -> Path | None:
-    """The cached file for `url` (by pinned hash, else by the recorded one)."""
-    digest = sha256 or recorded_sha256(url, cache_dir)
-    return _cached_file(cache_dir, digest, filename_of(url)) if digest else None
-
-
 # --- fetching --------------------------------------------------------------
 
 def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool = False,
@@ -212,9 +206,7 @@ def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool
     size = hit.stat().st_size
     if sink is not None:
         with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
-            for block in iter(lambda: f.read(CHUNK), b""):
-                sink(block)
-                bar.update(len(block))
+            _pump(_chunks(f), None, None, sink, bar)
     return Fetched(hit, expect, size, True)
 
 
@@ -305,7 +297,7 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _status_error(url: str, status: int, what: str) -> DownloadError:
+def status_error(url: str, status: int, what: str) -> DownloadError:
     hint = {403: "the file is not public or no longer exists; pick another version",
             404: "the file does not exist; check the version"}.get(
         status, "the server failed; rerun later (the download resumes)")
@@ -346,12 +338,10 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, dest)
     _unlink(meta)
-    if not pinned and not recorded:
+    if recorded != digest:      # first download, or a new pin replaced the recorded hash
         _update_index(cache_dir, url, digest)
-        if ui is not None:
-            ui.info(f"recorded sha256 {digest} for {what}; later runs require the same file")
-    elif pinned and recorded != pinned:
-        _update_index(cache_dir, url, digest)
+    if expect is None and ui is not None:
+        ui.info(f"recorded sha256 {digest} for {what}; later runs require the same file")
     return Fetched(dest, digest, size, False)
 
 
@@ -367,33 +357,27 @@ def _copy_local(src: Path, part: Path, what: str, ui: Any, sink: Sink | None) ->
     h = hashlib.sha256()
     with open(src, "rb") as f, open(part, "wb") as out, \
             _progress(ui, src.stat().st_size, what) as bar:
-        size = _pump(iter(lambda: f.read(CHUNK), b""), out, h, sink, bar)
+        size = _pump(_chunks(f), out, h, sink, bar)
     return h.hexdigest(), size
 
 
+def _chunks(f: Any) -> Iterator[bytes]:
+    return iter(lambda: f.read(CHUNK), b"")
+
+
 def _pump(blocks: Iterable[bytes], out: Any, h: Any, sink: Sink | None, bar: Any) -> int:
-    """Write blocks to the partial file, hashing and feeding the sink as they pass."""
+    """Pass blocks to the partial file (`out`), the hash and the sink, each if given."""
     n = 0
     for block in blocks:
-        out.write(block)
-        h.update(block)
+        if out is not None:
+            out.write(block)
+        if h is not None:
+            h.update(block)
         if sink is not None:
             sink(block)
         n += len(block)
         bar.update(len(block))
     return n
-
-
-def _replay(part: Path, h: "hashlib._Hash", sink: Sink | None) -> int:
-    """Hash (and hand to `sink`) the bytes an earlier run already saved."""
-    done = 0
-    with open(part, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-            if sink is not None:
-                sink(block)
-            done += len(block)
-    return done
 
 
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -429,9 +413,8 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
     done = 0            # bytes hashed and handed to sink so far
     total: int | None = None
     resumes = 0
-    bar_cm = None
-    bar: Any = _NoBar()
-    try:
+    bar: Any = None
+    with contextlib.ExitStack() as stack:
         while True:
             headers = {"Accept-Encoding": "identity"}
             if have:
@@ -446,7 +429,7 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                     have = 0
                     continue
                 if resp.status_code not in (200, 206):
-                    raise _status_error(url, resp.status_code, what)
+                    raise status_error(url, resp.status_code, what)
                 rng = _content_range(resp.headers.get("Content-Range"))
                 if resp.status_code == 206 and not (rng and rng[0] == have):
                     raise DownloadError(f"{what}: the server answered a resume with the wrong range "
@@ -457,7 +440,9 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                     if not done and have:
                         if ui is not None:
                             ui.info(f"resuming {what} at {have / 1e6:.0f} MB")
-                        done = _replay(part, h, sink)
+                        # hash (and hand to the sink) what an earlier run saved
+                        with open(part, "rb") as saved:
+                            done = _pump(_chunks(saved), None, h, sink, _NoBar())
                     mode = "ab"
                 else:
                     if done:
@@ -479,9 +464,8 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                     free = shutil.disk_usage(part.parent).free
                     if free < total - have:
                         raise _no_space(part.parent, what, total - have)
-                if bar_cm is None:
-                    bar_cm = _progress(ui, total, what)
-                    bar = bar_cm.__enter__()
+                if bar is None:
+                    bar = stack.enter_context(_progress(ui, total, what))
                     bar.update(have)
                 try:
                     with open(part, mode) as out:
@@ -504,9 +488,6 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                 raise DownloadError(f"{what}: got {have} bytes, the server announced {total}",
                                     hint="rerun to resume; if it persists the mirror is broken")
             return h.hexdigest(), have
-    finally:
-        if bar_cm is not None:
-            bar_cm.__exit__(None, None, None)
 
 
 def _read_meta(meta: Path) -> str | None:

@@ -88,7 +88,7 @@ def header_problems(patch: Path) -> list[str]:
 def _version(ctx) -> str:
     src = ctx.facts.get("source") or {}
     ident = src.get("tag") or src.get("commit", "")[:12] or src.get("sha256", "")[:12]
-    label = ctx.vars.get("_version", "") if hasattr(ctx.vars, "get") else ""
+    label = ctx.vars.get("_version", "")
     return " ".join(x for x in (f"{ctx.name} {label}".strip(), f"({ident})" if ident else "") if x)
 
 

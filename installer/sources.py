@@ -59,7 +59,6 @@ def ensure_commit(ctx, url: str, commit: str) -> tuple[Path, bool]:
     if ctx.offline:
         raise InstallerError(f"offline, and {url} @ {commit[:12]} is not in the git cache",
                              hint=f"run once without --offline to fill {mirror}")
-    mirror.parent.mkdir(parents=True, exist_ok=True)
     # the cache is shared by every prefix: one writer per mirror at a time
     with locked(mirror.with_name(mirror.name + ".lock")):
         if _has_commit(ctx, mirror, commit):  # another installer fetched it meanwhile
@@ -166,10 +165,9 @@ def fetch_git(ctx, url: str = "", commit: str = "", tag: str = "",
     url/commit/tag default to the recipe's [source]; `sparse` limits the checkout
     to some folders (triton_kernels needs one folder of the ROCm triton tree).
     """
-    src_pin = getattr(ctx, "source", None)
-    url = url or getattr(src_pin, "url", "")
-    commit = (commit or getattr(src_pin, "commit", "")).lower()
-    tag = tag or getattr(src_pin, "tag", "")
+    url = url or getattr(ctx.source, "url", "")
+    commit = (commit or getattr(ctx.source, "commit", "")).lower()
+    tag = tag or getattr(ctx.source, "tag", "")
     if not url:
         raise RecipeError(f"{ctx.name}: fetch-git needs a url (in [source] or the step's 'with')")
     mirror, cached = ensure_commit(ctx, url, commit)
@@ -193,18 +191,15 @@ def fetch_sdist(ctx, url: str = "", sha256: str = "") -> Path:
     from .download import fetch
     from .unpack import extract_tarball
 
-    src_pin = getattr(ctx, "source", None)
-    url = url or getattr(src_pin, "url", "")
-    sha256 = sha256 or getattr(src_pin, "sha256", "")
+    url = url or getattr(ctx.source, "url", "")
+    sha256 = sha256 or getattr(ctx.source, "sha256", "")
     if not url or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256 or ""):
         raise RecipeError(f"{ctx.name}: fetch-sdist needs a url and its sha256",
                           hint="take both from PyPI's simple index (the file's #sha256=)")
     got = fetch(url, cache_dir=ctx.cache_dir, sha256=sha256, offline=ctx.offline, ui=ctx.ui,
                 what=f"{ctx.name} source")
-    dest = ctx.src_dir
-    if dest.exists():
-        shutil.rmtree(dest)
-    extract_tarball(got.path, dest, strip_components=1)
+    # extract_tarball replaces an old tree (a rerun's) atomically
+    dest = extract_tarball(got.path, ctx.src_dir, strip_components=1)
     ctx.facts["source"] = {"kind": "url", "url": url, "sha256": got.sha256, "size": got.size,
                            "from_cache": got.from_cache}
     return dest

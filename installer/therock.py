@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, unquote, urljoin
 
 from .errors import InstallerError, UsageError
 
@@ -139,8 +139,6 @@ def parse_listing(text: str) -> tuple[list[str], str | None]:
     Accepts TheRock's generated index.html (a JSON array in a script), S3
     ListBucketResult XML, and as a last resort any page naming the files.
     """
-    from urllib.parse import unquote
-
     m = _JS_FILES.search(text)
     if m:
         try:
@@ -169,33 +167,36 @@ def parse_listing(text: str) -> tuple[list[str], str | None]:
     return sorted({unquote(n) for n in _NAME.findall(text)}), None
 
 
-def list_versions(directory: str, family: str) -> list[tuple[Any, str]]:
-    """(Version, file name) for every `family` tarball at `directory`, oldest first."""
+def _version_in(name: str, family: str):
+    """The Version a `family` dist tarball's file name carries; None for any other
+    file, a -tests- tarball or a version packaging cannot order."""
     from packaging.version import InvalidVersion, Version
 
+    m = re.fullmatch(rf"therock-dist-linux-{re.escape(family)}-(.+)\.tar\.gz", name)
+    if not m or m.group(1).startswith("tests-"):
+        return None
+    try:
+        return Version(m.group(1))
+    except InvalidVersion:
+        return None
+
+
+def list_versions(directory: str, family: str) -> list[tuple[Any, str]]:
+    """(Version, file name) for every `family` tarball at `directory`, oldest first."""
     from . import download
 
-    pattern = re.compile(rf"^therock-dist-linux-{re.escape(family)}-(.+)\.tar\.gz$")
     names: list[str] = []
     url, params = directory, None
     for _ in range(100):    # S3 pages hold 1000 keys
         resp = download.get(url, params=params)
         if resp.status_code != 200:
-            raise download._status_error(url, resp.status_code, "TheRock listing")
+            raise download.status_error(url, resp.status_code, "TheRock listing")
         page, token = parse_listing(resp.text)
         names += page
         if not token:
             break
         params = {"list-type": "2", "continuation-token": token}
-    found = {}
-    for name in names:
-        m = pattern.match(name)
-        if not m or "-tests-" in name or m.group(1).startswith("tests-"):
-            continue
-        try:
-            found[Version(m.group(1))] = name
-        except InvalidVersion:
-            continue
+    found = {v: name for name in names if (v := _version_in(name, family)) is not None}
     return sorted(found.items())     # packaging order, never string order
 
 
@@ -284,20 +285,11 @@ def _torch_check(pins: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool]
 
 
 def _latest_cached(cache_dir: Path, directory: str, family: str, channel: str) -> str | None:
-    from packaging.version import InvalidVersion, Version
-
     from . import download
 
-    pattern = re.compile(rf"^{re.escape(directory.rstrip('/'))}/therock-dist-linux-"
-                         rf"{re.escape(family)}-(.+)\.tar\.gz$")
-    found = []
-    for url in download.cached_urls(cache_dir):
-        m = pattern.match(url)
-        if m and "tests-" not in m.group(1):
-            try:
-                found.append((Version(m.group(1).replace("%2B", "+")), url))
-            except InvalidVersion:
-                pass
+    folder = directory.rstrip("/") + "/"
+    found = [(v, url) for url in download.cached_urls(cache_dir) if url.startswith(folder)
+             and (v := _version_in(unquote(url[len(folder):]), family)) is not None]
     return pick_latest(found, channel)
 
 
@@ -378,7 +370,7 @@ def install_step(ctx: Any, *, url: str, version: str, sha256: str = "") -> None:
         ctx.ui.info(f"TheRock {found or version} in {dest} (sha256 {got.sha256[:16]}...)")
 
 
-def _not_found(url: str, version: str, exc: InstallerError) -> InstallerError:
+def _not_found(url: str, version: str, exc: Any) -> InstallerError:
     from . import download
 
     directory = url.rsplit("/", 1)[0] + "/"
@@ -390,6 +382,5 @@ def _not_found(url: str, version: str, exc: InstallerError) -> InstallerError:
         near = []
     hint = (f"nearest available: {', '.join(near)}; pick one with --set therock.version=<version>" if near
             else f"{exc.hint}; the listing at {directory} was not readable")
-    status = getattr(exc, "status", None)
-    return InstallerError(f"TheRock {version} ({family}) is not available: HTTP {status} for {url}",
+    return InstallerError(f"TheRock {version} ({family}) is not available: HTTP {exc.status} for {url}",
                           hint=hint)

@@ -14,6 +14,7 @@ at `dest`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -102,7 +103,7 @@ class StreamExtract:
 
     def abort(self) -> None:
         self._pipe.cancelled = True
-        with _suppress_full():
+        with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
         self._thread.join()
 
@@ -112,14 +113,6 @@ class StreamExtract:
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is not None and self._thread.is_alive():
             self.abort()
-
-
-class _suppress_full:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *rest) -> bool:
-        return exc_type is queue.Full
 
 
 class _Cancelled(Exception):

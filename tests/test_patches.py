@@ -61,6 +61,22 @@ def test_a_failing_patch_names_itself_the_version_and_the_hunk(tmp_path):
     assert (tree / "csrc/a.c").read_text() == before  # nothing half-applied
 
 
+def test_a_patch_whose_second_file_fails_changes_neither_file(tmp_path):
+    # apply_one relies on git apply being all-or-nothing (it runs no --check first)
+    tree, files = format_patches(tmp_path, [("README", "fake", "patched")])
+    up = tmp_path / "upstream"
+    for rel, old, new in (("README", "patched", "twice"), ("csrc/a.c", "int a5 = 5;", "int a5 = 55;")):
+        (up / rel).write_text((up / rel).read_text().replace(old, new))
+    both = tmp_path / "both.patch"
+    both.write_text(git("diff", cwd=up) + "\n")
+    patches.apply_all(tree, files, env={"PATH": "/usr/bin:/bin"}, what="fake")
+    (tree / "csrc/a.c").write_text((tree / "csrc/a.c").read_text().replace("int a4 = 4;", "int a4 = -4;"))
+    before = {rel: (tree / rel).read_text() for rel in ("README", "csrc/a.c")}
+    with pytest.raises(InstallerError, match="first failing hunk csrc/a.c"):
+        patches.apply_all(tree, [both], env={"PATH": "/usr/bin:/bin"}, what="fake")
+    assert {rel: (tree / rel).read_text() for rel in before} == before
+
+
 def test_an_sdist_tree_inside_another_repo_is_patched_relative_to_itself(tmp_path):
     tree, files = format_patches(tmp_path, [("README", "fake", "patched")])
     outer = tmp_path / "outer"

@@ -121,15 +121,18 @@ def test_fetch_sdist_verifies_and_strips_the_top_dir(tmp_path):
     archive = vllm_like_sdist(tmp_path / "up")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     ctx = ctx_for(tmp_path, "vllm", Source(kind="url", url=str(archive), sha256=digest))
+    (ctx.src_dir / "stale").mkdir(parents=True)    # a rerun's old tree is replaced, not merged
     src = sources.fetch_sdist(ctx)
+    assert src == ctx.src_dir
     assert (src / "setup.py").is_file() and (src / "tools/use_existing_torch.py").is_file()
+    assert not (src / "stale").exists()
     assert ctx.facts["source"]["sha256"] == digest
 
 
 def test_fetch_sdist_refuses_a_wrong_sha256(tmp_path):
     archive = vllm_like_sdist(tmp_path / "up")
     ctx = ctx_for(tmp_path, "vllm", Source(kind="url", url=str(archive), sha256="0" * 64))
-    with pytest.raises(InstallerError):
+    with pytest.raises(InstallerError, match="sha256 mismatch"):
         sources.fetch_sdist(ctx)
     assert not ctx.src_dir.exists()
 

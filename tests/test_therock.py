@@ -178,7 +178,9 @@ def test_truncated_tarball_is_dropped_from_the_cache(tmp_path):
     with serve(srvdir) as srv, pytest.raises(InstallerError, match="truncated") as err:
         therock.install_step(_ctx(tmp_path / "p", cache), url=srv.url + _name("10.1.0"), version="10.1.0")
     assert "rerun" in err.value.hint
-    assert download.cached(srv.url + _name("10.1.0"), cache_dir=cache) is None
+    # neither the file nor its recorded hash is left: the rerun downloads it afresh
+    assert download.recorded_sha256(srv.url + _name("10.1.0"), cache) is None
+    assert list((cache / "downloads").glob("*/" + _name("10.1.0"))) == []
     assert not (tmp_path / "p" / "rocm-10.1.0").exists()
 
 
