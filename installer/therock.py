@@ -281,7 +281,7 @@ def _torch_check(pins: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool]
     from . import torchindex
 
     py = tuple(int(p) for p in str(torch.get("python", "3.12")).split(".")[:2])
-    return lambda version: torchindex.has_torch(index, version, py)  # type: ignore[arg-type]
+    return torchindex.torch_check(index, py)  # type: ignore[arg-type]
 
 
 def _latest_cached(cache_dir: Path, directory: str, family: str, channel: str) -> str | None:

@@ -13,7 +13,7 @@ import platform
 import re
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
@@ -229,11 +229,23 @@ def resolve_from_index(index_url: str, v_rocm: str, keys: Iterable[str], py: tup
     return out
 
 
+def torch_check(index_url: str, py: tuple[int, int] = (3, 12)) -> Callable[[str], bool]:
+    """has_torch for one version after another, reading the torch page once
+    (picking the newest nightly may try several)."""
+    found: set[str | None] | None = None
+
+    def check(v_rocm: str) -> bool:
+        nonlocal found
+        if found is None:
+            found = {v.local for v in wheel_versions(index_files(index_url, "torch"), py)}
+        return rocm_local(Version(v_rocm)) in found
+    return check
+
+
 def has_torch(index_url: str, v_rocm: str, py: tuple[int, int] = (3, 12)) -> bool:
     """Whether `index_url` has a torch wheel for ROCm `v_rocm` and CPython `py`
     (nightly tarballs can exist on days without torch wheels)."""
-    want = rocm_local(Version(v_rocm))
-    return any(v.local == want for v in wheel_versions(index_files(index_url, "torch"), py))
+    return torch_check(index_url, py)(v_rocm)
 
 
 def _nightly_gap(index_url: str, want: Version, py: tuple[int, int], rocms: set[Version],

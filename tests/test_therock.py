@@ -204,14 +204,18 @@ def test_parse_listing_formats():
 
 def test_latest_nightly_asks_the_torch_index_from_the_pins(tmp_path, repo):
     # the plan calls the resolver without a callback: the torch pins name the index to ask
-    from index_fixtures import build_torch_stack, serve_index
+    from index_fixtures import build_torch_stack, request_log, serve_index
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     build_torch_stack(wheels, rocm="10.2.0a20260926")   # torch exists for the 26th only
     pins = _pins(version="latest", channel="nightly")
+    index = serve_index(wheels)
     with serve(repo) as srv:
         pins["therock"]["index_url"] = srv.url
-        pins["torch"] = {"index_url": serve_index(wheels), "python": "%d.%d" % sys.version_info[:2]}
+        pins["torch"] = {"index_url": index, "python": "%d.%d" % sys.version_info[:2]}
         got = therock.resolve(pins, ("gfx1201",), offline=False, cache_dir=tmp_path)
     assert got["version"] == "10.2.0a20260926"
+    # the 27th was tried first and refused; the torch page was still read only once
+    assert [r for r in request_log(index) if r.startswith("GET") and "/torch/" in r] == \
+        ["GET /simple/torch/"]
