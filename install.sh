@@ -5,6 +5,11 @@
 # installs rdna4-install as a uv tool, then runs `rdna4-install install ARGS`.
 #
 #     curl -fsSL URL | sh -s -- --prefix ~/rdna4 --gpu-arch gfx1201
+#     sh install.sh --prefix ~/rdna4 --gpu-arch gfx1201      (in a checkout)
+#
+# It installs only an exact released version from PyPI, the checkout it sits
+# in, or what RDNA4_INSTALLER_SOURCE names (a URL only with its sha256): never
+# a branch archive, never a URL the project does not control.
 #
 # This file holds only function definitions; the last line calls main, so a
 # download cut short runs nothing. It never uses sudo: everything goes under
@@ -27,10 +32,12 @@ Options handled here:
 Environment:
     RDNA4_PREFIX            install prefix (read by rdna4-install)
     RDNA4_CACHE_DIR         download and build cache (read by rdna4-install)
-    RDNA4_INSTALLER_SOURCE  where to install rdna4-install from: a local checkout or
-                            archive path, an https archive URL, or a uv package spec
-                            (default: the project's published source archive)
-    RDNA4_VERSION           installer version to install (a release tag, e.g. 0.2.0)
+    RDNA4_INSTALLER_SOURCE  where to install rdna4-install from: a checkout, a wheel
+                            or sdist file, or an https URL of one (needs
+                            RDNA4_INSTALLER_SHA256). Default: the checkout this
+                            script is in, else rdna4-install==VERSION from PyPI
+    RDNA4_INSTALLER_SHA256  sha256 the file at an RDNA4_INSTALLER_SOURCE URL must have
+    RDNA4_VERSION           another released version to install from PyPI (e.g. 0.2.0)
     RDNA4_NO_MODIFY_PATH    if set, do not add uv's tool bin dir to ~/.profile and co.
     RDNA4_UV_INSTALL_URL    uv's installer (default: https://astral.sh/uv/install.sh);
                             if it cannot be used: python3 -m pip install --user uv
@@ -39,17 +46,12 @@ Environment:
     'rdna4-install install'; see 'sh install.sh -- --help'."
 }
 
-# The project's published source. PLACEHOLDER: the project has no public home
-# yet; this is where the main-branch archive will live once published. We use a
-# source archive rather than a PyPI name because the archive host is the one
-# place the project controls; a release is the same host's tag archive.
-default_source_url() {
-    echo "https://github.com/rdna4-install/rdna4-install/archive/refs/heads/main.tar.gz"
-}
-
-release_source_url() {
-    # Tags are assumed to be named v<version> (PLACEHOLDER, like the URL above).
-    echo "https://github.com/rdna4-install/rdna4-install/archive/refs/tags/v${1#v}.tar.gz"
+# The released version this script installs from PyPI (exact pin; PyPI pins
+# each file's hash). scripts/release writes it; empty means no release exists
+# yet, so with no RDNA4_INSTALLER_SOURCE and no checkout around the script
+# there is nothing safe to install and it stops.
+release_version() {
+    echo ""
 }
 
 default_uv_install_url() {
@@ -169,6 +171,10 @@ cleanup() {
 
 # Sets RETVAL to a fresh temp dir that is removed on exit.
 make_tmpdir() {
+    if [ -n "${_tmpdir:-}" ]; then
+        RETVAL="$_tmpdir"
+        return 0
+    fi
     _base="${TMPDIR:-/tmp}"
     if ! _tmpdir="$(mktemp -d "$_base/rdna4-install.XXXXXX")"; then
         _tmpdir=""
@@ -274,8 +280,16 @@ install_uv_with_pip() {
     if uv_from_python; then
         return 0
     fi
+    make_tmpdir
+    _pip_log="$RETVAL/pip.log"
     say "installing uv with: python3 -m pip install --user uv"
-    if ! python3 -m pip install --user --quiet uv </dev/null >&2; then
+    if ! python3 -m pip install --user --quiet uv </dev/null >"$_pip_log" 2>&1; then
+        if grep -q externally-managed-environment "$_pip_log"; then
+            # pip's page of PEP 668 text would bury the one thing to do
+            err "cannot install uv: its installer is unreachable and this python3 refuses pip --user (PEP 668)" \
+                "run 'pipx install uv' (or put a uv binary on PATH), then rerun this script"
+        fi
+        cat "$_pip_log" >&2
         warn "python3 -m pip install --user uv failed"
         return 1
     fi
@@ -306,60 +320,139 @@ ensure_uv() {
 
 # --- the tool
 
-# Sets RETVAL to where rdna4-install comes from (before it is turned into a uv spec).
+# Sets RETVAL to the checkout this script sits in when it runs as a file from
+# one (`sh install.sh` in a clone); under `curl | sh`, $0 is the shell.
+checkout_dir() {
+    case "$0" in
+        install.sh) _dir="." ;;
+        */install.sh) _dir="${0%/*}" ;;
+        *) return 1 ;;
+    esac
+    _dir="$(cd "$_dir" 2>/dev/null && pwd)" || return 1
+    if [ -f "$_dir/pyproject.toml" ] && grep -q '^name = "rdna4-install"$' "$_dir/pyproject.toml"; then
+        RETVAL="$_dir"
+        return 0
+    fi
+    return 1
+}
+
+# Sets RETVAL to the sha256 of file $1.
+checksum_of() {
+    if check_cmd sha256sum; then
+        _sum="$(sha256sum "$1")"
+    elif check_cmd shasum; then
+        _sum="$(shasum -a 256 "$1")"
+    elif check_cmd openssl; then
+        _sum="$(openssl dgst -sha256 -r "$1")"
+    else
+        err "need sha256sum, shasum or openssl to check $1" "install coreutils with your system's package manager"
+    fi
+    RETVAL="${_sum%% *}"
+    assert_nz "$RETVAL" "sha256 of $1"
+}
+
+# Sets RETVAL to a local copy of the wheel or sdist at URL $1, whose sha256
+# must equal RDNA4_INSTALLER_SHA256; a mismatch stops before anything is installed.
+fetch_verified() {
+    _url="$1"
+    check_url "$_url"
+    _want="$(printf '%s' "${RDNA4_INSTALLER_SHA256:-}" | tr 'A-F' 'a-f')"
+    case "$_want" in
+        "")
+            err "refusing $_url: RDNA4_INSTALLER_SHA256 is not set" \
+                "set RDNA4_INSTALLER_SHA256 to the sha256 published with that file"
+            ;;
+        *[!0-9a-f]*)
+            err "RDNA4_INSTALLER_SHA256 is not a sha256 (64 hex digits)" "copy it again from the release"
+            ;;
+    esac
+    if [ "${#_want}" -ne 64 ]; then
+        err "RDNA4_INSTALLER_SHA256 is not a sha256 (64 hex digits)" "copy it again from the release"
+    fi
+    _name="${_url%%[?#]*}"
+    _name="${_name##*/}"
+    case "$_name" in
+        *[!A-Za-z0-9._+-]* | "") err "$_url does not name a wheel or sdist file" "use the URL of a .whl or .tar.gz" ;;
+        *.whl | *.tar.gz) ;;
+        *) err "$_url does not name a wheel or sdist file" "use the URL of a .whl or .tar.gz" ;;
+    esac
+    make_tmpdir
+    _file="$RETVAL/$_name"
+    if ! downloader "$_url" "$_file"; then
+        err "could not download $_url" "check the URL and the network, then rerun"
+    fi
+    checksum_of "$_file"
+    if [ "$RETVAL" != "$_want" ]; then
+        ignore rm -f "$_file"
+        err "sha256 mismatch for $_url: expected $_want, got $RETVAL; nothing was installed" \
+            "check RDNA4_INSTALLER_SHA256 against the release; if it is right, the file was changed"
+    fi
+    RETVAL="$_file"
+}
+
+# Sets RETVAL to the `uv tool install` argument for RDNA4_INSTALLER_SOURCE $1:
+# a checkout, a wheel or sdist file, or an https URL of one (sha256-checked).
+source_spec() {
+    _src="$1"
+    case "$_src" in
+        *://*)
+            fetch_verified "$_src"
+            return 0
+            ;;
+    esac
+    if [ -d "$_src" ]; then
+        if [ ! -f "$_src/pyproject.toml" ]; then
+            err "$_src is not a checkout of rdna4-install (no pyproject.toml)" \
+                "set RDNA4_INSTALLER_SOURCE to a checkout, a wheel file, or an https URL"
+        fi
+        RETVAL="$(cd "$_src" && pwd)"
+        return 0
+    fi
+    if [ -f "$_src" ]; then
+        case "$_src" in
+            *.whl | *.tar.gz) ;;
+            *) err "$_src is not a wheel (.whl) or sdist (.tar.gz)" "point RDNA4_INSTALLER_SOURCE at one" ;;
+        esac
+        case "$_src" in
+            */*) RETVAL="$(cd "${_src%/*}" && pwd)/${_src##*/}" ;;
+            *) RETVAL="$(pwd)/$_src" ;;
+        esac
+        return 0
+    fi
+    err "installer source $_src does not exist" \
+        "set RDNA4_INSTALLER_SOURCE to a checkout, a wheel file, or an https URL (with RDNA4_INSTALLER_SHA256)"
+}
+
+# Sets RETVAL to what `uv tool install` gets: RDNA4_INSTALLER_SOURCE, else the
+# checkout this script is in, else exactly the released version from PyPI.
 installer_source() {
     if [ -n "${RDNA4_INSTALLER_SOURCE:-}" ]; then
         if [ -n "${RDNA4_VERSION:-}" ]; then
             warn "RDNA4_INSTALLER_SOURCE is set, so RDNA4_VERSION=$RDNA4_VERSION is ignored"
         fi
-        RETVAL="$RDNA4_INSTALLER_SOURCE"
-    elif [ -n "${RDNA4_VERSION:-}" ]; then
-        case "$RDNA4_VERSION" in
-            *[!A-Za-z0-9._+-]*) err "RDNA4_VERSION='$RDNA4_VERSION' is not a version" "use e.g. RDNA4_VERSION=0.2.0" ;;
-        esac
-        RETVAL="$(release_source_url "$RDNA4_VERSION")"
-    else
-        RETVAL="$(default_source_url)"
-    fi
-}
-
-# Sets RETVAL to the argument for `uv tool install`: a local path as-is, a URL
-# (https only) as a named direct reference, anything else as a uv package spec.
-uv_spec() {
-    _src="$1"
-    assert_nz "$_src" "installer source"
-    if [ -e "$_src" ]; then
-        RETVAL="$_src"
+        source_spec "$RDNA4_INSTALLER_SOURCE"
         return 0
     fi
-    case "$_src" in
-        *" @ "*)
-            # Already a named reference: "rdna4-install @ URL".
-            check_url "${_src#* @ }"
-            RETVAL="$_src"
-            ;;
-        file://*)
-            RETVAL="rdna4-install @ $_src"
-            ;;
-        *://*)
-            check_url "$_src"
-            RETVAL="rdna4-install @ $_src"
-            ;;
-        /* | ./* | ../*)
-            err "installer source $_src does not exist" "set RDNA4_INSTALLER_SOURCE to a checkout, an archive or an https URL"
-            ;;
-        *)
-            RETVAL="$_src"
-            ;;
+    if checkout_dir; then
+        return 0
+    fi
+    _version="${RDNA4_VERSION:-$(release_version)}"
+    if [ -z "$_version" ]; then
+        err "this install.sh is not from a release, so it has no version to install" \
+            "run it from a checkout (sh install.sh ...) or set RDNA4_INSTALLER_SOURCE to a checkout, a wheel, or an https URL"
+    fi
+    case "$_version" in
+        *[!A-Za-z0-9._+-]*) err "RDNA4_VERSION='$_version' is not a version" "use e.g. RDNA4_VERSION=0.2.0" ;;
     esac
+    RETVAL="rdna4-install==${_version#v}"
 }
 
 install_tool() {
     _uv="$1"
     _spec="$2"
     # --force replaces an rdna4-install left in the bin dir by another installer;
-    # --reinstall-package rebuilds it even when the source URL or path is unchanged
-    # (a branch archive or a checkout moves), which is what makes rerunning update.
+    # --reinstall-package rebuilds it even when the source path is unchanged
+    # (a checkout moves on), which is what makes rerunning update.
     ensure "$_uv" tool install --force --reinstall-package rdna4-install \
         --python ">=3.10" "$_spec" </dev/null >&2
 }
@@ -442,13 +535,13 @@ main() {
         err "HOME is not set" "run this as a normal user with a home directory"
     fi
 
+    # the source first: a wrong checksum stops before even uv is installed
+    installer_source
+    _spec="$RETVAL"
     ensure_uv
     _uv="$RETVAL"
-    installer_source
-    _source="$RETVAL"
-    uv_spec "$_source"
-    say "installing rdna4-install from $_source (uv: $_uv)"
-    install_tool "$_uv" "$RETVAL"
+    say "installing rdna4-install from $_spec (uv: $_uv)"
+    install_tool "$_uv" "$_spec"
     tool_bin_dir "$_uv"
     _bin="$RETVAL"
     _tool="$_bin/rdna4-install"

@@ -9,12 +9,12 @@ installer server is faked (a loopback HTTP server).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -180,38 +180,74 @@ def test_downloader_refuses_plain_http_before_connecting(tmp_path):
 
 
 @needs_dash
-def test_uv_spec_forms(tmp_path):
+def test_source_spec_forms(tmp_path):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
+    (checkout / "pyproject.toml").write_text('[project]\nname = "rdna4-install"\n')
+    wheel = tmp_path / "rdna4_install-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"wheel")
     env = _env(tmp_path, os.defpath)
-    cases = {
-        str(checkout): str(checkout),
-        "https://example.org/a/main.tar.gz": "rdna4-install @ https://example.org/a/main.tar.gz",
-        "rdna4-install==0.2.0": "rdna4-install==0.2.0",
-        "rdna4-install @ git+https://example.org/r.git@v1": "rdna4-install @ git+https://example.org/r.git@v1",
-    }
-    for source, spec in cases.items():
-        out = _source(f'uv_spec "{source}"\nprintf "%s" "$RETVAL"', env)
+    for source, spec in {str(checkout): str(checkout), "checkout": str(checkout),
+                         str(wheel): str(wheel), wheel.name: str(wheel)}.items():
+        out = subprocess.run([DASH, "-c", f'. "{INSTALL_SH}"\nsource_spec "{source}"\nprintf "%s" "$RETVAL"'],
+                             env=dict(env, RDNA4_INSTALL_SH_TESTING="1"), cwd=tmp_path,
+                             capture_output=True, text=True)
         assert (out.returncode, out.stdout) == (0, spec), out.stderr
-    out = _source(f'uv_spec "{tmp_path}/missing"', env)
-    assert out.returncode == 1 and "does not exist" in out.stderr
-    out = _source('uv_spec "http://example.org/x.tar.gz"', env)
-    assert out.returncode == 1 and "refusing" in out.stderr
+    refusals = {
+        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path): "is not a checkout of rdna4-install",
+        str(INSTALL_SH): "is not a wheel (.whl) or sdist",
+        "http://example.org/x.whl": "refusing 'http://example.org/x.whl'",
+        "https://example.org/x.whl": "RDNA4_INSTALLER_SHA256 is not set",
+        # a branch archive has no fixed sha256 and is no wheel or sdist name either
+        "https://example.org/archive/refs/heads/main.zip": "RDNA4_INSTALLER_SHA256 is not set",
+        "rdna4-install @ https://example.org/x.whl": "refusing",
+    }
+    for source, message in refusals.items():
+        out = _source(f'source_spec "{source}"\necho not reached', env)
+        assert out.returncode == 1 and message in out.stderr, (source, out.stderr)
+        assert out.stdout == ""
+    out = _source('source_spec "https://example.org/main.zip"', dict(env, RDNA4_INSTALLER_SHA256="a" * 64))
+    assert out.returncode == 1 and "does not name a wheel or sdist" in out.stderr
+    out = _source('source_spec "https://example.org/x.whl"', dict(env, RDNA4_INSTALLER_SHA256="abc"))
+    assert out.returncode == 1 and "is not a sha256" in out.stderr
 
 
 @needs_dash
-def test_installer_source_default_version_and_override(tmp_path):
+def test_installer_source_is_an_exact_release_or_nothing(tmp_path):
     env = _env(tmp_path, os.defpath)
     show = 'installer_source\nprintf "%s" "$RETVAL"'
-    default = _source(show, env)
-    assert default.stdout.startswith("https://") and default.stdout.endswith(".tar.gz")
+    # this copy of install.sh is not from a release: no version, so no PyPI default
+    unreleased = _source(show, env)
+    assert unreleased.returncode == 1 and unreleased.stdout == ""
+    assert "this install.sh is not from a release" in unreleased.stderr
+    assert "run it from a checkout" in unreleased.stderr
+    baked = _source('release_version() { echo 1.2.3; }\n' + show, env)
+    assert (baked.returncode, baked.stdout) == (0, "rdna4-install==1.2.3"), baked.stderr
     tagged = _source(show, dict(env, RDNA4_VERSION="v0.2.0"))
-    assert tagged.stdout.endswith("/v0.2.0.tar.gz") and tagged.stdout != default.stdout
-    local = _source(show, dict(env, RDNA4_VERSION="0.2.0", RDNA4_INSTALLER_SOURCE="/src"))
-    assert local.stdout == "/src"
+    assert tagged.stdout == "rdna4-install==0.2.0"
+    local = _source(show, dict(env, RDNA4_VERSION="0.2.0", RDNA4_INSTALLER_SOURCE=str(REPO)))
+    assert local.stdout == str(REPO)
     assert "RDNA4_VERSION=0.2.0 is ignored" in local.stderr
     bad = _source(show, dict(env, RDNA4_VERSION="1;rm -rf /"))
     assert bad.returncode == 1 and "is not a version" in bad.stderr
+
+
+@needs_dash
+@pytest.mark.parametrize("script_path", ["{repo}/install.sh", "install.sh"])
+def test_checkout_dir_is_where_the_script_sits(tmp_path, script_path):
+    env = dict(_env(tmp_path, os.defpath), RDNA4_INSTALL_SH_TESTING="1")
+    snippet = f'. "{INSTALL_SH}"\nif checkout_dir; then printf "%s" "$RETVAL"; else echo none; fi'
+    # $0 is what the shell was started with: the script's path, or "sh" under curl | sh
+    out = subprocess.run([DASH, "-c", snippet, script_path.format(repo=REPO)], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.stdout == str(REPO), out.stderr
+    piped = subprocess.run([DASH, "-c", snippet, "sh"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert piped.stdout == "none\n"
+    elsewhere = tmp_path / "install.sh"
+    elsewhere.write_text("")
+    out = subprocess.run([DASH, "-c", snippet, str(elsewhere)], env=env, capture_output=True, text=True)
+    assert out.stdout == "none\n"
 
 
 @needs_dash
@@ -364,15 +400,48 @@ def test_ensure_uv_falls_back_to_pip_user_install(tmp_path, site):
     assert version.stdout.startswith("uv ")
 
 
+PEP668_PYTHON = """#!/bin/sh
+# Stands in for a distribution's python3 marked EXTERNALLY-MANAGED (PEP 668):
+# it has no uv module and its pip refuses --user installs with PEP 668's text.
+case "$*" in
+    *"-m pip install"*)
+        printf '%s\\n' 'error: externally-managed-environment' '' \\
+            'x This environment is externally managed' \\
+            '-> To install Python packages system-wide, try apt install' \\
+            '   python3-xyz, where xyz is the package you are trying to install.' >&2
+        exit 1 ;;
+esac
+exit 1
+"""
+
+
+@needs_dash
+def test_pep668_python_and_no_uv_host_say_what_to_run_in_two_lines(tmp_path, site):
+    # site serves nothing: uv's installer host answers 404
+    path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep", "cat"))
+    (path / "python3").write_text(PEP668_PYTHON)
+    (path / "python3").chmod(0o755)
+    env = _env(tmp_path, str(path), RDNA4_UV_INSTALL_URL=f"{site.url}install.sh")
+    out = _source("ensure_uv\necho not reached", env)
+    assert out.returncode == 1 and out.stdout == ""
+    last = out.stderr.splitlines()[-2:]
+    assert last[0] == ("error: cannot install uv: its installer is unreachable and this python3 "
+                       "refuses pip --user (PEP 668)")
+    assert last[1].startswith("hint: run 'pipx install uv'")
+    assert "externally managed" not in out.stderr  # pip's page of text is not dumped
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rdna4-install.")] == []
+
+
 # --- real runs: real uv installs the tool and install.sh execs it
 
 
-def _run_env(tmp_path: Path, source: str, **extra: str) -> dict[str, str]:
+def _run_env(tmp_path: Path, source: str | None, **extra: str) -> dict[str, str]:
     uv_dir = str(Path(_real_uv()).parent)
+    if source is not None:
+        extra["RDNA4_INSTALLER_SOURCE"] = source
     return _env(
         tmp_path,
         f"{uv_dir}:{os.defpath}",
-        RDNA4_INSTALLER_SOURCE=source,
         UV_TOOL_DIR=str(tmp_path / "uv-tools"),
         UV_TOOL_BIN_DIR=str(tmp_path / "uv-bin"),
         UV_CACHE_DIR=_uv_cache_dir(),
@@ -391,12 +460,14 @@ def _project_version() -> str:
 
 @real_uv_run
 def test_bootstrap_installs_from_checkout_and_passes_arguments(tmp_path):
-    env = _run_env(tmp_path, str(REPO))
+    # no RDNA4_INSTALLER_SOURCE: the checkout the script sits in is what gets installed
+    env = _run_env(tmp_path, None)
     tool = tmp_path / "uv-bin/rdna4-install"
 
     # `--` first: --help goes through to `rdna4-install install`.
     out = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert f"installing rdna4-install from {REPO} " in out.stderr
     assert tool.is_file() and os.access(tool, os.X_OK)
     assert f"running: {tool} install --help" in out.stderr
     assert "Usage: rdna4-install install" in out.stdout
@@ -425,40 +496,80 @@ def test_bootstrap_dry_run_install(tmp_path):
     assert not (prefix / "rdna4-manifest.json").exists()
 
 
-_NOT_IN_ARCHIVE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", "tests"}
-
-
-def _archive(tmp_path: Path, site: Path, mark: str) -> None:
-    """A GitHub-style source archive (one top-level dir) of this checkout, plus a marker module."""
-    top = "rdna4-install-main"
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        parts = Path(info.name).parts
-        skip = _NOT_IN_ARCHIVE.intersection(parts) or any(p.endswith(".egg-info") for p in parts)
-        return None if skip else info
-
-    probe = tmp_path / "probe.py"
-    probe.write_text(f"MARK = {mark!r}\n")
-    with tarfile.open(site / "main.tar.gz", "w:gz") as tar:
-        tar.add(REPO, top, filter=keep)
-        tar.add(probe, f"{top}/installer/_probe.py")
+def _released_copy(tmp_path: Path, version: str) -> Path:
+    """This checkout's files copied and released by scripts/release as `version`."""
+    copy = tmp_path / "checkout"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    pyproject = copy / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace(f'version = "{_project_version()}"', f'version = "{version}"', 1))
+    env = dict(os.environ, UV=_real_uv(), UV_CACHE_DIR=_uv_cache_dir(), TMPDIR=str(tmp_path))
+    # the two copies of the version must agree
+    out = subprocess.run(["sh", "scripts/release"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "make them agree" in out.stderr
+    assert not (copy / "dist").exists()
+    init = copy / "installer/__init__.py"
+    init.write_text(init.read_text().replace(f'"{_project_version()}"', f'"{version}"'))
+    env = dict(os.environ, UV=_real_uv(), UV_CACHE_DIR=_uv_cache_dir(), TMPDIR=str(tmp_path))
+    out = subprocess.run(["sh", "scripts/release"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    dist = copy / "dist"
+    # it printed one sha256 line per built file, and they are right
+    printed = dict(line.split(maxsplit=1)[::-1] for line in out.stdout.splitlines())
+    built = sorted(p.name for p in dist.iterdir() if p.suffix in (".whl", ".gz"))
+    assert built == [f"rdna4_install-{version}-py3-none-any.whl", f"rdna4_install-{version}.tar.gz"]
+    for name in built:
+        assert printed[name] == hashlib.sha256((dist / name).read_bytes()).hexdigest()
+    for script in (copy / "install.sh", dist / "install.sh"):
+        assert f'release_version() {{\n    echo "{version}"\n}}' in script.read_text()
+    return dist
 
 
 @real_uv_run
-def test_archive_url_source_and_rerun_updates(tmp_path, site):
-    env = _run_env(tmp_path, f"{site.url}main.tar.gz", RDNA4_NO_MODIFY_PATH="1")
-    tool_python = tmp_path / "uv-tools/rdna4-install/bin/python"
-    probe = "import installer._probe as p; print(p.MARK)"
+def test_release_wheel_installs_through_install_sh_from_file_and_verified_url(tmp_path, site):
+    dist = _released_copy(tmp_path, "9.8.7")
+    wheel = dist / "rdna4_install-9.8.7-py3-none-any.whl"
+    tool = tmp_path / "uv-bin/rdna4-install"
+    # dist/install.sh is not in a checkout: it installs only what it is given
+    env = _run_env(tmp_path, str(wheel), RDNA4_NO_MODIFY_PATH="1")
+    out = subprocess.run([DASH, str(dist / "install.sh"), "--", "--help"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"installing rdna4-install from {wheel} " in out.stderr
+    version = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60)
+    assert "9.8.7" in version.stdout, version.stderr
 
-    for mark in ("first", "second"):
-        _archive(tmp_path, site.root, mark)
-        # The exec'd CLI may not accept these yet; the install before it must succeed.
-        run = subprocess.run([DASH, str(INSTALL_SH), "--", "--help"], env=env, capture_output=True, text=True, timeout=300)
-        assert f"running: {tmp_path}/uv-bin/rdna4-install install --help" in run.stderr, run.stderr
-        # cwd away from the checkout, whose installer/ would shadow the installed one
-        out = subprocess.run([str(tool_python), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
-        assert out.stdout.strip() == mark, out.stderr
-    # the rerun fetched the moved archive again (the mark above proves the new content
-    # arrived); uv may ask more than once per run, depending on its cache
-    assert {path for _, path in requests(site)} == {"main.tar.gz"} and len(site.downloads("main.tar.gz")) >= 2
-    assert (tmp_path / "uv-bin/rdna4-install").is_file()
+    # the same wheel from an URL with its sha256
+    shutil.copy(wheel, site.root / wheel.name)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    env = _run_env(tmp_path, f"{site.url}{wheel.name}", RDNA4_NO_MODIFY_PATH="1", RDNA4_INSTALLER_SHA256=digest)
+    tool.unlink()
+    out = subprocess.run([DASH, str(dist / "install.sh"), "--", "--help"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ("GET", wheel.name) in requests(site)
+    assert tool.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rdna4-install.")] == []
+
+
+@needs_dash
+def test_wrong_sha256_is_refused_before_anything_is_installed(tmp_path, site):
+    (site.root / "rdna4_install-0.1.0-py3-none-any.whl").write_bytes(b"not the published wheel")
+    path = _tools_dir(tmp_path, ("curl", "sh", "mkdir", "mktemp", "chmod", "rm", "grep", "cat", "tr",
+                                 "uname", "sha256sum"))
+    url = f"{site.url}rdna4_install-0.1.0-py3-none-any.whl"
+    env = _env(tmp_path, str(path), RDNA4_INSTALLER_SOURCE=url, RDNA4_INSTALLER_SHA256="ab" * 32,
+               RDNA4_UV_INSTALL_URL=f"{site.url}uv-install.sh")
+    out = subprocess.run([DASH, str(INSTALL_SH), "--prefix", str(tmp_path / "p")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    digest = hashlib.sha256(b"not the published wheel").hexdigest()
+    assert f"sha256 mismatch for {url}: expected {'ab' * 32}, got {digest}; nothing was installed" in out.stderr
+    # neither uv nor the tool was installed, and the download is gone
+    assert requests(site) == [("GET", "rdna4_install-0.1.0-py3-none-any.whl")]
+    assert list(Path(env["HOME"]).iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rdna4-install.")] == []
