@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -29,9 +30,14 @@ from urllib.parse import unquote, urlsplit
 from .errors import InstallerError, UsageError
 
 CHUNK = 1 << 20
-TIMEOUT = (15, 60)          # connect, read (seconds without a byte)
-RETRIES = 5                 # urllib3 Retry: connect errors, resets, 5xx
-BACKOFF = 0.5               # urllib3 sleeps 0, 1, 2, 4 ... seconds between tries
+# connect (a silent proxy's CONNECT also ends here), read (seconds without a byte)
+TIMEOUT = (10, 60)
+RETRIES = 4                 # more tries after a timeout, reset, refused connection or 429/5xx
+BACKOFF = 1.0               # sleeps 1, 2, 4 ... seconds between tries
+RETRY_BUDGET = 30.0         # no retry starts that could end more than this after the first try
+RETRY_STATUS = (429, 500, 502, 503, 504)
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+              "NO_PROXY", "no_proxy")
 RESUMES = 3                 # Range resumes after the body broke off mid-way
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -228,23 +234,14 @@ _SESSION = None
 
 
 def session():
-    """One requests Session (connection reuse) with urllib3 retries."""
+    """One requests Session (connection reuse); get() does the retrying itself."""
     global _SESSION
     if _SESSION is None:
         import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
-        retry = Retry(total=RETRIES, connect=RETRIES, read=RETRIES, status=RETRIES,
-                      backoff_factor=BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
-                      allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
-                      respect_retry_after_header=True)
         s = requests.Session()
         s.headers["User-Agent"] = "rdna4-install"
         s.verify = ca_bundle()
-        adapter = HTTPAdapter(max_retries=retry)
-        s.mount("https://", adapter)
-        s.mount("http://", adapter)
         _SESSION = s
     return _SESSION
 
@@ -268,28 +265,109 @@ def _proxies(url: str) -> dict | None:
     return {"http": None, "https": None} if is_loopback(urlsplit(url).hostname) else None
 
 
-def get(url: str, **kw):
-    """GET through the shared session with the https policy and timeouts."""
+def _proxy_for(url: str) -> str | None:
+    """The proxy requests will use for `url` (from the environment), if any."""
+    import requests.utils
+
+    if _proxies(url) is not None:
+        return None
+    return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+
+
+def get(url: str, *, ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
+        budget: float = RETRY_BUDGET, **kw):
+    """GET through the shared session with the https policy, timeouts and retries.
+
+    A name that does not resolve or a TLS failure is not retried (it will not
+    fix itself); timeouts, resets and 429/5xx are, while the retries fit in
+    `budget` seconds. Each retry is a ui.note (screen on a TTY or at -v, and
+    the recipe log); the final error names the host, the proxy and the ways
+    around the network.
+    """
     import requests
 
     check_url(url)
-    try:
-        resp = session().get(url, timeout=TIMEOUT, proxies=_proxies(url), **kw)
-    except requests.RequestException as exc:
-        raise DownloadError(f"cannot download {url}: {_reason(exc)}",
-                            hint="check the network or proxy settings and rerun") from None
-    check_url(resp.url)  # a redirect must obey the same rules
-    return resp
+    started = time.monotonic()
+    tries = 0
+    while True:
+        tries += 1
+        wait = BACKOFF * 2 ** (tries - 1)
+
+        def fits() -> bool:
+            return tries <= RETRIES and time.monotonic() - started + wait + timeout[0] <= budget
+        try:
+            resp = session().get(url, timeout=timeout, proxies=_proxies(url), **kw)
+        except requests.RequestException as exc:
+            reason, final = _classify(exc)
+            if final or not fits():
+                raise network_error(url, reason, tries) from None
+            _note(ui, f"{urlsplit(url).hostname}: {reason}; retry {tries} of {RETRIES} in {wait:.0f} s")
+            time.sleep(wait)
+            continue
+        after = resp.headers.get("Retry-After", "")
+        wait = min(float(after), budget / 2) if after.isdigit() else wait
+        if resp.status_code in RETRY_STATUS and fits():
+            resp.close()
+            _note(ui, f"{urlsplit(url).hostname}: HTTP {resp.status_code}; retry {tries} of {RETRIES} "
+                      f"in {wait:.0f} s")
+            time.sleep(wait)
+            continue
+        check_url(resp.url)  # a redirect must obey the same rules
+        return resp
+
+
+def _note(ui: Any, msg: str) -> None:
+    if ui is not None:
+        ui.note(msg)
+
+
+def _classify(exc: BaseException) -> tuple[str, bool]:
+    """(short cause, whether retrying is pointless) for a requests exception."""
+    import socket
+
+    import requests
+    import urllib3
+
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo:  # requests wraps urllib3's MaxRetryError, which holds the real reason
+        e = todo.pop()
+        if isinstance(e, BaseException) and e not in seen:
+            seen.append(e)
+            todo += [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
+    if any(isinstance(e, (urllib3.exceptions.NameResolutionError, socket.gaierror)) for e in seen):
+        return "host name not found", True
+    if any(isinstance(e, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for e in seen):
+        reason = _reason(exc)
+        return (reason if "TLS" in reason else f"TLS failed ({reason})"), True
+    return _reason(exc), False
+
+
+def network_error(url: str, reason: str, tries: int = 1) -> DownloadError:
+    """A download that the network stopped: what happened, and every way around it."""
+    host = urlsplit(url).hostname or url
+    proxy = _proxy_for(url)
+    via = f" through proxy {proxy}" if proxy else ""
+    after = f" (after {tries} tries)" if tries > 1 else ""
+    proxy_vars = [f"{k}={os.environ[k]}" for k in PROXY_VARS if os.environ.get(k)]
+    return DownloadError(
+        f"cannot download {url}{via}: {reason}{after}",
+        hint=f"host {host}; proxy variables: {', '.join(proxy_vars) or 'none set'}. Fix the network or "
+             f"proxy and rerun; or download the file elsewhere and add it with "
+             f"`rdna4-install cache add FILE --url {url}`, or point the pin at a mirror or a local "
+             f"directory (--set RECIPE.KEY=https://mirror/... or file:///dir/...); then --offline "
+             f"uses only the cache")
 
 
 def _reason(exc: BaseException) -> str:
     """A short cause: requests nests urllib3's whole retry story in its message."""
     text = str(exc.__context__ or exc) if not str(exc) else str(exc)
     for pattern, say in ((r"Errno 111|Connection refused", "connection refused"),
-                         (r"Name or service not known|nodename nor servname|Errno -[23]",
+                         (r"Name or service not known|nodename nor servname|Errno -[23]|Failed to resolve",
                           "host name not found"),
-                         (r"timed out|Timeout", "timed out"),
-                         (r"CERTIFICATE_VERIFY_FAILED|SSLError", "TLS certificate not trusted"),
+                         (r"timed out|Timeout", "no answer (timed out)"),
+                         (r"CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+                         (r"SSLError|SSL", "TLS handshake failed"),
                          (r"Connection reset|RemoteDisconnected|Connection aborted",
                           "connection reset by the server")):
         if re.search(pattern, text):
@@ -421,7 +499,7 @@ def _get_resumable(url: str, part: Path, meta: Path, what: str, ui: Any,
                 headers["Range"] = f"bytes={have}-"
                 if validator:
                     headers["If-Range"] = validator
-            resp = get(url, headers=headers, stream=True)
+            resp = get(url, headers=headers, stream=True, ui=ui)
             with resp:
                 if resp.status_code == 416 and have and not done:
                     # the partial file is not a prefix of this file: start over

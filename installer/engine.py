@@ -78,6 +78,7 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
     steps = [s for s in item.recipe.steps]
     if item.recipe.check is not None:
         steps.append(item.recipe.check)
+    ui.log = ctx.log  # retries and other notes of this recipe go into its log too
     try:
         for step in steps:
             why = rcp.unmet(step.when, item.vars, f"{item.recipe.path} step {step.name!r}")
@@ -87,6 +88,10 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
             ui.detail(step.name)
             _run_step(ctx, step, item)
     except (InstallerError, OSError) as exc:
+        ui.to_log(f"error: {getattr(exc, 'message', None) or exc}")
+        if getattr(exc, "hint", None):
+            ui.to_log(f"hint: {exc.hint}")
+        ui.log = None
         state.write_stamp(prefix, name, {
             **old, "status": state.FAILED, "started": started, "failed": state.now(),
             "attempted_fingerprint": item.fingerprint,
@@ -104,6 +109,7 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
             exc.hint += f"; rerun the failed command with: sh '{ctx.work_dir / actions.LAST_COMMAND}'"
         exc.message = f"{name}: {exc.message}" if not exc.message.startswith(name) else exc.message
         raise
+    ui.log = None
     state.write_stamp(prefix, name, {
         "status": state.DONE, "fingerprint": item.fingerprint, "inputs": item.inputs,
         "version": item.vars.get("_version", ""), "facts": ctx.facts,

@@ -6,8 +6,10 @@ click.echo in cli.py; everything here goes to stderr so it never mixes in.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 
@@ -63,6 +65,7 @@ class UI:
         self.stream = stream or sys.stderr
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._color = self.is_tty
+        self.log: Path | None = None   # the running recipe's log; engine sets it
 
     def _say(self, prefix: str, color: str, msg: str) -> None:
         if self._color and prefix:
@@ -80,6 +83,17 @@ class UI:
     def detail(self, msg: str) -> None:
         if self.verbosity >= 1:
             self._say("    ", "2", msg)
+
+    def note(self, msg: str) -> None:
+        """Something worth knowing while waiting (a retry): on a TTY or at -v, and in the log."""
+        if self.verbosity >= 1 or (self.verbosity >= 0 and self.is_tty):
+            self._say("    ", "2", msg)
+        self.to_log(msg)
+
+    def to_log(self, msg: str) -> None:
+        if self.log is not None:
+            with contextlib.suppress(OSError), open(self.log, "a", encoding="utf-8") as fh:
+                fh.write(f"# {msg}\n")
 
     def success(self, msg: str) -> None:
         if self.verbosity >= 0:

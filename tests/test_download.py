@@ -33,6 +33,7 @@ class Recorder:
     def __init__(self):
         self.infos: list[str] = []
         self.warns: list[str] = []
+        self.notes: list[str] = []
         self.total_seen: list[int | None] = []
         self.updates = 0
 
@@ -41,6 +42,9 @@ class Recorder:
 
     def warn(self, msg: str) -> None:
         self.warns.append(msg)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
 
     def progress(self, total, desc):
         rec = self
@@ -157,6 +161,84 @@ def test_retries_server_errors_then_succeeds(tmp_path, tarball):
         got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
         assert len(srv.downloads(NAME)) == 3
     assert got.sha256 == sha256_of(tarball)
+
+
+def test_each_retry_is_shown_at_v_and_written_to_the_log(tmp_path, tarball):
+    import io
+
+    from installer.ui import UI
+
+    log = tmp_path / "recipe.log"
+    screens = {}
+    for verbosity in (0, 1):
+        screen = io.StringIO()  # not a TTY: retries show only at -v
+        ui = UI(verbosity, stream=screen)
+        ui.log = log
+        with serve(tarball.parent) as srv:
+            srv.fail(NAME, ("status", 503))
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / f"cache{verbosity}", ui=ui)
+        screens[verbosity] = screen.getvalue()
+    retry = "127.0.0.1: HTTP 503; retry 1 of 4 in 1 s"
+    assert retry not in screens[0] and retry in screens[1]
+    assert log.read_text().count(f"# {retry}\n") == 2
+
+
+def test_an_unresolvable_host_fails_fast_without_retrying(tmp_path, monkeypatch):
+    for var in download.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    ui = Recorder()
+    started = time.monotonic()
+    with pytest.raises(download.DownloadError) as err:
+        download.fetch("https://no-such-host.invalid/therock.tar.gz", cache_dir=tmp_path / "c", ui=ui)
+    assert time.monotonic() - started < 5
+    assert ui.notes == []  # no retry
+    assert err.value.message == "cannot download https://no-such-host.invalid/therock.tar.gz: host name not found"
+    hint = err.value.hint
+    assert "host no-such-host.invalid" in hint and "proxy variables: none set" in hint
+    assert "rdna4-install cache add FILE --url https://no-such-host.invalid/therock.tar.gz" in hint
+    assert "mirror" in hint and "file:///" in hint and "--offline" in hint
+
+
+@pytest.fixture
+def silent_proxy():
+    """A loopback TCP server that accepts connections and never says a word."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_silent_proxy_fails_within_the_bound_and_is_named(tmp_path, monkeypatch, silent_proxy):
+    for var in download.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
+    ui = Recorder()
+    url = "https://downloads.example.com/therock.tar.gz"
+    started = time.monotonic()
+    with pytest.raises(download.DownloadError) as err:
+        download.fetch(url, cache_dir=tmp_path / "c", ui=ui)  # the default timeouts and budget
+    took = time.monotonic() - started
+    assert took < 35
+    assert err.value.message.startswith(f"cannot download {url} through proxy {silent_proxy}: "
+                                        f"no answer (timed out) (after ")
+    assert f"proxy variables: HTTPS_PROXY={silent_proxy}" in err.value.hint
+    assert ui.notes and all(n.startswith("downloads.example.com: no answer (timed out); retry ") for n in ui.notes)
 
 
 @pytest.mark.parametrize("status", [403, 404])
@@ -297,7 +379,6 @@ def test_the_ca_in_ssl_cert_file_is_trusted(https_server, tmp_path, monkeypatch)
     for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(download, "_SESSION", None)
-    monkeypatch.setattr(download, "RETRIES", 0)  # an untrusted certificate does not get better
     with pytest.raises(InstallerError, match="TLS certificate not trusted"):
         download.fetch(url, cache_dir=tmp_path / "c1")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))

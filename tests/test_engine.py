@@ -135,6 +135,9 @@ def test_failing_step_keeps_log_and_work_dir_and_stamps_nothing(runner, tmp_path
     assert "Traceback" not in result.output
     log = prefix / ".rdna4" / "logs" / "vllm.log"
     assert "line 0" in log.read_text(), "the full log is on disk"
+    # and it ends with the error the screen showed, and its hint
+    error_lines = [line for line in log.read_text().splitlines() if line.startswith(("# error: ", "# hint: "))]
+    assert len(error_lines) == 2 and "compile failed with exit code 3" in error_lines[0]
     assert (prefix / ".rdna4" / "work" / "vllm" / "partial.o").exists(), "work dir kept"
     # the failed command can be rerun by hand, with the same environment
     script = prefix / ".rdna4" / "work" / "vllm" / "last-command.sh"
