@@ -202,7 +202,12 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
         click.echo(f"  {mark}  {item.name:<{width}}  {version:<20}  {item.reason}")
         if verbose:
             for key, value in item.inputs.get("pins", {}).items():
-                click.echo(f"      pin {key} = {value if value != '' else '(empty)'}")
+                table, _, name = key.partition(".")
+                declared = plan.settings.pins.get(table, {})
+                # a resolver's output is shown but cannot be --set; an empty pin it filled in can
+                note = (" (derived)" if name not in declared else
+                        " (default)" if declared[name] == "" and value != "" else "")
+                click.echo(f"      pin {key} = {value if value != '' else '(empty)'}{note}")
             for key, value in item.inputs.get("source", {}).items():
                 click.echo(f"      source {key} = {value}")
             for key, value in item.inputs.get("patches", {}).items():
@@ -401,6 +406,40 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
     for row in rows:
         click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
                    f"{row['when']:<21} {row['fingerprint'][:12]}")
+
+
+@cli.group(epilog="Examples:\n\n  rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz\n\n"
+                  "  rdna4-install cache add vllm-0.33.0.tar.gz --url https://files.pythonhosted.org/.../vllm-0.33.0.tar.gz")
+def cache() -> None:
+    """The download cache shared by every prefix ($RDNA4_CACHE_DIR)."""
+
+
+@cache.command("add", epilog="Examples:\n\n"
+               "  rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz\n\n"
+               "  rdna4-install cache add ~/Downloads/vllm-0.33.0.tar.gz --url URL --cache-dir /big/cache\n\n"
+               "  rdna4-install cache add *.tar.gz && rdna4-install install --offline --gpu-arch gfx1201")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--url", default=None, help="The URL FILE stands for [default: the planned download "
+              "with FILE's name].")
+@click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None, metavar="ARCH[,ARCH]",
+              help="Target, for the toolchain file name [default: gfx1200,gfx1201].")
+@click.option("--set", "sets", multiple=True, metavar="RECIPE.KEY=VALUE", help="Pin override, as for install.")
+@click.option("--pins", "pins_file", type=click.Path(path_type=Path, dir_okay=False), envvar="RDNA4_PINS",
+              show_envvar=True, default=None, help="A TOML file of pins, as for install.")
+@recipes_opt
+@cache_opt
+@pass_obj
+def cache_add(obj: Obj, files: tuple[Path, ...], url: str | None, **opts: Any) -> None:
+    """Add files downloaded by hand, checked against the pinned or recorded sha256, so --offline finds them."""
+    from . import cachefiles
+    from .plan import make_plan
+
+    opts["gpu_arch"] = opts.get("gpu_arch") or "gfx1200,gfx1201"  # both use the same toolchain file
+    settings = _settings(opts, obj.ui, need_gpu=False)
+    planned = cachefiles.planned_downloads(make_plan(settings))
+    for f, where, got in cachefiles.add(tuple(_path(f) for f in files), url=url, planned=planned,
+                                        cache_dir=settings.cache_dir, ui=obj.ui):
+        obj.ui.success(f"{f.name}: cached as {where} (sha256 {got.sha256})")
 
 
 def main() -> None:

@@ -208,12 +208,36 @@ def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool
                 return _download(url, cache_dir, name, key, what, pinned, recorded, ui, sink)
     if hit is None:
         raise InstallerError(f"offline, and {what} is not in the cache ({url})",
-                             hint=f"run once without --offline, or put the file in {_downloads(cache_dir)}")
+                             hint=f"run once without --offline, or download {url} elsewhere and run: "
+                                  f"{add_command(url, cache_dir)}")
     size = hit.stat().st_size
     if sink is not None:
         with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
             _pump(_chunks(f), None, None, sink, bar)
     return Fetched(hit, expect, size, True)
+
+
+def add_command(url: str, cache_dir: Path) -> str:
+    """The `cache add` command that puts a file downloaded by hand where fetch() finds it."""
+    import shlex
+
+    return (f"rdna4-install cache add {shlex.quote(filename_of(url))} --url {shlex.quote(url)} "
+            f"--cache-dir {shlex.quote(str(cache_dir))}")
+
+
+def add_file(src: Path, url: str, *, cache_dir: Path, sha256: str | None = None, ui: Any = None) -> Fetched:
+    """Put `src` (downloaded by hand) into the cache as the file of `url`.
+
+    It must match `sha256` (the pin) or else the hash recorded for `url`; with
+    neither, its hash is recorded, as a first download's would be.
+    """
+    check_url(url)
+    cache_dir = Path(cache_dir)
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    pinned = sha256.strip().lower() if sha256 else None
+    with locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
+        return _download(url, cache_dir, filename_of(url), key, str(src), pinned,
+                         recorded_sha256(url, cache_dir), ui, None, src=Path(src))
 
 
 @contextlib.contextmanager
@@ -389,12 +413,14 @@ def _no_space(where: Path, what: str, need: int | None) -> InstallerError:
 
 
 def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
-              pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None) -> Fetched:
+              pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None,
+              src: Path | None = None) -> Fetched:
+    """Get `url` (or copy `src`, a file that stands for it), check it, publish it."""
     partial = _downloads(cache_dir) / "partial"
     partial.mkdir(parents=True, exist_ok=True)
     part = partial / f"{key}-{name}.part"
     meta = partial / f"{key}-{name}.json"
-    src = local_path(url)
+    src = src or local_path(url)
     try:
         if src is not None:
             digest, size = _copy_local(src, part, what, ui, sink)
