@@ -123,14 +123,13 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
     if detection is None:
         # with --gpu-arch nothing needs the hardware, so don't wait for rocminfo
         detection = detect.Detection([], (), "") if gpu_arch else detect.detect(prefix=prefix)
-    seen = len(detection.warnings)
     try:
         archs = detect.choose_target(detection, gpu_arch, opts.get("allow_unsupported_arch", False))
     except UsageError:
         if gpu_arch or not receipt_archs:
-            raise
+            raise  # the --gpu-arch advice, before any warning about the host
         archs = receipt_archs  # a build host: keep building for what this prefix targets
-    for warning in detection.warnings[seen:]:
+    for warning in detection.warnings:
         ui.warn(warning)
     return archs
 
@@ -243,9 +242,7 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
 
     prefix = _path(opts.get("prefix") or _default_prefix())
     detection = detect.detect(prefix=prefix)
-    for warning in detection.warnings:
-        obj.ui.warn(warning)
-    settings = _settings(opts, obj.ui, detection=detection)
+    settings = _settings(opts, obj.ui, detection=detection)  # also shows detection's warnings
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
     plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)

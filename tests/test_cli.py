@@ -171,3 +171,22 @@ def test_install_dry_run_changes_nothing(runner, recipes, tmp_path):
                     "--gpu-arch", "gfx1201")
     assert result.exit_code == 0 and result.output.count("will run") == 6
     assert not prefix.exists()
+
+
+def test_install_without_gpu_or_gpu_arch_gives_plans_advice_before_any_host_check(runner, tmp_path, monkeypatch):
+    # a build box where rocminfo exists but the driver is not loaded: doctor would say modprobe
+    from detect_fixtures import fake_rocminfo, fixture, gpuless_host
+
+    root = gpuless_host(tmp_path / "root")
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(root))
+    exe = fake_rocminfo(tmp_path, fixture("E1"), exit=1)
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")
+    prefix = ["--prefix", str(tmp_path / "p")]
+    plan = invoke(runner, "plan", *prefix)
+    install = invoke(runner, "install", *prefix)
+    assert plan.exit_code == install.exit_code == 2
+    errors = [line for line in install.output.splitlines() if line.startswith(("error:", "hint:"))]
+    assert errors == [line for line in plan.output.splitlines() if line.startswith(("error:", "hint:"))]
+    assert install.output.startswith("error: no RDNA4 GPU found")
+    assert "pass --gpu-arch gfx1201" in install.output
+    assert "modprobe" not in install.output and not (tmp_path / "p").exists()
