@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
-from .ui import UI
+from .ui import UI, use_color
 
 
 
@@ -31,8 +31,60 @@ def _default_cache() -> Path:
     return Path(base) / "rdna4-install"
 
 
+def _more(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    obj = ctx.find_object(Obj)
+    if obj is not None and value:
+        obj.ui.verbosity += value if _param.name == "verbose" else -value
+
+
+class _Grammar:
+    """What every command and group shares, so a command added later gets it too:
+    -v/-q after the command name, and JSON on stdout for a failing --json run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.params += [  # type: ignore[attr-defined]
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_more,
+                         help="More output; -vv shows tracebacks."),
+            click.Option(["-q", "--quiet"], count=True, expose_value=False, callback=_more,
+                         help="Only warnings and errors."),
+        ]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # click's parser consumes the list it is given
+        try:
+            return super().parse_args(ctx, args)  # type: ignore[misc]
+        except click.UsageError as exc:
+            if "--json" in given:
+                _json_error(exc.format_message(), None)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except InstallerError as exc:
+            if ctx.params.get("as_json"):
+                _json_error(exc.message, exc.hint)
+            raise
+
+
+def _json_error(message: str, hint: str | None) -> None:
+    click.echo(json.dumps({"error": message, "hint": hint}, indent=2))
+
+
+class _Command(_Grammar, click.Command):
+    pass
+
+
+class _SubGroup(_Grammar, click.Group):
+    command_class = _Command
+
+
 class _Group(click.Group):
     """`rdna4-install --prefix DIR ...` with no command means `install ...`."""
+
+    command_class = _Command
+    group_class = _SubGroup
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         first = next((a for a in args if a not in ("-v", "-vv", "-vvv", "-q", "--verbose", "--quiet")), None)
@@ -159,7 +211,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
-        skip=tuple(opts.get("skip") or ()) + without,
+        skip=tuple(opts.get("skip") or ()), without=without,
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
@@ -217,7 +269,15 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
 
 # --- commands ------------------------------------------------------------------
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def examples(*commands: str) -> str:
+    """An --help epilog: 'Examples:' and one command per paragraph (kept short: click rewraps)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {c}" for c in commands)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=examples("rdna4-install install --prefix ~/rdna4",
+                             "rdna4-install plan --prefix ~/rdna4 --gpu-arch gfx1201 -v",
+                             "rdna4-install status --prefix ~/rdna4"))
 @click.version_option(__version__, prog_name="rdna4-install")
 @click.option("-v", "--verbose", count=True, help="More output; -vv shows tracebacks.")
 @click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
@@ -230,7 +290,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install install --prefix ~/rdna4",
+                             "rdna4-install install --prefix ~/rdna4 --gpu-arch gfx1201 --dry-run",
+                             "rdna4-install install --prefix ~/rdna4 --without flash-attention"))
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
@@ -251,27 +313,32 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
         return
     if not ran:
         obj.ui.success(f"everything in {settings.prefix} is up to date")
-    else:
+    elif (settings.prefix / "activate").is_file():
         obj.ui.success(f"installed into {settings.prefix}; activate with: . '{settings.prefix}/activate'")
+    else:  # e.g. --only therock: no activation script was written
+        obj.ui.success(f"installed {', '.join(ran)} into {settings.prefix}")
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install plan --prefix ~/rdna4 -v",
+                             "rdna4-install plan --gpu-arch gfx1201 --set vllm.version=0.33.0",
+                             "rdna4-install plan --prefix ~/rdna4 --json"))
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("-v", "--verbose", count=True, help="Also show every resolved source, pin and patch.")
 @pass_obj
-def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
-    """Show the ordered steps, which will run and why."""
+def plan(obj: Obj, as_json: bool, **opts: Any) -> None:
+    """Show the ordered steps, which will run and why (-v: every pin, source and patch)."""
     from .plan import make_plan
 
     result = make_plan(_settings(opts, obj.ui, need_gpu=False))
     if as_json:
         click.echo(json.dumps(result.to_json(verbose=True), indent=2))
     else:
-        _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
+        _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install run vllm --prefix ~/rdna4",
+                             "rdna4-install run flash-attention --prefix ~/rdna4 --force",
+                             "rdna4-install run vllm --set vllm.version=0.33.1 --dry-run"))
 @click.argument("recipes", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
 @selection_options
@@ -289,7 +356,7 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
         obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
 
 
-@cli.command("detect")
+@cli.command("detect", epilog=examples("rdna4-install detect", "rdna4-install detect --json"))
 @prefix_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_obj
@@ -306,7 +373,8 @@ def detect_cmd(obj: Obj, prefix: Path | None, as_json: bool) -> None:
         obj.ui.warn(warning)
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install doctor", "rdna4-install doctor --gpu-arch gfx1201 --jobs 8",
+                             "rdna4-install doctor --json"))
 @prefix_opt
 @cache_opt
 @recipes_opt
@@ -331,15 +399,20 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
                if (state.read_stamp(prefix, n) or {}).get("status") != state.DONE)
     checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
                             jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
+    failed = doc.failed(checks)
     if as_json:
-        click.echo(json.dumps({"checks": [c.to_json() for c in checks]}, indent=2))
+        out: dict[str, Any] = {"checks": [c.to_json() for c in checks]}
+        if failed:
+            out["error"] = f"{sum(c.status == doc.FAIL for c in checks)} checks failed"
+        click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(doc.format_checks(checks))
-    if doc.failed(checks):
+        click.echo(doc.format_checks(checks, color=use_color(sys.stdout)))
+    if failed:
         raise click.exceptions.Exit(1)
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install verify --prefix ~/rdna4",
+                             "rdna4-install verify --prefix ~/rdna4 --json"))
 @prefix_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
@@ -355,7 +428,8 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float) -> None
         raise click.exceptions.Exit(1)
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install bench --prefix ~/rdna4",
+                             "rdna4-install bench --prefix ~/rdna4 --num-prompts 100 --request-rate 2"))
 @prefix_opt
 @click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
 @click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
@@ -380,7 +454,8 @@ def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float 
     click.echo(bn.format_comparison(result))
 
 
-@cli.command()
+@cli.command(epilog=examples("rdna4-install status --prefix ~/rdna4",
+                             "rdna4-install status --prefix ~/rdna4 --json"))
 @prefix_opt
 @recipes_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -394,27 +469,38 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
     from .plan import dependency_order
 
+    if not prefix.is_dir():
+        raise InstallerError(f"nothing is installed in {prefix} (no such directory)",
+                             hint=f"install with: rdna4-install install --prefix '{prefix}'")
     names = dependency_order(rcp.load_recipes(folder))
     rows = engine.status(prefix, names)
+    failed = [row["recipe"] for row in rows if row["status"] == "failed"]
     if as_json:
-        click.echo(json.dumps({"prefix": str(prefix), "recipes": rows}, indent=2))
-        return
-    click.echo(f"status of {prefix}")
-    for row in rows:
-        click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
-                   f"{row['when']:<21} {row['fingerprint'][:12]}")
+        out: dict[str, Any] = {"prefix": str(prefix), "recipes": rows}
+        if failed:
+            out["error"] = f"failed: {', '.join(failed)}"
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"status of {prefix}")
+        for row in rows:
+            click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
+                       f"{row['when']:<21} {row['fingerprint'][:12]}".rstrip())
+            if row["status"] == "failed":
+                click.echo(f"      error: {row['error'] or '(not recorded)'}")
+                click.echo(f"      log: {row['log']}")
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
-@cli.group(epilog="Examples:\n\n  rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz\n\n"
-                  "  rdna4-install cache add vllm-0.33.0.tar.gz --url https://files.pythonhosted.org/.../vllm-0.33.0.tar.gz")
+@cli.group(epilog=examples("rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz",
+                           "rdna4-install cache add vllm-0.33.0.tar.gz --url URL"))
 def cache() -> None:
     """The download cache shared by every prefix ($RDNA4_CACHE_DIR)."""
 
 
-@cache.command("add", epilog="Examples:\n\n"
-               "  rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz\n\n"
-               "  rdna4-install cache add ~/Downloads/vllm-0.33.0.tar.gz --url URL --cache-dir /big/cache\n\n"
-               "  rdna4-install cache add *.tar.gz && rdna4-install install --offline --gpu-arch gfx1201")
+@cache.command("add", epilog=examples("rdna4-install cache add therock-dist-linux-gfx120X-all-10.1.0.tar.gz",
+                                     "rdna4-install cache add ~/Downloads/vllm-0.33.0.tar.gz --url URL",
+                                     "rdna4-install cache add *.tar.gz --cache-dir /big/cache"))
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--url", default=None, help="The URL FILE stands for [default: the planned download "
               "with FILE's name].")

@@ -477,11 +477,17 @@ def failed(checks: Sequence[Check]) -> bool:
     return any(c.status == FAIL for c in checks)
 
 
-def format_checks(checks: Sequence[Check]) -> str:
+_COLORS = {PASS: "32", WARN: "33", FAIL: "1;31"}
+
+
+def format_checks(checks: Sequence[Check], color: bool = False) -> str:
     width = max((len(c.name) for c in checks), default=0)
     lines = []
     for c in checks:
-        lines.append(f"{c.status.upper():4}  {c.name.ljust(width)}  {c.detail}")
+        label = f"{c.status.upper():4}"
+        if color:
+            label = f"\033[{_COLORS.get(c.status, '0')}m{label}\033[0m"
+        lines.append(f"{label}  {c.name.ljust(width)}  {c.detail}")
         if c.fix and c.status != PASS:
             lines.append(f"{'':4}  {'':{width}}  fix: {c.fix}")
     fails = sum(c.status == FAIL for c in checks)

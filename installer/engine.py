@@ -172,4 +172,6 @@ def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:
             "when": stamp.get("finished") or stamp.get("failed") or stamp.get("started", ""),
             "fingerprint": stamp.get("fingerprint", ""),
         })
+        if label == state.FAILED:
+            rows[-1].update(error=stamp.get("error", ""), log=str(state.logs_dir(prefix) / f"{name}.log"))
     return rows

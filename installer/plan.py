@@ -42,6 +42,7 @@ class Settings:
     jobs: int | None = None
     only: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
+    without: tuple[str, ...] = ()     # optional components left out (--without)
     targets: tuple[str, ...] = ()     # `run RECIPE...`
     force: bool = False
     offline: bool = False
@@ -233,7 +234,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def make_plan(settings: Settings) -> Plan:
     recipes = rcp.load_recipes(settings.recipes_dir)
-    for kind, names in (("--only", settings.only), ("--skip", settings.skip), ("run", settings.targets)):
+    for kind, names in (("--only", settings.only), ("--skip", settings.skip),
+                        ("--without", settings.without), ("run", settings.targets)):
         _check_names(kind, names, recipes)
     pins = {t: dict(v) for t, v in settings.pins.items()}
     order = dependency_order(recipes)
@@ -245,7 +247,7 @@ def make_plan(settings: Settings) -> Plan:
         active = set(settings.only)
     else:
         active = set(recipes)
-    active -= set(settings.skip)
+    active -= set(settings.skip) | set(settings.without)
 
     for name in order:
         if not recipes[name].resolver:
@@ -287,7 +289,8 @@ def make_plan(settings: Settings) -> Plan:
             item.action, item.reason, item.fingerprint = SKIP, f"not needed: {not_needed}", ""
         elif name not in active:
             item.reason = "up to date" if done and stamp.get("fingerprint") == fp else (
-                "skipped (--skip)" if name in settings.skip else "not selected")
+                "skipped (--skip)" if name in settings.skip else
+                "left out (--without)" if name in settings.without else "not selected")
         elif stamp is None:
             item.action, item.reason = RUN, "not installed"
         elif stamp.get("status") == state.FAILED:

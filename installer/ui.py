@@ -7,6 +7,7 @@ click.echo in cli.py; everything here goes to stderr so it never mixes in.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,19 @@ class _Progress:
             self._bar.close()
 
 
+def use_color(stream: TextIO) -> bool:
+    """Colour only on a terminal, never with NO_COLOR (https://no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
 class UI:
     def __init__(self, verbosity: int = 0, stream: TextIO | None = None):
         self.verbosity = verbosity
         self.stream = stream or sys.stderr
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._color = self.is_tty
+        self._color = use_color(self.stream)
         self.log: Path | None = None   # the running recipe's log; engine sets it
 
     def _say(self, prefix: str, color: str, msg: str) -> None:

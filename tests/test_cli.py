@@ -33,6 +33,7 @@ def test_version_and_help(runner):
 @pytest.mark.parametrize("args, code, words", [
     (["--only", "vlm"], 2, ["unknown recipe 'vlm' in --only", "hint: recipes are:"]),
     (["--skip", "nope"], 2, ["unknown recipe 'nope' in --skip"]),
+    (["--without", "nosuch"], 2, ["unknown recipe 'nosuch' in --without", "hint: recipes are:"]),
     (["--set", "vllm.colour=red"], 2, ["unknown pin 'vllm.colour'", "hint: pins are RECIPE.KEY"]),
     (["--set", "novalue"], 2, ["expected RECIPE.KEY=VALUE"]),
     (["--gpu-arch", "gfx1100"], 2, ["gfx1100 is not an RDNA4 target", "--allow-unsupported-arch"]),
@@ -190,3 +191,12 @@ def test_install_without_gpu_or_gpu_arch_gives_plans_advice_before_any_host_chec
     assert install.output.startswith("error: no RDNA4 GPU found")
     assert "pass --gpu-arch gfx1201" in install.output
     assert "modprobe" not in install.output and not (tmp_path / "p").exists()
+
+
+def test_status_of_a_prefix_that_does_not_exist_fails(runner, tmp_path):
+    missing = tmp_path / "nothing-here"
+    result = invoke(runner, "status", "--prefix", str(missing))
+    assert result.exit_code == 1
+    assert f"error: nothing is installed in {missing}" in result.output
+    assert f"hint: install with: rdna4-install install --prefix '{missing}'" in result.output
+    assert not missing.exists()

@@ -148,8 +148,19 @@ def test_failing_step_keeps_log_and_work_dir_and_stamps_nothing(runner, tmp_path
     assert stamp["status"] == "failed" and "fingerprint" not in stamp
     assert "activate" not in order(prefix)
     status = runner.invoke(cli, ["status", "--json", "--recipes-dir", str(recipes), "--prefix", str(prefix)])
-    rows = {r["recipe"]: r["status"] for r in json.loads(status.output)["recipes"]}
+    assert status.exit_code == 1
+    data = json.loads(status.output)
+    rows = {r["recipe"]: r["status"] for r in data["recipes"]}
     assert rows["vllm"] == "failed" and rows["activate"] == "pending" and rows["torch"] == "done"
+    assert data["error"] == "failed: vllm"
+    # the table: the failed recipe's error line and log path, no trailing spaces
+    table = runner.invoke(cli, ["status", "--recipes-dir", str(recipes), "--prefix", str(prefix)])
+    assert table.exit_code == 1
+    lines = table.output.splitlines()
+    assert all(line == line.rstrip() for line in lines)
+    at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["vllm", "failed"])
+    assert lines[at + 1].startswith("      error: ") and "compile failed with exit code 3" in lines[at + 1]
+    assert lines[at + 2] == f"      log: {log}"
     receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
     assert receipt["components"]["vllm"]["status"] == "failed"
 
