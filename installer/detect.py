@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import targets
 from .errors import UsageError
 from .rocminfo import OVERRIDE, Agent, RocminfoRun, find_rocminfo, run_rocminfo
 
@@ -74,21 +75,10 @@ def under(root: Path, path: str) -> Path:
 
 
 def gfx_name(version: int | None) -> str | None:
-    """KFD gfx_target_version -> gfx target name; None for CPUs (0) and junk.
+    """KFD gfx_target_version -> gfx target name (AMD's table, installer.targets)."""
+    from . import targets
 
-    The kernel (drivers/gpu/drm/amd/amdkfd/kfd_device.c, kgd2kfd_probe) stores
-    major*10000 + minor*100 + stepping in decimal, e.g. GC 12.0.1 -> 120001;
-    libhsakmt decodes it with HSA_GET_GFX_VERSION_MAJOR/MINOR/STEP
-    ((v/10000)%100, (v/100)%100, v%100; ROCR-Runtime libhsakmt/src/libhsakmt.h),
-    and LLVM's offload-arch (clang/tools/offload-arch/AMDGPUArchByKFD.cpp)
-    prints "gfx" + major + minor + stepping as one hex digit (90010 -> gfx90a).
-    """
-    if not version or version < 0:
-        return None
-    major, minor, step = version // 10000 % 100, version // 100 % 100, version % 100
-    if major == 0 or minor > 15 or step > 15:
-        return None
-    return f"gfx{major}{minor:x}{step:x}"
+    return targets.gfx_name(version)
 
 
 def bdf(domain: int, location: int) -> str:
@@ -310,7 +300,7 @@ def _uuid(s: _Seen) -> str | None:
     return f"GPU-{unique:016x}" if unique else None
 
 
-def _gpu(s: _Seen) -> GPU:
+def _gpu(s: _Seen, root: Path) -> GPU:
     agent, kfd, pci = s.agent, s.kfd, s.pci
     chip = (kfd.get("device_id") if kfd else 0) or (pci.device if pci else 0) or (
         agent.chip_id if agent else 0) or None
@@ -320,6 +310,8 @@ def _gpu(s: _Seen) -> GPU:
         table[0] if table else None) or reported or "unknown"
     integrated = bool(agent and agent.apu) or (table[1] if table else arch in INTEGRATED_ARCHS)
     name = agent.marketing_name if agent else ""
+    if (not name or name == GENERIC_NAME) and chip and pci:
+        name = targets.marketing_name(root, chip, pci.revision) or name  # the host's amdgpu.ids
     if not name or name == GENERIC_NAME:
         if table:
             name = table[3].get(pci.revision, table[2]) if pci else table[2]
@@ -376,7 +368,7 @@ def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
     nodes, kfd_warnings = read_kfd(root)
     warnings += kfd_warnings
     agents = run.parsed.gpus if run else []
-    gpus = [_gpu(s) for s in _merge(agents, nodes, read_pci(root))]
+    gpus = [_gpu(s, root) for s in _merge(agents, nodes, read_pci(root))]
     gpus.sort(key=lambda g: (g.node is None, g.node or 0, g.pci or ""))
 
     for g in gpus:
@@ -443,9 +435,13 @@ def choose_target(detection: Detection, gpu_arch: str | Iterable[str] | None,
         if not _ARCH.match(arch):
             raise UsageError(f"--gpu-arch {arch!r} is not a gfx target name",
                              hint="e.g. --gpu-arch gfx1201 or --gpu-arch gfx1200,gfx1201")
+        if not targets.is_known(arch):
+            raise UsageError(f"--gpu-arch {arch} is not a GFX target AMD knows (rocm-bootstrap's table)",
+                             hint="e.g. --gpu-arch gfx1201 or --gpu-arch gfx1200,gfx1201")
     odd = [a for a in archs if a not in RDNA4_ARCHS]
     if odd and not allow_unsupported:
-        raise UsageError(f"--gpu-arch {','.join(odd)} is not an RDNA4 target",
+        kinds = ", ".join(f"{a} is {targets.family(a) or 'another family'}" for a in odd)
+        raise UsageError(f"--gpu-arch {','.join(odd)} is not an RDNA4 target ({kinds})",
                          hint="supported: gfx1200, gfx1201; add --allow-unsupported-arch to "
                               "build anyway (untested)")
     if odd:

@@ -307,3 +307,49 @@ def test_gpu_json_has_exactly_the_documented_keys():
     g = detect.GPU("gfx1201", "n", "0000:03:00.0", 1, False, "pci")
     assert list(g.to_json()) == ["arch", "marketing_name", "pci", "vram_mib", "integrated", "source"]
     assert dataclasses.is_dataclass(detect.Detection)
+
+
+# ---------------------------------------------------------------- AMD's tables
+
+def test_rdna4_is_what_amds_table_files_with_gfx1201():
+    from installer import targets
+
+    assert detect.RDNA4_ARCHS == targets.same_family("gfx1201") == targets.same_family("gfx1200")
+    assert targets.family("gfx1201") == "RDNA4" and targets.family("gfx1100") == "RDNA3"
+    # newer than the pinned table: still named as LLVM's offload-arch would
+    assert detect.gfx_name(150203) == "gfx1523"
+
+
+def test_gpu_arch_must_be_a_target_amd_knows():
+    none = detect.Detection([], (), "")
+    with pytest.raises(UsageError, match="gfx9999 is not a GFX target AMD knows"):
+        detect.choose_target(none, "gfx9999", allow_unsupported=True)
+    with pytest.raises(UsageError, match=r"gfx1100 is not an RDNA4 target \(gfx1100 is RDNA3\)"):
+        detect.choose_target(none, "gfx1100", allow_unsupported=False)
+    assert detect.choose_target(none, "gfx1100", allow_unsupported=True) == ("gfx1100",)
+
+
+AMDGPU_IDS = """# List of AMDGPU IDs
+#
+# Syntax:
+# device_id,\trevision_id,\tproduct_name        <-- single tab after comma
+
+1.0.0
+7550,\tC0,\tAMD Radeon RX 9070 XT (this host's amdgpu.ids)
+7590,\tC0,\tAMD Radeon RX 9060 XT
+"""
+
+
+@pytest.mark.parametrize("where", ["usr/share/libdrm/amdgpu.ids", "opt/amdgpu/share/libdrm/amdgpu.ids"])
+def test_marketing_names_come_from_the_hosts_amdgpu_ids(tmp_path, no_rocm, where):
+    pci = [{"address": "0000:03:00.0", "device": 0x7550, "class": 0x030000, "revision": 0xC0},
+           {"address": "0000:04:00.0", "device": 0x7551, "class": 0x030000, "revision": 0xC0}]
+    root = fake_sysfs(tmp_path / "root", kfd=None, pci=pci)
+    ids = root / where
+    ids.parent.mkdir(parents=True)
+    ids.write_text(AMDGPU_IDS)
+    by_pci = {g.pci: g for g in detect.detect(sysfs_root=root).gpus}
+    assert by_pci["0000:03:00.0"].marketing_name == "AMD Radeon RX 9070 XT (this host's amdgpu.ids)"
+    # a card the host's file does not list: the built-in table
+    assert by_pci["0000:04:00.0"].marketing_name == "AMD Radeon AI PRO R9700"
+    assert {g.arch for g in by_pci.values()} == {"gfx1201"}
