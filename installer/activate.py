@@ -76,13 +76,13 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
                 "the TheRock toolchain of this prefix, for hipcc/clang and tools that look it up"),
         Setting("HIP_DEVICE_LIB_PATH", str(rocm / "lib" / "llvm" / "amdgcn" / "bitcode"),
                 "TheRock keeps device bitcode under lib/llvm; without it clang reports "
-                "'cannot find ROCm device library' (therock.md §5.3)"),
+                "'cannot find ROCm device library' (ROCm/ROCm#5773)"),
         Setting("PYTORCH_ROCM_ARCH", ";".join(archs),
                 "extensions built in this shell (torch cpp_extension, pip builds) target only "
                 "the installed arch"),
         Setting("HSA_OVERRIDE_GFX_VERSION", None,
                 "an override left from another install would make ROCr report a different "
-                "gfx target than the code objects built here (detection.md §5)"),
+                "gfx target than the code objects were built for (ROCR-Runtime's HSA_OVERRIDE_GFX_VERSION)"),
     ]
     if visible_devices:
         s.append(Setting("ROCR_VISIBLE_DEVICES", visible_devices,
@@ -108,7 +108,7 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
     if backend == "triton":
         s.append(Setting("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE",
                          "flash-attention was built with its Triton backend, which it only "
-                         "uses when this is TRUE (flash_attention.md §2)"))
+                         "uses when this is TRUE (Dao-AILab/flash-attention setup.py at 0251105a)"))
     elif backend == "ck":
         s.append(Setting("FLASH_ATTENTION_TRITON_AMD_ENABLE", "FALSE",
                          "flash-attention was built with CK kernels for this arch; TRUE from "
@@ -116,7 +116,7 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
     dirs = (rocm / "bin", rocm / "lib" / "llvm" / "bin")
     # LD_LIBRARY_PATH stays untouched on purpose: torch loads the HIP runtime
     # from the venv's rocm-sdk wheels, and a tarball lib dir first on the path
-    # could load a second copy (therock.md §5.4).
+    # could load a second copy of it.
     return Activation(prefix=prefix, venv=venv, path_dirs=dirs, settings=tuple(s), archs=archs,
                       flash_attention_backend=backend)
 

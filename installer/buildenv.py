@@ -3,9 +3,8 @@
 Every knob a ROCm build reads to choose its GPU targets is set from the same
 arch list, so no build can fall back to "native" (there is no GPU on a build
 host, and flash-attention's setup.py raises without one) or to a 9-arch
-default that multiplies compile time. Build facts: docs in
-/work/shared/facts/flash_attention.md and vllm_0.33.md; checked against
-vLLM 0.33.0's setup.py / cmake/utils.cmake and flash-attention 0251105a's setup.py.
+default that multiplies compile time. Checked against vLLM 0.33.0's setup.py /
+cmake/utils.cmake (the PyPI sdist) and Dao-AILab/flash-attention 0251105a's setup.py.
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ MEMINFO = Path("/proc/meminfo")
 GIB = 1024 ** 3
 
 # Peak RAM per compile job. CK template instantiation runs host and device clang
-# per job at up to ~5 GB together (flash_attention.md section 3); vLLM's hipcc
-# units are lighter (maintainers' 16 GB / MAX_JOBS advice, vllm_rocm.md section 6).
+# per job at up to ~5 GB together (a community gfx1201 build guide; about 2.8 GB per
+# hipcc job in mjun0812/flash-attention-prebuild-wheels' build_linux_rocm.sh); vLLM's
+# hipcc units are lighter (maintainers' 16 GB / MAX_JOBS advice, vllm-project/vllm#3180, #8878).
 PER_JOB_GIB = {"flash-attention": 5.0, "vllm": 3.0}
 DEFAULT_PER_JOB_GIB = 3.0
 

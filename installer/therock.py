@@ -9,7 +9,7 @@ Sources (checked against ROCm/TheRock 89553ce, 2026-08-22, unless marked):
   (build_tools/github_actions/publish_rocm_to_release_buckets.py,
   _therock_utils/s3_buckets.py); the public https://<stream>.repo.amd.com/
   rocm/core/tarball/ directories and the `stable` stream come from the ROCm
-  10.0.0 install page (via /work/shared/facts/therock.md, not in the repo);
+  10.0.0 install page (https://rocm.docs.amd.com/en/latest/install/rocm.html);
 - 7.x hosts: repo.amd.com/rocm/tarball/ (stable), rocm.nightlies.amd.com/
   tarball/, rocm.<type>.amd.com/tarball-multi-arch/
   (dockerfiles/install_rocm_tarball.sh, docs/packaging/legacy_per_family_releases.md);

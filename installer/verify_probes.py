@@ -100,8 +100,8 @@ def torch_version(expect):
     problems = []
     if torch.__version__ != expect["torch"]:
         problems.append(f"torch {torch.__version__} != pin {expect['torch']}")
-    # HIP has its own numbering (ROCm 10.0.0 ships HIP 7.15, 10.1.0 HIP 7.16: facts/
-    # pins_evidence.md), so the ROCm version is read from torch's local segment and
+    # HIP has its own numbering (ROCm 10.0.0 ships HIP 7.15, 10.1.0 HIP 7.16, per users'
+    # torch.version.hip reports), so the ROCm version is read from torch's local segment and
     # from the rocm wheel that torch loads its libraries from
     rocm = expect.get("rocm", "")
     if rocm:
@@ -219,7 +219,7 @@ def _flash_attn(expect):
 
 def flash_attn_backend(expect):
     flash_attn, fai = _flash_attn(expect)
-    # flash_attention.md §5: USE_TRITON_ROCM is False and flash_attn_gpu is the
+    # flash_attn/flash_attn_interface.py (0251105a): USE_TRITON_ROCM is False and flash_attn_gpu is the
     # compiled flash_attn_2_cuda module when the CK build loaded
     gpu_mod = getattr(getattr(fai, "flash_attn_gpu", None), "__name__", "?")
     triton = bool(getattr(fai, "USE_TRITON_ROCM", False)) or gpu_mod != "flash_attn_2_cuda"

@@ -224,7 +224,7 @@ def fa_like_repo(root: Path) -> tuple[Path, str, dict[str, str]]:
     files = {
         "CMakeLists.txt": CMAKELISTS, **SOURCES,
         "flash_attn/__init__.py": "__version__ = '2.8.4'\n",
-        # upstream picks its backend from this switch at import time (flash_attention.md §5);
+        # upstream picks its backend from this switch at import time (flash_attn_interface.py);
         # the fake's CK library has no Python init, so a named stand-in takes its place
         "flash_attn/flash_attn_interface.py": (
             "import os, types\n"

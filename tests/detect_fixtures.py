@@ -1,7 +1,7 @@
 """Fake GPUs for tests: rocminfo executables and sysfs trees.
 
 The captured outputs in tests/data/detect/ come from the fact sheet
-(/work/shared/facts/detection.md §8, rebuilt from public ROCm issue reports):
+(rebuilt from public ROCm issue reports: ROCm/ROCm#5814 F1, #5999 F3, #5745 F4):
 rocminfo-F1/F3/F4 (RX 9070 XT + gfx1036 iGPU, RX 9060 XT, Strix Halo + NPU),
 rocminfo-E1..E8 (failure outputs, ESC bytes real) and the S1 KFD properties
 files. S3/S4 and the PCI fixture P are small tables there and live below.
@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 
 DATA = Path(__file__).parent / "data" / "detect"
 
-# exit status of each captured failure (facts §2 / §8 E)
+# exit status of each captured failure (rocminfo.cc's exit paths, ROCm/rocminfo)
 EXIT_CODES = {"E1": 1, "E2": 1, "E3": 1, "E4": 1, "E5": 1, "E6": 8, "E7": 8, "E8": 1}
 
 
@@ -62,17 +62,17 @@ S1_MEM_BANKS = {1: (DATA / "kfd-S1-node1-mem_banks0.properties").read_text()}
 CPU_NODE = {"cpu_cores_count": 32, "simd_count": 0, "gfx_target_version": 0, "vendor_id": 0,
             "device_id": 0, "location_id": 0, "domain": 0, "drm_render_minor": 0}
 
-# S3: Strix Halo node 1 (facts §8 S3)
+# S3: Strix Halo node 1 (ROCm/ROCm#5745)
 S3_KFD = {0: CPU_NODE, 1: {"cpu_cores_count": 0, "simd_count": 80, "gfx_target_version": 110501,
                            "vendor_id": 4098, "device_id": 5510, "location_id": 49408,
                            "domain": 0, "drm_render_minor": 128, "unique_id": 0}}
 
-# S4: RX 9060 XT node 1 (facts §8 S4); vendor_id is the AMD constant
+# S4: RX 9060 XT node 1 (ROCm/ROCm#5999); vendor_id is the AMD constant
 S4_KFD = {0: {**CPU_NODE, "cpu_cores_count": 4},
           1: {"cpu_cores_count": 0, "simd_count": 64, "gfx_target_version": 120000,
               "vendor_id": 4098, "device_id": 30096, "location_id": 1024, "domain": 0}}
 
-# P: PCI functions of the F1 machine (facts §8 P): bridges and audio must be rejected
+# P: PCI functions of the F1 machine (ROCm/ROCm#5814): bridges and audio must be rejected
 P_PCI = [
     {"address": "0000:01:00.0", "device": 0x1478, "class": 0x060400, "revision": 0x24},
     {"address": "0000:02:00.0", "device": 0x1479, "class": 0x060400, "revision": 0x24},

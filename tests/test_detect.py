@@ -1,4 +1,4 @@
-"""GPU detection: fake sysfs trees, with captured rocminfo outputs (facts §8)."""
+"""GPU detection: fake sysfs trees, with captured rocminfo outputs (tests/detect_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def no_rocm(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- KFD
 
 @pytest.mark.parametrize("version, name", [
-    # kfd_device.c gfx_target_version values (facts §3.3)
+    # gfx_target_version values as the kernel's amdkfd/kfd_device.c stores them
     (120001, "gfx1201"), (120000, "gfx1200"), (110501, "gfx1151"), (110000, "gfx1100"),
     (110003, "gfx1103"), (100306, "gfx1036"), (90010, "gfx90a"), (90012, "gfx90c"),
     (90402, "gfx942"), (0, None), (None, None),

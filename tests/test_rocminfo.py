@@ -1,4 +1,4 @@
-"""rocminfo parsing and failure naming on captured outputs (facts §8)."""
+"""rocminfo parsing and failure naming on captured outputs (tests/data/detect/)."""
 
 from __future__ import annotations
 
