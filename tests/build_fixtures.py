@@ -49,11 +49,15 @@ if archs and "-c" in args:
     # a fixed cost per device compile, for benchmarks/second_prefix.py
     time.sleep(float(os.environ.get("FAKE_COMPILE_SECONDS") or 0))
     ids = "".join("hipv4-amdgcn-amd-amdhsa--%s\\\\0" % a for a in archs)
-    fd, header = tempfile.mkstemp(suffix=".h")
+    # next to the call log, and gone once the compile is done: nothing is left in /tmp
+    fd, header = tempfile.mkstemp(suffix=".h", dir=root)
     os.write(fd, ('__attribute__((used)) static const char rdna4_fake_bundle[] = '
                   '"__CLANG_OFFLOAD_BUNDLE__\\\\0%s";\\n' % ids).encode())
     os.close(fd)
-    args = ["-include", header] + args
+    try:
+        sys.exit(subprocess.call([real, "-include", header] + args))
+    finally:
+        os.unlink(header)
 sys.exit(subprocess.call([real] + args))
 '''
 

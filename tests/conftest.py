@@ -1,13 +1,14 @@
 """Shared fixtures: a clean environment for every test and a CLI runner.
 
 No test may see the real host's GPU, caches or config: HOME, XDG dirs, the
-sysfs root and every RDNA4_/PIP_/UV_ variable are pointed into tmp_path.
+sysfs root, TMPDIR and every RDNA4_/PIP_/UV_ variable are pointed into tmp_path.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -
     sysfs.mkdir()
     monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(sysfs))
     monkeypatch.setenv("UV_CACHE_DIR", str(uv_cache))
+    # what the tools a test runs leave in their temp dir (uv's build locks, say) goes
+    # with the test's tmp_path instead of piling up in /tmp
+    tmp = tmp_path / ".tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return home
 
 
