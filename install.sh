@@ -356,6 +356,7 @@ checksum_of() {
 fetch_verified() {
     _url="$1"
     check_url "$_url"
+    need_cmd tr
     _want="$(printf '%s' "${RDNA4_INSTALLER_SHA256:-}" | tr 'A-F' 'a-f')"
     case "$_want" in
         "")
