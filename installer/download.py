@@ -316,21 +316,18 @@ def get(url: str, *, ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
     while True:
         tries += 1
         wait = BACKOFF * 2 ** (tries - 1)
-
-        def fits() -> bool:
-            return tries <= RETRIES and time.monotonic() - started + wait + timeout[0] <= budget
         try:
             resp = session().get(url, timeout=timeout, proxies=_proxies(url), **kw)
         except requests.RequestException as exc:
             reason, final = _classify(exc)
-            if final or not fits():
+            if final or not _may_retry(tries, started, wait, timeout[0], budget):
                 raise network_error(url, reason, tries) from None
             _note(ui, f"{urlsplit(url).hostname}: {reason}; retry {tries} of {RETRIES} in {wait:.0f} s")
             time.sleep(wait)
             continue
         after = resp.headers.get("Retry-After", "")
         wait = min(float(after), budget / 2) if after.isdigit() else wait
-        if resp.status_code in RETRY_STATUS and fits():
+        if resp.status_code in RETRY_STATUS and _may_retry(tries, started, wait, timeout[0], budget):
             resp.close()
             _note(ui, f"{urlsplit(url).hostname}: HTTP {resp.status_code}; retry {tries} of {RETRIES} "
                       f"in {wait:.0f} s")
@@ -338,6 +335,11 @@ def get(url: str, *, ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
             continue
         check_url(resp.url)  # a redirect must obey the same rules
         return resp
+
+
+def _may_retry(tries: int, started: float, wait: float, connect: float, budget: float) -> bool:
+    """Another try is allowed, and even if it waits the whole connect timeout it ends within budget."""
+    return tries <= RETRIES and time.monotonic() - started + wait + connect <= budget
 
 
 def _note(ui: Any, msg: str) -> None:

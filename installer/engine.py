@@ -91,7 +91,6 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         ui.to_log(f"error: {getattr(exc, 'message', None) or exc}")
         if getattr(exc, "hint", None):
             ui.to_log(f"hint: {exc.hint}")
-        ui.log = None
         state.write_stamp(prefix, name, {
             **old, "status": state.FAILED, "started": started, "failed": state.now(),
             "attempted_fingerprint": item.fingerprint,
@@ -109,7 +108,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
             exc.hint += f"; rerun the failed command with: sh '{ctx.work_dir / actions.LAST_COMMAND}'"
         exc.message = f"{name}: {exc.message}" if not exc.message.startswith(name) else exc.message
         raise
-    ui.log = None
+    finally:
+        ui.log = None
     state.write_stamp(prefix, name, {
         "status": state.DONE, "fingerprint": item.fingerprint, "inputs": item.inputs,
         "version": item.vars.get("_version", ""), "facts": ctx.facts,

@@ -168,19 +168,23 @@ def test_each_retry_is_shown_at_v_and_written_to_the_log(tmp_path, tarball):
 
     from installer.ui import UI
 
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     log = tmp_path / "recipe.log"
     screens = {}
-    for verbosity in (0, 1):
-        screen = io.StringIO()  # not a TTY: retries show only at -v
-        ui = UI(verbosity, stream=screen)
+    for verbosity, screen in ((0, io.StringIO()), (1, io.StringIO()), ("tty", Terminal())):
+        # not a TTY: retries show only at -v; on a terminal they always do
+        ui = UI(0 if verbosity == "tty" else verbosity, stream=screen)
         ui.log = log
         with serve(tarball.parent) as srv:
             srv.fail(NAME, ("status", 503))
             download.fetch(srv.url + NAME, cache_dir=tmp_path / f"cache{verbosity}", ui=ui)
         screens[verbosity] = screen.getvalue()
     retry = "127.0.0.1: HTTP 503; retry 1 of 4 in 1 s"
-    assert retry not in screens[0] and retry in screens[1]
-    assert log.read_text().count(f"# {retry}\n") == 2
+    assert retry not in screens[0] and retry in screens[1] and retry in screens["tty"]
+    assert log.read_text().count(f"# {retry}\n") == 3
 
 
 def test_an_unresolvable_host_fails_fast_without_retrying(tmp_path, monkeypatch):
@@ -379,8 +383,10 @@ def test_the_ca_in_ssl_cert_file_is_trusted(https_server, tmp_path, monkeypatch)
     for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(download, "_SESSION", None)
+    ui = Recorder()
     with pytest.raises(InstallerError, match="TLS certificate not trusted"):
-        download.fetch(url, cache_dir=tmp_path / "c1")
+        download.fetch(url, cache_dir=tmp_path / "c1", ui=ui)
+    assert ui.notes == []  # an untrusted certificate does not get better: no retry
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     monkeypatch.setattr(download, "_SESSION", None)
     got = download.fetch(url, cache_dir=tmp_path / "c2")
