@@ -337,17 +337,25 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
         raise click.exceptions.Exit(1)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install verify\n\n"
+                     "  rdna4-install verify --deep --model Qwen/Qwen3-0.6B --json\n\n"
+                     "  rdna4-install verify --deep --model ~/models/opt-125m --timeout 1800")
 @prefix_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Seconds the probes may take in all.")
+@click.option("--deep", is_flag=True, help="Also run the minutes-long kernel probes on the card "
+              "(LLMM1, FP8 kernel choice and GEMM, CK varlen fwd/bwd, an offline generation).")
+@click.option("--model", default=None, help="Model for --deep's generation [default: a small cached one].")
+@click.option("--allow-download", is_flag=True, help="Let --deep download --model if it is not cached.")
 @pass_obj
-def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float) -> None:
+def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: bool, model: str | None,
+           allow_download: bool) -> None:
     """Prove the install on the card: torch on HIP, native FP8, CK flash-attention, code objects."""
     from . import verify as ver
 
-    probes = ver.run(_path(prefix or _default_prefix()), timeout=timeout)
+    probes = ver.run(_path(prefix or _default_prefix()), timeout=timeout, deep=deep, model=model,
+                     allow_download=allow_download)
     click.echo(ver.to_json(probes) if as_json else ver.format_table(probes))
     if ver.failed(probes):
         raise click.exceptions.Exit(1)
