@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_fixtures import cache_model
 from click.testing import CliRunner
 from codeobject_fixtures import bundle, ids_for, make_so, needs_elf
 
@@ -141,7 +142,7 @@ def test_deep_probes_run_only_with_deep_and_get_the_model_choice(tmp_path, monke
     from test_verify import fake_prefix
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    snap = cache_model(tmp_path / "hub", "Qwen/Qwen3-0.6B")
+    snap = cache_model(tmp_path / "hub", "Qwen/Qwen3-0.6B", {})
     prefix = fake_prefix(tmp_path / "p", [])
     assert not any(p.name.startswith("deep.") for p in verify.run(prefix))
     probes = verify.run(prefix, deep=True)
@@ -157,23 +158,13 @@ def test_deep_probes_run_only_with_deep_and_get_the_model_choice(tmp_path, monke
 
 # --- which model the generation loads --------------------------------------------------------
 
-def cache_model(hub: Path, name: str) -> Path:
-    repo = hub / ("models--" + name.replace("/", "--"))
-    snap = repo / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text(json.dumps({"hidden_size": 1024}))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    return snap
-
-
 def test_model_choice_never_downloads_without_consent(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
     model, why = hfcache.pick_for_verify(None, allow_download=False, env=env)
     assert model == "" and "pass --model NAME" in why
     assert hfcache.pick_for_verify("org/big", allow_download=False, env=env)[1].endswith("--allow-download to fetch it")
     assert hfcache.pick_for_verify("org/big", allow_download=True, env=env) == ("org/big", "")
-    snap = cache_model(tmp_path / "hub", "facebook/opt-125m")
+    snap = cache_model(tmp_path / "hub", "facebook/opt-125m", {})
     assert hfcache.pick_for_verify(None, allow_download=False, env=env) == ("facebook/opt-125m", "")
     assert hfcache.locate("facebook/opt-125m", env) == snap
     assert hfcache.locate(str(snap), env) == snap          # a local folder works as well
