@@ -382,7 +382,9 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
         raise click.exceptions.Exit(1)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install bench\n\n"
+                     "  rdna4-install bench --profile seed --profile rdna4-16g\n\n"
+                     "  rdna4-install bench --model Qwen/Qwen3-8B-FP8 --baseline PREFIX/bench/BEFORE.json")
 @prefix_opt
 @click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
 @click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
@@ -392,19 +394,27 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG", help="Extra `vllm serve` argument.")
 @click.option("--bench-arg", "bench_args", multiple=True, metavar="ARG",
               help="Extra `vllm bench serve` argument.")
+@click.option("--profile", "profile_names", multiple=True, type=click.Choice(["seed", "rdna4-16g"]),
+              help="Server settings to run, side by side (repeatable): seed = the reference's, "
+                   "rdna4-16g = FP8 KV cache, KV offloading to RAM, batch sized from free VRAM.")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An earlier result file (PREFIX/bench/*.json) to show beside this run, e.g. before `tune`.")
 @pass_obj
 def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float | None,
           num_prompts: int | None, port: int | None, ready_timeout: float | None,
-          serve_args: tuple[str, ...], bench_args: tuple[str, ...]) -> None:
+          serve_args: tuple[str, ...], bench_args: tuple[str, ...], profile_names: tuple[str, ...],
+          baseline: Path | None) -> None:
     """Serve the reference model and measure throughput against the reference figures."""
     from . import bench as bn
 
     kwargs: dict[str, Any] = {k: v for k, v in (("model", model), ("request_rate", request_rate),
                                                 ("num_prompts", num_prompts), ("port", port),
                                                 ("ready_timeout", ready_timeout)) if v is not None}
-    result = bn.run(_path(prefix or _default_prefix()), extra_serve_args=list(serve_args),
-                    extra_bench_args=list(bench_args), ui=obj.ui, **kwargs)
-    click.echo(bn.format_comparison(result))
+    prefix = _path(prefix or _default_prefix())
+    runs = [bn.load_result(baseline)] if baseline else []
+    runs += bn.run_profiles(prefix, profile_names, extra_serve_args=list(serve_args),
+                            extra_bench_args=list(bench_args), ui=obj.ui, echo=click.echo, **kwargs)
+    click.echo(bn.format_comparison(*runs))
 
 
 @cli.command()
