@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,29 @@ def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str, tp: 
     result = tn.run(_path(prefix or _default_prefix()), model, cache_dir=_path(cache_dir or _default_cache()),
                     tp=tp, batch_size=batch_size, ui=obj.ui)
     click.echo(tn.format_result(result))
+
+
+@cli.command(epilog="Examples:\n\n  rdna4-install report\n\n"
+                     "  rdna4-install report --model Qwen/Qwen3-0.6B --tune-model Qwen/Qwen3-8B-FP8 --bench\n\n"
+                     "  rdna4-install report -o ~/rdna4-report.md")
+@prefix_opt
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report file [default: ./rdna4-report-<date>.md].")
+@click.option("--model", default=None, help="Model for verify --deep's generation [default: a small cached one].")
+@click.option("--tune-model", default=None, help="Also run `tune` for this block-FP8 model (long).")
+@click.option("--bench", "with_bench", is_flag=True, help="Also run `bench --profile seed --profile rdna4-16g` (long).")
+@pass_obj
+def report(obj: Obj, prefix: Path | None, output: Path | None, model: str | None, tune_model: str | None,
+           with_bench: bool) -> None:
+    """First run on a real card: doctor, verify --deep, tune, bench into one file for an issue."""
+    from . import report as rp
+
+    out = _path(output or f"rdna4-report-{time.strftime('%Y%m%d-%H%M%S')}.md")
+    path, codes = rp.run(_path(prefix or _default_prefix()), out, model=model, tune_model=tune_model,
+                         bench=with_bench, ui=obj.ui)
+    for title, code in codes.items():
+        click.echo(f"{title}: {'ok' if code == 0 else f'exit code {code}'}")
+    obj.ui.success(f"report written to {path}; attach it to an issue")
 
 
 @cli.command()
