@@ -163,10 +163,13 @@ def install_configs(prefix: Path, model: str, shapes: list[tuple[int, int]], out
     target = site_packages(prefix / "venv") / CONFIG_DIR
     target.mkdir(parents=True, exist_ok=True)
     result = TuneResult(model=model, device_name=", ".join(sorted(devices)), shapes=shapes)
+    ours = {f.get("sha256") for f in (((state.read_receipt(prefix) or {}).get("tuned") or {})
+                                      .get(RECEIPT_KEY) or {}).get("files", {}).values()}
     for path in written:
         dest = target / path.name
-        shipped = dest.is_file() and not dest.is_symlink() and _sha256(dest) != _sha256(path)
-        if shipped and not (out / "replaced").joinpath(path.name).exists():
+        # a file vLLM shipped (not one an earlier tune wrote) is kept beside the new ones
+        shipped = dest.is_file() and _sha256(dest) not in ours | {_sha256(path)}
+        if shipped:
             (out / "replaced").mkdir(exist_ok=True)
             shutil.copy2(dest, out / "replaced" / path.name)   # vLLM's own file, kept for undo
         tmp = dest.with_name(dest.name + ".rdna4-tmp")

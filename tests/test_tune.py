@@ -71,8 +71,13 @@ def test_tp_splits_the_shapes_and_the_receipt_survives_a_rewrite(world):
     ran = read_state(st, "main.json")
     assert ran["shapes"] == [[2048, 1024], [1024, 1024], [3072, 1024], [1024, 1536]]
     assert ran["args"]["tp_size"] == 2 and ran["args"]["batch_size"] == 1
-    state.write_receipt(prefix, archs=("gfx1201",), pins={}, tools={}, installer_version="t")
+    pins = state.read_receipt(prefix)["pins"]
+    state.write_receipt(prefix, archs=("gfx1201",), pins=pins, tools={}, installer_version="t")
     assert state.read_receipt(prefix)["tuned"]["w8a8_block_fp8"]["runs"][0]["tp"] == 2
+    # a second tune replaces our own files without taking them for vLLM's shipped ones
+    tune.run(prefix, "Qwen/Qwen3-0.6B-FP8", cache_dir=cache, tp=2, batch_size=1)
+    assert not list((prefix / "tuned").rglob("replaced"))
+    assert len(state.read_receipt(prefix)["tuned"]["w8a8_block_fp8"]["runs"]) == 2
 
 
 def test_a_model_that_is_not_block_fp8_or_not_cached_is_refused(world, tmp_path):
