@@ -44,8 +44,9 @@ PER_FAMILY_END = 20260612       # per-family release workflows deleted (TheRock 
 # builds run clang/clang++ (device code, HIP_CLANG_PATH) and read the device libs.
 REQUIRED_FILES = ("bin/rocminfo", "bin/amd-smi", "lib/llvm/bin/clang", "lib/llvm/bin/clang++")
 REQUIRED_DIRS = ("lib/llvm/amdgcn/bitcode", "share/amd_smi")
-# torch's cpp_extension (flash-attention's CK build) compiles with ROCM_HOME/bin/hipcc, and
-# CMake/hip tooling asks hipconfig. TheRock keeps both only as a deprecated shim and names
+# torch's cpp_extension (flash-attention's CK build) compiles with ROCM_HOME/bin/hipcc;
+# hipconfig is hipcc's companion (UNCONFIRMED which build step of ours calls it; it is
+# required with hipcc as issue 15 lists it). TheRock keeps both only as a deprecated shim and names
 # amdclang++ as the replacement (docs/development/hipcc_deprecation.md, ROCm/TheRock
 # 46b7fafa); without hipcc the flash-attention build gets a wrapper over it
 # (buildenv.hipcc_shim). So a tree needs one complete set, in this order of preference.
