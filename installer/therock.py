@@ -45,8 +45,8 @@ PER_FAMILY_END = 20260612       # per-family release workflows deleted (TheRock 
 REQUIRED_FILES = ("bin/rocminfo", "bin/amd-smi", "lib/llvm/bin/clang", "lib/llvm/bin/clang++")
 REQUIRED_DIRS = ("lib/llvm/amdgcn/bitcode", "share/amd_smi")
 # torch's cpp_extension (flash-attention's CK build) compiles with ROCM_HOME/bin/hipcc;
-# hipconfig is hipcc's companion (UNCONFIRMED which build step of ours calls it; it is
-# required with hipcc as issue 15 lists it). TheRock keeps both only as a deprecated shim and names
+# hipconfig is hipcc's companion and goes with it (UNCONFIRMED which of our build steps
+# calls it: none of vLLM 0.33.0's CMake files does). TheRock keeps both only as a deprecated shim and names
 # amdclang++ as the replacement (docs/development/hipcc_deprecation.md, ROCm/TheRock
 # 46b7fafa); without hipcc the flash-attention build gets a wrapper over it
 # (buildenv.hipcc_shim). So a tree needs one complete set, in this order of preference.
