@@ -307,20 +307,27 @@ def detect_cmd(obj: Obj, prefix: Path | None, as_json: bool) -> None:
 
 @cli.command(epilog="Examples:\n\n  rdna4-install tune --model Qwen/Qwen3-8B-FP8\n\n"
                      "  rdna4-install tune --model ~/models/Qwen3-14B-FP8 --tp 2\n\n"
-                     "  rdna4-install tune --model Qwen/Qwen3-0.6B-FP8 --batch-size 1")
+                     "  rdna4-install tune --restore")
 @prefix_opt
 @cache_opt
-@click.option("--model", required=True, help="A block-FP8 model: a local folder or a cached hub name.")
+@click.option("--model", default=None, help="A block-FP8 model: a local folder or a cached hub name.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel size the model will be served with (it splits the GEMM shapes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tune one batch size only [default: the tuner's 1..4096 list].")
+@click.option("--restore", is_flag=True, help="Copy the recorded configs back into vLLM (after a rebuild); no tuning.")
 @pass_obj
-def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str, tp: int,
-         batch_size: int | None) -> None:
+def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str | None, tp: int,
+         batch_size: int | None, restore: bool) -> None:
     """Tune vLLM's FP8 GEMM for a model's shapes on this card and install the configs."""
     from . import tune as tn
 
+    if restore:
+        restored = tn.restore(_path(prefix or _default_prefix()))
+        obj.ui.success(f"restored {len(restored)} tuned config(s)" if restored else "every tuned config is in place")
+        return
+    if not model:
+        raise UsageError("tune needs --model (or --restore)", hint="rdna4-install tune --model Qwen/Qwen3-8B-FP8")
     result = tn.run(_path(prefix or _default_prefix()), model, cache_dir=_path(cache_dir or _default_cache()),
                     tp=tp, batch_size=batch_size, ui=obj.ui)
     click.echo(tn.format_result(result))

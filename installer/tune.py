@@ -191,6 +191,28 @@ def _record(prefix: Path, result: TuneResult, tp: int) -> None:
     state.write_json_atomic(prefix / state.RECEIPT, receipt)
 
 
+def restore(prefix: Path) -> list[str]:
+    """Copy every recorded config back where vLLM reads it (after vLLM or the venv was rebuilt)."""
+    prefix = Path(prefix)
+    files = ((((state.read_receipt(prefix) or {}).get("tuned") or {}).get(RECEIPT_KEY) or {}).get("files") or {})
+    if not files:
+        raise UsageError(f"no tuned configs recorded in {prefix / state.RECEIPT}",
+                         hint=f"tune first: rdna4-install tune --prefix '{prefix}' --model MODEL")
+    target = site_packages(prefix / "venv") / CONFIG_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    restored = []
+    for name, entry in sorted(files.items()):
+        kept = Path(entry.get("kept", ""))
+        if not kept.is_file() or _sha256(kept) != entry.get("sha256"):
+            raise InstallerError(f"the kept copy of {name} is missing or changed ({kept})",
+                                 hint=f"tune again: rdna4-install tune --prefix '{prefix}' --model MODEL")
+        dest = target / name
+        if not dest.is_file() or _sha256(dest) != entry["sha256"]:
+            shutil.copy2(kept, dest)
+            restored.append(name)
+    return restored
+
+
 def format_result(result: TuneResult) -> str:
     lines = [f"tuned {len(result.files)} block-FP8 GEMM config(s) for {result.model} on {result.device_name}:"]
     lines += [f"  {name}" for name in sorted(result.files)]

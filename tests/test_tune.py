@@ -89,3 +89,22 @@ def test_a_model_that_is_not_block_fp8_or_not_cached_is_refused(world, tmp_path)
     result = CliRunner().invoke(cli, ["tune", "--prefix", str(prefix), "--model", "org/absent"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "neither a local folder nor in the Hugging Face cache" in result.output
+
+
+def test_restore_heals_a_rebuilt_venv_and_needs_a_tune_first(world):
+    prefix, _, cache = world
+    runner = CliRunner()
+    none = runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"])
+    assert none.exit_code == 2 and "no tuned configs recorded" in none.output
+    assert "rdna4-install tune --prefix" in none.output
+    tune.run(prefix, "Qwen/Qwen3-0.6B-FP8", cache_dir=cache)
+    configs = prefix / CONFIGS
+    gone = sorted(configs.glob("*.json"))
+    for path in gone:      # vLLM reinstalled into a fresh venv
+        path.unlink()
+    healed = runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"])
+    assert healed.exit_code == 0 and "restored 4 tuned config(s)" in healed.output
+    assert sorted(configs.glob("*.json")) == gone
+    assert "every tuned config is in place" in runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"]).output
+    missing = runner.invoke(cli, ["tune", "--prefix", str(prefix)])
+    assert missing.exit_code == 2 and "needs --model" in missing.output
