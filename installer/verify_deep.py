@@ -207,10 +207,11 @@ def measure_fa_varlen(expect) -> list[dict]:
         cu_q = torch.tensor([0] + lq, device=on).cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + lk, device=on).cumsum(0).to(torch.int32)
         out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal)
+        bq, bk = cu_q.tolist(), cu_k.tolist()
         refs = {}
         for upcast in (True, False):
-            refs[upcast] = torch.cat([_attention_ref(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]],
-                                                     v[cu_k[i]:cu_k[i + 1]], causal, upcast)
+            refs[upcast] = torch.cat([_attention_ref(q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]],
+                                                     v[bk[i]:bk[i + 1]], causal, upcast)
                                       for i in range(batch)])
         dout = torch.randn_like(out)
         grads = {}
