@@ -45,3 +45,17 @@ def test_a_ck_plan_fetches_ck_and_no_aiter_and_triton_the_reverse(tmp_path):
     assert _fetched_submodules(_item(_plan(tmp_path), "flash-attention")) == ["csrc/composable_kernel"]
     triton = _item(_plan(tmp_path, "flash-attention.backend=triton"), "flash-attention")
     assert _fetched_submodules(triton) == ["third_party/aiter"]
+
+
+def test_the_host_compiler_hint_is_a_command_that_works(tmp_path):
+    from click.testing import CliRunner
+
+    from installer import buildenv
+    from installer.cli import cli
+
+    command = buildenv.HOST_COMPILER_HINT.rsplit(": ", 1)[1].split()
+    assert command[:2] == ["rdna4-install", "install"]
+    result = CliRunner().invoke(cli, [*command[1:], "--dry-run", "--gpu-arch", "gfx1201",
+                                      "--prefix", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "will run" in result.output
