@@ -59,6 +59,8 @@ class BenchResult:
     server_log: Path
     metrics: dict[str, float | None]           # result key -> value (None if absent)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    label: str = "this run"                    # the column title: a profile name, "baseline"
+    serve_args: tuple[str, ...] = ()
 
 
 def free_port() -> int:
@@ -136,7 +138,8 @@ def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEF
         num_prompts: int = DEFAULT_NUM_PROMPTS, port: int | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT, extra_serve_args: list[str] | tuple = (),
         extra_bench_args: list[str] | tuple = (), visible_devices: str = "",
-        ui: Any = None) -> BenchResult:
+        ui: Any = None, profile: Any = None) -> BenchResult:
+    """One served benchmark; `profile` (profiles.Profile) puts its server flags first."""
     prefix = Path(prefix)
     vllm = prefix / "venv" / "bin" / "vllm"
     if not vllm.exists():
@@ -148,7 +151,8 @@ def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEF
     out_dir = prefix / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{_slug(model)}"
+    name = f"{stamp}-{_slug(model)}" + (f"-{profile.name}" if profile is not None else "")
+    extra_serve_args = [*(profile.serve_args if profile is not None else ()), *extra_serve_args]
     server_log, client_log = out_dir / f"{name}-serve.log", out_dir / f"{name}-client.log"
     result_file = out_dir / f"{name}.json"
     port = port or free_port()
@@ -178,7 +182,33 @@ def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEF
     raw = parse_result(result_file)
     metrics = {key: _number(raw.get(key)) for _, key, *_ in METRICS}
     return BenchResult(model=model, result_file=result_file, server_log=server_log,
-                       metrics=metrics, raw=raw)
+                       metrics=metrics, raw=raw, label=profile.name if profile is not None else "this run",
+                       serve_args=tuple(extra_serve_args))
+
+
+def run_profiles(prefix: Path, names: tuple[str, ...] | list[str], *, model: str = REFERENCE_MODEL,
+                 echo: Any = print, **kwargs: Any) -> list[BenchResult]:
+    """One run per named profile (none: one run with vLLM's defaults), one after the other.
+
+    Every profile's `vllm serve` line is printed before the first (long) run starts."""
+    if not names:
+        return [run(prefix, model=model, **kwargs)]
+    from . import profiles
+
+    chosen = [profiles.resolve(name, model) for name in names]
+    for profile in chosen:
+        echo(f"{profile.name}: {profiles.serve_line(prefix, model, profile)}")
+        for note in profile.notes:
+            echo(f"  {note}")
+    return [run(prefix, model=model, profile=profile, **kwargs) for profile in chosen]
+
+
+def load_result(path: Path, label: str = "baseline") -> BenchResult:
+    """An earlier run's saved result (PREFIX/bench/*.json), e.g. from before `tune`."""
+    raw = parse_result(Path(path))
+    return BenchResult(model=str(raw.get("model_id") or REFERENCE_MODEL), result_file=Path(path),
+                       server_log=Path(path).with_suffix(".log"),
+                       metrics={key: _number(raw.get(key)) for _, key, *_ in METRICS}, raw=raw, label=label)
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -187,17 +217,23 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if unit == "requests" else f"{value:,.2f}"
 
 
-def format_comparison(result: BenchResult) -> str:
-    rows = [("metric", "this run", "reference", "")]
+def format_comparison(*results: BenchResult) -> str:
+    """The runs side by side, then the reference (seed) figures."""
+    rows = [("metric", *(r.label for r in results), "reference", "")]
     for label, key, _ref, unit, shown in METRICS:
-        rows.append((label, _fmt(result.metrics.get(key), unit), shown, unit))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}".rstrip() for a, b, c, d in rows]
-    done, failed = result.raw.get("completed"), result.raw.get("failed")
-    if done is not None:
-        lines.append(f"requests: {done} completed" + (f", {failed} failed" if failed else ""))
+        rows.append((label, *(_fmt(r.metrics.get(key), unit) for r in results), shown, unit))
+    cols = len(rows[0]) - 1
+    w = [max(len(r[i]) for r in rows) for i in range(cols)]
+    lines = ["  ".join([row[0].ljust(w[0]), *(v.rjust(w[i + 1]) for i, v in enumerate(row[1:cols])),
+                        row[cols]]).rstrip() for row in rows]
+    for r in results:
+        done, failed = r.raw.get("completed"), r.raw.get("failed")
+        if done is not None:
+            who = "" if len(results) == 1 else f"{r.label}: "
+            lines.append(f"{who}requests: {done} completed" + (f", {failed} failed" if failed else ""))
     note = f"reference: RX 9070 XT (gfx1201), {REFERENCE_MODEL}, request rate 10"
-    if result.model != REFERENCE_MODEL:
-        note += f" (this run used {result.model}, so the figures are not comparable)"
-    lines += [note, f"result saved to {result.result_file}"]
+    other = next((r.model for r in results if r.model != REFERENCE_MODEL), None)
+    if other:
+        note += f" (this run used {other}, so the figures are not comparable)"
+    lines += [note] + [f"result saved to {r.result_file}" for r in results if r.label != "baseline"]
     return "\n".join(lines)

@@ -139,6 +139,12 @@ def _venv_identity(ctx) -> dict[str, str]:
     return {"python": py, "torch": torch, "triton": triton}
 
 
+def _compiler_banner(cxx: str, env: dict[str, str]) -> str:
+    """First line of `CXX --version`: a compiler upgrade makes another wheel."""
+    got = proc.capture([cxx, "--version"], env=env, timeout=60)
+    return (got.stdout.splitlines() or [""])[0].strip() if got.ok else ""
+
+
 def build_key(ctx, kind: str, backend: str, env: dict[str, str]) -> tuple[str, dict[str, Any]]:
     source = ctx.source.identity() if getattr(ctx, "source", None) is not None else {}
     if not source:
@@ -151,21 +157,28 @@ def build_key(ctx, kind: str, backend: str, env: dict[str, str]) -> tuple[str, d
         "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ctx.patches},
         "archs": list(ctx.archs), "pins": pins, "venv": _venv_identity(ctx),
         "env": wheelcache.symbolic_env(env, paths),
+        "host_compiler": ctx.facts.get("host_compiler", {}),
     }
     return wheelcache.fingerprint(parts), parts
 
 
-def arch_env(ctx, kind: str, *, rust_frontend: bool = False, triton_kernels: str = "") -> dict[str, str]:
+def arch_env(ctx, kind: str, *, rust_frontend: bool = False, triton_kernels: str = "",
+             host_compiler: str = "system") -> dict[str, str]:
     jobs = buildenv.max_jobs(kind, override=ctx.jobs or None)
-    return buildenv.build_env(
+    env = buildenv.build_env(
         ctx.env, ctx.archs, rocm=Path(ctx.vars["rocm"]), kind=kind, jobs=jobs,
         venv=Path(ctx.vars["venv"]), src=ctx.src_dir, version=ctx.vars.get("_version", ""),
         triton_kernels=Path(triton_kernels) if triton_kernels else None,
-        rust_frontend=rust_frontend, ccache_dir=Path(ctx.cache_dir) / "ccache")
+        rust_frontend=rust_frontend, ccache_dir=Path(ctx.cache_dir) / "ccache",
+        host_compiler=host_compiler or "system", shim_dir=Path(ctx.work_dir) / "hipcc-shim")
+    ctx.facts["host_compiler"] = {"kind": host_compiler or "system", "cc": env["CC"], "cxx": env["CXX"],
+                                  "version": _compiler_banner(env["CXX"], env)}
+    return env
 
 
 def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = "",
-                editable: bool | None = None, rust_frontend: bool | None = None) -> Path | None:
+                editable: bool | None = None, rust_frontend: bool | None = None,
+                host_compiler: str = "system") -> Path | None:
     """Action "build-wheel": reuse the cached wheel for this fingerprint, or build it."""
     kind = kind or ctx.name
     if kind not in KINDS:
@@ -177,7 +190,7 @@ def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = 
         editable = editable.lower() in ("1", "true", "yes") if editable else None
     editable = bool(ctx.options.get("editable") if editable is None else editable) and kind == "vllm"
     rust = bool(ctx.options.get("rust_frontend") if rust_frontend is None else rust_frontend)
-    env = arch_env(ctx, kind, rust_frontend=rust, triton_kernels=triton_kernels)
+    env = arch_env(ctx, kind, rust_frontend=rust, triton_kernels=triton_kernels, host_compiler=host_compiler)
     if kind == "flash-attention" and backend == "triton":
         # the one build that wants the Triton switch: no CK, a pure-Python wheel.
         # Its setup.py runs `python -m pip install third_party/aiter`; uv venvs have no pip.

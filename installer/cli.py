@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,57 @@ def detect_cmd(obj: Obj, prefix: Path | None, as_json: bool) -> None:
         obj.ui.warn(warning)
 
 
+@cli.command(epilog=examples("rdna4-install tune --model Qwen/Qwen3-8B-FP8",
+                             "rdna4-install tune --model ~/models/Qwen3-14B-FP8 --tp 2",
+                             "rdna4-install tune --restore"))
+@prefix_opt
+@cache_opt
+@click.option("--model", default=None, help="A block-FP8 model: a local folder or a cached hub name.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel size the model will be served with (it splits the GEMM shapes).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Tune one batch size only [default: the tuner's 1..4096 list].")
+@click.option("--restore", is_flag=True, help="Copy the recorded configs back into vLLM (after a rebuild); no tuning.")
+@pass_obj
+def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str | None, tp: int,
+         batch_size: int | None, restore: bool) -> None:
+    """Tune vLLM's FP8 GEMM for a model's shapes on this card and install the configs."""
+    from . import tune as tn
+
+    if restore:
+        restored = tn.restore(_path(prefix or _default_prefix()))
+        obj.ui.success(f"restored {len(restored)} tuned config(s)" if restored else "every tuned config is in place")
+        return
+    if not model:
+        raise UsageError("tune needs --model (or --restore)", hint="rdna4-install tune --model Qwen/Qwen3-8B-FP8")
+    result = tn.run(_path(prefix or _default_prefix()), model, cache_dir=_path(cache_dir or _default_cache()),
+                    tp=tp, batch_size=batch_size, ui=obj.ui)
+    click.echo(tn.format_result(result))
+
+
+@cli.command(epilog=examples("rdna4-install report",
+                             "rdna4-install report --model Qwen/Qwen3-0.6B --tune-model Qwen/Qwen3-8B-FP8 --bench",
+                             "rdna4-install report -o ~/rdna4-report.md"))
+@prefix_opt
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report file [default: ./rdna4-report-<date>.md].")
+@click.option("--model", default=None, help="Model for verify --deep's generation [default: a small cached one].")
+@click.option("--tune-model", default=None, help="Also run `tune` for this block-FP8 model (long).")
+@click.option("--bench", "with_bench", is_flag=True, help="Also run `bench --profile seed --profile rdna4-16g` (long).")
+@pass_obj
+def report(obj: Obj, prefix: Path | None, output: Path | None, model: str | None, tune_model: str | None,
+           with_bench: bool) -> None:
+    """First run on a real card: doctor, verify --deep, tune, bench into one file for an issue."""
+    from . import report as rp
+
+    out = _path(output or f"rdna4-report-{time.strftime('%Y%m%d-%H%M%S')}.md")
+    path, codes = rp.run(_path(prefix or _default_prefix()), out, model=model, tune_model=tune_model,
+                         bench=with_bench, ui=obj.ui)
+    for title, code in codes.items():
+        click.echo(f"{title}: {'ok' if code == 0 else f'exit code {code}'}")
+    obj.ui.success(f"report written to {path}; attach it to an issue")
+
+
 @cli.command(epilog=examples("rdna4-install doctor", "rdna4-install doctor --gpu-arch gfx1201 --jobs 8",
                              "rdna4-install doctor --json"))
 @prefix_opt
@@ -412,24 +464,32 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
 
 
 @cli.command(epilog=examples("rdna4-install verify --prefix ~/rdna4",
-                             "rdna4-install verify --prefix ~/rdna4 --json"))
+                             "rdna4-install verify --deep --model Qwen/Qwen3-0.6B --json",
+                             "rdna4-install verify --deep --model ~/models/opt-125m --timeout 1800"))
 @prefix_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Seconds the probes may take in all.")
+@click.option("--deep", is_flag=True, help="Also run the minutes-long kernel probes on the card "
+              "(LLMM1, FP8 kernel choice and GEMM, CK varlen fwd/bwd, an offline generation).")
+@click.option("--model", default=None, help="Model for --deep's generation [default: a small cached one].")
+@click.option("--allow-download", is_flag=True, help="Let --deep download --model if it is not cached.")
 @pass_obj
-def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float) -> None:
+def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: bool, model: str | None,
+           allow_download: bool) -> None:
     """Prove the install on the card: torch on HIP, native FP8, CK flash-attention, code objects."""
     from . import verify as ver
 
-    probes = ver.run(_path(prefix or _default_prefix()), timeout=timeout)
+    probes = ver.run(_path(prefix or _default_prefix()), timeout=timeout, deep=deep, model=model,
+                     allow_download=allow_download)
     click.echo(ver.to_json(probes) if as_json else ver.format_table(probes))
     if ver.failed(probes):
         raise click.exceptions.Exit(1)
 
 
 @cli.command(epilog=examples("rdna4-install bench --prefix ~/rdna4",
-                             "rdna4-install bench --prefix ~/rdna4 --num-prompts 100 --request-rate 2"))
+                             "rdna4-install bench --profile seed --profile rdna4-16g",
+                             "rdna4-install bench --model Qwen/Qwen3-8B-FP8 --baseline PREFIX/bench/BEFORE.json"))
 @prefix_opt
 @click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
 @click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
@@ -439,19 +499,27 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float) -> None
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG", help="Extra `vllm serve` argument.")
 @click.option("--bench-arg", "bench_args", multiple=True, metavar="ARG",
               help="Extra `vllm bench serve` argument.")
+@click.option("--profile", "profile_names", multiple=True, type=click.Choice(["seed", "rdna4-16g"]),
+              help="Server settings to run, side by side (repeatable): seed = the reference's, "
+                   "rdna4-16g = FP8 KV cache, KV offloading to RAM, batch sized from free VRAM.")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An earlier result file (PREFIX/bench/*.json) to show beside this run, e.g. before `tune`.")
 @pass_obj
 def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float | None,
           num_prompts: int | None, port: int | None, ready_timeout: float | None,
-          serve_args: tuple[str, ...], bench_args: tuple[str, ...]) -> None:
+          serve_args: tuple[str, ...], bench_args: tuple[str, ...], profile_names: tuple[str, ...],
+          baseline: Path | None) -> None:
     """Serve the reference model and measure throughput against the reference figures."""
     from . import bench as bn
 
     kwargs: dict[str, Any] = {k: v for k, v in (("model", model), ("request_rate", request_rate),
                                                 ("num_prompts", num_prompts), ("port", port),
                                                 ("ready_timeout", ready_timeout)) if v is not None}
-    result = bn.run(_path(prefix or _default_prefix()), extra_serve_args=list(serve_args),
-                    extra_bench_args=list(bench_args), ui=obj.ui, **kwargs)
-    click.echo(bn.format_comparison(result))
+    prefix = _path(prefix or _default_prefix())
+    runs = [bn.load_result(baseline)] if baseline else []
+    runs += bn.run_profiles(prefix, profile_names, extra_serve_args=list(serve_args),
+                            extra_bench_args=list(bench_args), ui=obj.ui, echo=click.echo, **kwargs)
+    click.echo(bn.format_comparison(*runs))
 
 
 @cli.command(epilog=examples("rdna4-install status --prefix ~/rdna4",

@@ -404,6 +404,17 @@ def check_tools(pm: str | None, path: str | None = None,
     return checks
 
 
+def check_host_compiler(path: str | None = None) -> Check:
+    """The system compiler the builds use for host code (build.host_compiler = "system")."""
+    from . import buildenv
+
+    host = buildenv.system_compiler(path)
+    problem = buildenv.host_compiler_problem(host)
+    if problem:
+        return Check("host compiler", FAIL, problem, buildenv.HOST_COMPILER_HINT)
+    return Check("host compiler", PASS, f"{host.label}; device code uses the toolchain's clang")
+
+
 def check_python(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> Check:
     text = ".".join(map(str, version))
     if tuple(version[:2]) >= MIN_PYTHON:
@@ -460,7 +471,7 @@ def run_checks(*, prefix: Path, cache_dir: Path, need_bytes: int, jobs: int, arc
     checks += [check_groups(root, who, gpu_needed), check_rocminfo(detection, who, gpu_needed),
                check_disk(prefix, cache_dir, need_bytes), check_memory(jobs)]
     checks += check_tools(pm)
-    checks += [check_python(), check_uv()]
+    checks += [check_host_compiler(), check_python(), check_uv()]
     blocking = ALWAYS_BLOCKING | (GPU_BLOCKING if gpu_needed else frozenset())
     checks = [replace(c, blocking=c.name in blocking) for c in checks]
     if blocking_only:

@@ -290,6 +290,8 @@ def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: di
             for name, stamp in stamps.items()
         },
     }
+    if old.get("tuned"):
+        receipt["tuned"] = old["tuned"]   # written by `tune`, not by a recipe
     write_json_atomic(prefix / RECEIPT, receipt)
     return receipt
 

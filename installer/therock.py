@@ -40,8 +40,17 @@ CHANNELS = ("stable", "rc", "nightly", "dev", "bkc")
 NIGHTLY_NEW_HOST = 20260823     # first nightly on nightly.repo.amd.com (3P, UNCONFIRMED)
 PER_FAMILY_END = 20260612       # per-family release workflows deleted (TheRock 5c841238e)
 
-REQUIRED_FILES = ("bin/rocminfo", "bin/amd-smi", "lib/llvm/bin/clang")
+# Every file a later step calls: detection/verify run rocminfo and amd-smi; the
+# builds run clang/clang++ (device code, HIP_CLANG_PATH) and read the device libs.
+REQUIRED_FILES = ("bin/rocminfo", "bin/amd-smi", "lib/llvm/bin/clang", "lib/llvm/bin/clang++")
 REQUIRED_DIRS = ("lib/llvm/amdgcn/bitcode", "share/amd_smi")
+# torch's cpp_extension (flash-attention's CK build) compiles with ROCM_HOME/bin/hipcc;
+# hipconfig is hipcc's companion and goes with it (UNCONFIRMED which of our build steps
+# calls it: none of vLLM 0.33.0's CMake files does). TheRock keeps both only as a deprecated shim and names
+# amdclang++ as the replacement (docs/development/hipcc_deprecation.md, ROCm/TheRock
+# 46b7fafa); without hipcc the flash-attention build gets a wrapper over it
+# (buildenv.hipcc_shim). So a tree needs one complete set, in this order of preference.
+REQUIRED_ONE_OF = (("bin/hipcc", "bin/hipconfig"), ("bin/amdclang++",))
 
 
 # --- versions and URLs -----------------------------------------------------
@@ -295,9 +304,19 @@ def _latest_cached(cache_dir: Path, directory: str, family: str, channel: str) -
 
 # --- the installed tree ----------------------------------------------------
 
-def verify_layout(root: Path) -> None:
+def missing_files(root: Path) -> list[str]:
+    """What the builds and probes call that `root` lacks ([] for a complete tree)."""
     missing = [p for p in REQUIRED_FILES if not (root / p).is_file()]
     missing += [p for p in REQUIRED_DIRS if not (root / p).is_dir()]
+    sets = [[p for p in group if not (root / p).is_file()] for group in REQUIRED_ONE_OF]
+    if all(sets):
+        missing.append(" + ".join(sets[0]) + " (or its replacement "
+                       + " / ".join(" + ".join(g) for g in REQUIRED_ONE_OF[1:]) + ")")
+    return missing
+
+
+def verify_layout(root: Path) -> None:
+    missing = missing_files(root)
     if missing:
         raise InstallerError(f"the TheRock tarball lacks {', '.join(missing)}",
                              hint="it is not a Linux TheRock dist tarball; "

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import activate, codeobjects, proc, state, verify_probes
+from . import activate, codeobjects, proc, state, verify_deep, verify_probes
 from .pyenv import site_packages
 from .errors import InstallerError
 
@@ -21,6 +21,8 @@ PASS, FAIL, SKIP = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP
 PROBES_SCRIPT = Path(verify_probes.__file__)
 # what verify_probes.py reports, in order; a crash leaves the rest "not reached"
 SCRIPT_PROBES = tuple(name for name, _ in verify_probes.PROBES)
+DEEP_SCRIPT = Path(verify_deep.__file__)
+DEEP_PROBES = tuple(verify_deep.NAMES)
 PROBE_TIMEOUT = 900.0  # first GPU init plus the vLLM import can take minutes on a cold cache
 
 
@@ -57,8 +59,9 @@ def _parse(output: str) -> list[Probe]:
 
 
 def run_script_probes(python: Path, expect: dict, env: dict[str, str],
-                      timeout: float = PROBE_TIMEOUT) -> list[Probe]:
-    got = proc.capture([str(python), str(PROBES_SCRIPT), json.dumps(expect)], env=env,
+                      timeout: float = PROBE_TIMEOUT, *, script: Path = PROBES_SCRIPT,
+                      names: tuple[str, ...] = SCRIPT_PROBES) -> list[Probe]:
+    got = proc.capture([str(python), str(script), json.dumps(expect)], env=env,
                        timeout=timeout)
     probes = _parse(got.stdout)
     if got.ok and probes:
@@ -72,7 +75,7 @@ def run_script_probes(python: Path, expect: dict, env: dict[str, str],
         last = [ln for ln in got.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
         why = f"exited with code {got.returncode}: {last[0][:200]}"
     probes.append(Probe("probes", FAIL, f"the probe process {why}"))
-    probes += [Probe(n, FAIL, "not reached: the probe process ended early") for n in SCRIPT_PROBES
+    probes += [Probe(n, FAIL, "not reached: the probe process ended early") for n in names
                if n not in seen]
     return probes
 
@@ -120,11 +123,13 @@ def extension_probes(venv: Path, archs: tuple[str, ...], flash_attn: str) -> lis
 # --- entry points --------------------------------------------------------------------
 
 def run(prefix: Path, *, archs: tuple[str, ...] | None = None, visible_devices: str | None = None,
-        timeout: float = PROBE_TIMEOUT) -> list[Probe]:
+        timeout: float = PROBE_TIMEOUT, deep: bool = False, model: str | None = None,
+        allow_download: bool = False) -> list[Probe]:
     """Every probe's result; raises InstallerError only when there is nothing to probe.
 
     `visible_devices` is detection's ROCR_VISIBLE_DEVICES value; None takes the
-    caller's own (an activated shell has it).
+    caller's own (an activated shell has it). `deep` adds verify_deep.py's probes,
+    which load `model` (or a small cached one) only from disk unless `allow_download`.
     """
     prefix = Path(prefix)
     venv = prefix / "venv"
@@ -137,8 +142,17 @@ def run(prefix: Path, *, archs: tuple[str, ...] | None = None, visible_devices: 
     receipt = state.read_receipt(prefix) or {}
     act = activate.from_receipt(prefix, archs=archs, visible_devices=visible_devices, receipt=receipt)
     expect = _expectations(act, receipt)
-    probes = run_script_probes(python, expect, activate.environment(act), timeout)
-    return probes + extension_probes(venv, tuple(expect["archs"]), expect["flash_attn"])
+    env = activate.environment(act)
+    probes = run_script_probes(python, expect, env, timeout)
+    probes += extension_probes(venv, tuple(expect["archs"]), expect["flash_attn"])
+    if deep:
+        from . import hfcache
+
+        env = hfcache.with_user_vars(env)
+        chosen, why = hfcache.pick_for_verify(model, allow_download=allow_download, env=env)
+        deep_expect = {**expect, "model": chosen, "model_reason": why, "offline": not allow_download}
+        probes += run_script_probes(python, deep_expect, env, timeout, script=DEEP_SCRIPT, names=DEEP_PROBES)
+    return probes
 
 
 def failed(probes: list[Probe]) -> bool:

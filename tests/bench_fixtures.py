@@ -118,3 +118,80 @@ def wait_dead(pids: list[int], timeout: float = 10.0) -> list[int]:
             return []
         time.sleep(0.05)
     return [p for p in pids if alive(p)]
+
+
+# --- a stand-in for vLLM's block-FP8 GEMM tuner (benchmarks/kernels in the sdist) -----------
+
+# Mimics vLLM 0.33.0's benchmarks/kernels/benchmark_w8a8_block_fp8.py: main(args) tunes
+# get_weight_shapes(args.tp_size) (DeepSeek-V3's shapes unless the caller replaced them)
+# and writes one config per shape named as save_configs() names it, with the device name
+# the card gives (here from a file beside the state dir).
+FAKE_TUNER = r'''
+import json, os, sys
+STATE = {state!r}
+with open(os.path.join(STATE, "import.json"), "w") as fh:
+    json.dump({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}, fh)
+
+def get_weight_shapes(tp_size):
+    return [(7168, 16384), (2112, 7168)]   # DeepSeek-V3's: must never be what runs
+
+def main(args):
+    shapes = get_weight_shapes(args.tp_size)
+    with open(os.path.join(STATE, "main.json"), "w") as fh:
+        json.dump({{"args": vars(args), "shapes": shapes}}, fh)
+    device = open(os.path.join(STATE, "device")).read().strip()
+    os.makedirs(args.save_path, exist_ok=True)
+    for n, k in shapes:
+        name = "N=%d,K=%d,device_name=%s,dtype=%s_w8a8,block_shape=[%d,%d].json" % (
+            n, k, device, args.input_type, args.block_n, args.block_k)
+        with open(os.path.join(args.save_path, name), "w") as fh:
+            json.dump({{"1": {{"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": n % 7, "num_warps": 4}}}}, fh)
+'''
+
+# a Qwen3-shaped block-FP8 decoder config
+BLOCK_FP8_CONFIG = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                    "intermediate_size": 3072, "num_hidden_layers": 28, "torch_dtype": "bfloat16",
+                    "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+
+
+def install_fake_tuner(prefix: Path, work: Path, device: str = "AMD_Radeon_R9700") -> tuple[Path, Path]:
+    """A prefix whose venv python runs this interpreter and whose receipt names a vLLM sdist
+    (a local tarball with the fake tuner); returns (state dir, sdist tarball)."""
+    import tarfile
+
+    st = install_fake_vllm(prefix)
+    st.joinpath("device").write_text(device)
+    python = prefix / "venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (prefix / "venv" / "lib" / "python3.12" / "site-packages" / "vllm").mkdir(parents=True)
+    tree = work / "sdist" / "vllm-0.33.0"
+    kernels = tree / "benchmarks" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "benchmark_w8a8_block_fp8.py").write_text(FAKE_TUNER.format(state=str(st)))
+    (tree / "vllm").mkdir()
+    (tree / "vllm" / "__init__.py").write_text("")
+    archive = work / "vllm-0.33.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="vllm-0.33.0")
+    import hashlib
+
+    receipt = state.read_receipt(prefix)
+    receipt["pins"]["vllm"] = {"version": "0.33.0", "sdist_url": str(archive),
+                               "sdist_sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    state.write_json_atomic(prefix / state.RECEIPT, receipt)
+    return st, archive
+
+
+def cache_model(hub: Path, name: str, config: dict, weights: int = 0) -> Path:
+    """A model in a fake Hugging Face cache (models--ORG--NAME/snapshots/REV + refs/main)."""
+    repo = hub / ("models--" + name.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+    if weights:
+        with open(snap / "model.safetensors", "wb") as fh:
+            fh.truncate(weights)        # sparse: its size is what counts
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return snap

@@ -29,7 +29,7 @@ from installer.actions import StepContext
 from installer.recipes import Source
 
 ARCH_VARS = ("PYTORCH_ROCM_ARCH", "GPU_ARCHS", "GPU_TARGETS", "AMDGPU_TARGETS", "CMAKE_ARGS",
-             "ROCM_PATH", "HIP_PATH", "HIP_DEVICE_LIB_PATH", "CC", "CXX", "MAX_JOBS",
+             "ROCM_PATH", "ROCM_HOME", "HIP_PATH", "HIP_DEVICE_LIB_PATH", "HIP_CLANG_PATH", "CC", "CXX", "MAX_JOBS",
              "VLLM_TARGET_DEVICE", "TRITON_KERNELS_SRC_DIR", "SETUPTOOLS_SCM_PRETEND_VERSION",
              "FLASH_ATTENTION_TRITON_AMD_ENABLE", "FLASH_ATTENTION_FORCE_BUILD",
              "VLLM_REQUIRE_RUST_FRONTEND")
@@ -43,8 +43,9 @@ root = here.parents[2] if here.parent.name == "llvm" else here.parent
 with open(root / "compiler-calls.log", "a") as log:
     log.write(json.dumps({{"argv": sys.argv, "env": {{k: os.environ.get(k) for k in {watch!r}}}}}) + "\\n")
 archs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--offload-arch=")]
-args = [a for a in sys.argv[1:] if not a.startswith("--offload-arch=")]
-real = "c++" if sys.argv[0].endswith(("++", "hipcc")) else "cc"
+# clang-only flags the host compiler underneath does not know
+args = [a for a in sys.argv[1:] if not a.startswith(("--offload-arch=", "--hip-path=", "--hip-device-lib-path="))]
+real = "c++" if sys.argv[0].endswith(("++", "hipcc")) and not any(a.endswith(".c") for a in args) else "cc"
 if archs and "-c" in args:
     # a fixed cost per device compile, for benchmarks/second_prefix.py
     time.sleep(float(os.environ.get("FAKE_COMPILE_SECONDS") or 0))
@@ -140,8 +141,11 @@ class CMakeBuild(build_ext):
         build.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get(ARCH_VAR, "") if ext.name in DEVICE else ""
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        # host code with CC; device code with the toolchain's clang, as hipcc and
+        # CMake's HIP language find it (HIP_CLANG_PATH)
+        cc = DEVICE_CC() if ext.name in DEVICE else os.environ["CC"]
         subprocess.check_call(["cmake", "-G", "Ninja", "-S", str(HERE), "-B", str(build),
-                               "-DCMAKE_C_COMPILER=" + os.environ["CC"], "-DARCHS=" + archs,
+                               "-DCMAKE_C_COMPILER=" + cc, "-DARCHS=" + archs,
                                "-DOUT_NAME=" + out.name[: -len(suffix)], "-DOUT_SUFFIX=" + suffix,
                                "-DOUT_DIR=" + str(out.parent)] + os.environ.get("CMAKE_ARGS", "").split())
         subprocess.check_call(["cmake", "--build", str(build), "-j", os.environ.get("MAX_JOBS", "1")])
@@ -179,6 +183,7 @@ def vllm_like_sdist(dest_dir: Path, version: str = "0.33.0") -> Path:
         "setup.py": SETUP_COMMON.format(watch=ARCH_VARS) + textwrap.dedent("""
             ARCH_VAR = "PYTORCH_ROCM_ARCH"
             DEVICE = {"vllm._C", "vllm._rocm_C"}
+            DEVICE_CC = lambda: os.path.join(os.environ["HIP_CLANG_PATH"], "clang")
             if os.environ.get("VLLM_TARGET_DEVICE") != "rocm":
                 sys.exit("fake vllm: VLLM_TARGET_DEVICE is not rocm")
             version = os.environ.get("SETUPTOOLS_SCM_PRETEND_VERSION")
@@ -238,6 +243,8 @@ def fa_like_repo(root: Path) -> tuple[Path, str, dict[str, str]]:
         "setup.py": SETUP_COMMON.format(watch=ARCH_VARS) + textwrap.dedent("""
             ARCH_VAR = "GPU_ARCHS"
             DEVICE = {"flash_attn_2_cuda"}
+            # torch's cpp_extension: ROCM_HOME (else ROCM_PATH) /bin/hipcc
+            DEVICE_CC = lambda: os.path.join(os.environ.get("ROCM_HOME") or os.environ["ROCM_PATH"], "bin", "hipcc")
             triton = os.environ.get("FLASH_ATTENTION_TRITON_AMD_ENABLE", "FALSE") == "TRUE"
             sub = "third_party/aiter" if triton else "csrc/composable_kernel"
             if (HERE / ".git").exists():  # like upstream: git submodule update --init <sub>

@@ -76,7 +76,9 @@ def test_vllm_build_gets_the_pins_and_carries_exactly_the_target(world):
     seen = json.loads((site(ctx) / "vllm" / "_build_env.json").read_text())
     assert seen["VLLM_TARGET_DEVICE"] == "rocm" and seen["SETUPTOOLS_SCM_PRETEND_VERSION"] == "0.33.0"
     assert seen["TRITON_KERNELS_SRC_DIR"].endswith("python/triton_kernels/triton_kernels")
-    assert seen["CC"] == str(world.rocm / "lib/llvm/bin/clang")
+    # host code from the system compiler, device code from the toolchain (buildenv)
+    assert seen["CC"] == shutil.which("cc") and seen["HIP_CLANG_PATH"] == str(world.rocm / "lib/llvm/bin")
+    assert ctx.facts["host_compiler"]["kind"] == "system" and ctx.facts["host_compiler"]["version"]
     assert (site(ctx) / "vllm/third_party/triton_kernels/matmul.py").is_file()
     # use_existing_torch --prefix ran, and the build requirements lost the stack and AMD's index
     assert (ctx.src_dir / "use_existing_torch.ran").is_file()
@@ -120,9 +122,11 @@ def test_flash_attention_ck_build_without_the_triton_switch(world, tmp_path):
     repo, sha, _ = fa_like_repo(tmp_path / "up" / "fa" / "flash-attention")
     ctx = world.ctx("flash-attention", "p1", Source(kind="git", url=str(repo), commit=sha))
     ctx.env["FLASH_ATTENTION_TRITON_AMD_ENABLE"] = "TRUE"  # as the seed Dockerfile had it
-    sources.fetch_git(ctx, submodules=["csrc/composable_kernel", "third_party/aiter"])
+    sources.fetch_git(ctx, submodules=["csrc/composable_kernel"])
     shutil.rmtree(tmp_path / "up" / "fa")  # setup.py's `git submodule update` must not need upstream
     builds.build_wheel(ctx, kind="flash-attention", backend="ck")
+    # the CK build needs no aiter: it was never fetched
+    assert not any((ctx.src_dir / "third_party/aiter").iterdir())
     builds.install_wheel(ctx)
     seen = json.loads((site(ctx) / "flash_attn" / "_build_env.json").read_text())
     assert seen["FLASH_ATTENTION_TRITON_AMD_ENABLE"] is None
@@ -192,3 +196,22 @@ def test_jobs_come_from_the_option_else_from_memory(tmp_path):
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
     ctx.jobs = 7  # --jobs 7
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
+
+
+def test_a_toolchain_without_hipcc_builds_flash_attention_through_the_replacement(world, tmp_path):
+    # a TheRock release after the hipcc shim is gone: amdclang++ is the documented replacement
+    (world.rocm / "bin" / "hipcc").unlink()
+    (world.rocm / "bin" / "amdclang++").symlink_to(world.rocm / "lib/llvm/bin/clang++")
+    repo, sha, _ = fa_like_repo(tmp_path / "up" / "fa" / "flash-attention")
+    ctx = world.ctx("flash-attention", "p1", Source(kind="git", url=str(repo), commit=sha))
+    sources.fetch_git(ctx, submodules=["csrc/composable_kernel"])
+    builds.build_wheel(ctx, kind="flash-attention", backend="ck")
+    device = [c for c in compiler_calls(world.rocm) if "--offload-arch=gfx1201" in c["argv"]]
+    assert device, "the CK sources reached the toolchain's compiler"
+    assert all(f"--hip-path={world.rocm}" in c["argv"] and
+               f"--hip-device-lib-path={world.rocm / 'lib/llvm/amdgcn/bitcode'}" in c["argv"] for c in device)
+    assert all(c["argv"][0].endswith("amdclang++") for c in device)
+    shim = Path(device[0]["env"]["ROCM_HOME"])
+    assert shim.is_relative_to(ctx.work_dir), "the replacement lives in the work dir"
+    assert (shim / "lib").resolve() == (world.rocm / "lib").resolve(), "everything else is the real tree"
+    assert not (world.rocm / "bin" / "hipcc").exists(), "the toolchain tree is never written to"

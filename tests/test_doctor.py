@@ -264,3 +264,22 @@ def test_format_checks_shows_fixes_only_for_problems():
 def test_real_identity_is_consistent():
     me = doctor.Identity.current()
     assert me.real and me.uid == os.geteuid() and os.getegid() in me.session_gids
+
+
+@pytest.mark.parametrize("banner, status", [
+    ("c++ (Ubuntu 11.4.0-1ubuntu1~22.04) 11.4.0", "pass"),
+    ("c++ (Ubuntu 9.4.0-1ubuntu1~20.04.2) 9.4.0", "fail"),   # vLLM's CMakeLists wants GCC >= 11.3
+])
+def test_host_compiler_and_its_version(tmp_path, banner, status):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("cc", "c++"):
+        (bindir / name).write_text(f"#!/bin/sh\necho '{banner}'\n")
+        (bindir / name).chmod(0o755)
+    check = doctor.check_host_compiler(str(bindir))
+    assert check.status == status and banner in check.detail
+    if status == "fail":
+        assert "11.3" in check.detail and "build.host_compiler=toolchain" in check.fix
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert doctor.check_host_compiler(str(empty)).status == "fail"

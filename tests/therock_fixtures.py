@@ -224,6 +224,11 @@ def toolchain_members(version: str, *, manifest: bool = True) -> list[tuple]:
         ("./bin/amd-smi", _SCRIPT.format(text="amd-smi fake").encode(), 0o755, reg, ""),
         ("./lib/llvm/bin/clang", _SCRIPT.format(text=f"AMD clang version 22.0.0 (ROCm {version})").encode(),
          0o755, reg, ""),
+        ("./lib/llvm/bin/clang++", _SCRIPT.format(text=f"AMD clang version 22.0.0 (ROCm {version})").encode(),
+         0o755, reg, ""),
+        # the deprecated pair the flash-attention build calls (TheRock hipcc_deprecation.md)
+        ("./bin/hipcc", _SCRIPT.format(text="hipcc shim").encode(), 0o755, reg, ""),
+        ("./bin/hipconfig", _SCRIPT.format(text=version).encode(), 0o755, reg, ""),
         ("./lib/llvm/bin/rocm.cfg", b"--rocm-path='<CFGDIR>/../../..'\n", 0o644, reg, ""),
         ("./lib/llvm/amdgcn/bitcode/ocml.bc", b"BC\xc0\xde" + b"\0" * 64, 0o644, reg, ""),
         ("./share/amd_smi/__init__.py", b"", 0o644, reg, ""),
@@ -262,8 +267,11 @@ def _evil_rows(kind: str) -> list[tuple]:
 
 def make_toolchain_tarball(path: Path, version: str, *, evil: str | None = None,
                            pad_bytes: int = 0, truncate: bool = False, manifest: bool = True,
-                           compresslevel: int = 1, seed: int = 0) -> Path:
+                           compresslevel: int = 1, seed: int = 0, drop: tuple[str, ...] = (),
+                           add: tuple[tuple, ...] = ()) -> Path:
     """Write a fake TheRock dist .tar.gz; `evil` adds one unsafe member (see EVIL).
+
+    `drop` leaves out members by name ("./bin/hipcc"); `add` appends member rows.
 
     pad_bytes adds lib/librocblas-pad.so of half random, half repetitive data
     (about 2:1 like real ROCm libraries), so tests can make big downloads.
@@ -271,7 +279,7 @@ def make_toolchain_tarball(path: Path, version: str, *, evil: str | None = None,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = toolchain_members(version, manifest=manifest)
+    rows = [r for r in toolchain_members(version, manifest=manifest) if r[0] not in drop] + list(add)
     if evil:
         rows += _evil_rows(evil)
     with tarfile.open(path, "w:gz", compresslevel=compresslevel, format=tarfile.PAX_FORMAT) as tf:
