@@ -92,6 +92,9 @@ def selection_options(fn):
         click.option("--skip", multiple=True, metavar="RECIPE", help="Do not run these recipes."),
         click.option("--without", multiple=True, metavar="RECIPE",
                      help="Leave out an optional component, e.g. --without flash-attention."),
+        click.option("--with", "with_", multiple=True, type=click.Choice(["ray"]), metavar="COMPONENT",
+                     help="Add an optional component: ray (vLLM across machines, see `cluster`); "
+                          "reruns keep it."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), envvar="RDNA4_JOBS", show_envvar=True,
                      default=None, help="Parallel compile jobs [default: from free memory and cores]."),
         click.option("--set", "sets", multiple=True, metavar="RECIPE.KEY=VALUE",
@@ -137,8 +140,8 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
               need_gpu: bool = True, detection: Any = None):
+    from . import multigpu, state
     from . import recipes as rcp
-    from . import state
     from .plan import Settings
 
     prefix = _path(opts.get("prefix") or _default_prefix())
@@ -154,9 +157,13 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         # a pin, not a skip: the activation script must also stop selecting a backend
         sets += ("flash-attention.backend=none",)
         without = tuple(w for w in without if w != "flash-attention")
+    if "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
+        sets += ("ray.enabled=true",)
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
+    # how many target GPUs and their P2P: detected now, else what the last install recorded
+    gpus = multigpu.facts(detection) if detection is not None else multigpu.recorded(receipt)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
@@ -164,8 +171,15 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
-                 else str(receipt.get("visible_devices", ""))},
+                 else str(receipt.get("visible_devices", "")), **gpus},
     )
+
+
+def _kept(receipt: dict[str, Any], pin: str, sets: tuple[str, ...]) -> bool:
+    """A `--with` choice the last install recorded as "true", unless --set names it now."""
+    table, _, key = pin.partition(".")
+    recorded = str(((receipt.get("pins") or {}).get(table) or {}).get(key, "")).lower() == "true"
+    return recorded and not any(s.startswith(pin + "=") for s in sets)
 
 
 def _preflight(settings, detection: Any, ui: UI, archs_given: bool, todo: list) -> None:
@@ -390,10 +404,14 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
 
     prefix = _path(prefix or _default_prefix())
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
-    from .plan import dependency_order
+    from . import state
+    from .plan import dependency_order, switched_off
 
-    names = dependency_order(rcp.load_recipes(folder))
-    rows = engine.status(prefix, names)
+    recipes = rcp.load_recipes(folder)
+    # an optional component this prefix never asked for is not "pending"
+    off = switched_off(recipes, rcp.load_pins(folder / rcp.PINS_FILE),
+                       (state.read_receipt(prefix) or {}).get("pins"))
+    rows = engine.status(prefix, [n for n in dependency_order(recipes) if n not in off])
     if as_json:
         click.echo(json.dumps({"prefix": str(prefix), "recipes": rows}, indent=2))
         return
