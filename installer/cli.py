@@ -392,6 +392,33 @@ def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float 
     click.echo(bn.format_comparison(result))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True}, epilog=(
+    "Examples:\n\n  rdna4-install cluster head --prefix ~/vllm\n\n"
+    "  rdna4-install cluster join 192.168.1.10:6379 --prefix ~/vllm\n\n"
+    "  rdna4-install cluster status --prefix ~/vllm"))
+@click.argument("verb", type=click.Choice(["head", "join", "status", "stop"]))
+@click.argument("address", required=False)
+@click.argument("ray_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--all", "stop_all", is_flag=True,
+              help="stop: also stop Ray nodes of other installs (`ray stop` stops them all).")
+@prefix_opt
+@pass_obj
+def cluster(obj: Obj, verb: str, address: str | None, ray_args: tuple[str, ...], stop_all: bool,
+            prefix: Path | None) -> None:
+    """Ray across machines: head | join ADDRESS | status | stop, run from the prefix's venv.
+
+    Thin wrappers over `ray start --head`, `ray start --address ADDRESS`, `ray status` and
+    `ray stop` with the activation's environment (install Ray with `--with ray`). Arguments
+    after the verb go to `ray` unchanged, e.g. `cluster head --port 6380 --num-cpus 8`.
+    """
+    from . import cluster as cl
+
+    if verb != "join" and address is not None:
+        ray_args, address = (address, *ray_args), None   # `head --port 6380`: not an ADDRESS
+    cl.run(_path(prefix or _default_prefix()), verb, address=address, ray_args=ray_args,
+           stop_all=stop_all, on_line=click.echo)
+
+
 @cli.command()
 @prefix_opt
 @recipes_opt

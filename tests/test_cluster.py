@@ -1,0 +1,189 @@
+"""`--with ray` and `rdna4-install cluster`: Ray from the real PyPI in a prefix built from the
+local stand-ins (tests/e2e_fixtures.py), a real head node started, queried, used and stopped.
+
+Only Ray processes this test started are ever stopped: `cluster stop` refuses while a Ray
+node from elsewhere runs, and the cleanup kills only processes naming this test's temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e_fixtures import REPO, build_world
+
+from installer import cluster, state
+from installer.errors import InstallerError, UsageError
+
+
+# --- no network: the guards ------------------------------------------------------------------
+
+def _fake_proc(root: Path, pid: int, comm: str, exe: str) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "comm").write_text(comm + "\n")
+    os.symlink(exe, d / "exe")
+
+
+def test_stop_guard_finds_ray_nodes_of_other_installs_only(tmp_path):
+    venv = tmp_path / "prefix" / "venv"
+    ours = venv / "lib/python3.12/site-packages/ray/core/src/ray/raylet/raylet"
+    procs = tmp_path / "proc"
+    _fake_proc(procs, 101, "raylet", str(ours))
+    _fake_proc(procs, 102, "gcs_server", "/opt/other/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server")
+    _fake_proc(procs, 103, "python3", "/usr/bin/python3")
+    (procs / "self").mkdir()
+    assert cluster.foreign_nodes(venv, procs) == [
+        (102, "/opt/other/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server")]
+
+
+def test_verbs_need_ray_and_join_needs_an_address(tmp_path):
+    with pytest.raises(InstallerError, match="Ray is not installed") as exc:
+        cluster.argv(tmp_path, "status")
+    assert exc.value.hint == f"rdna4-install run ray activate --with ray --prefix '{tmp_path}'"
+    ray = tmp_path / "venv" / "bin" / "ray"
+    ray.parent.mkdir(parents=True)
+    ray.write_text("")
+    with pytest.raises(UsageError, match="join needs the head's ADDRESS"):
+        cluster.argv(tmp_path, "join")
+    assert cluster.argv(tmp_path, "join", "10.0.0.1:6379", ["--num-cpus", "1"]) == [
+        str(ray), "start", "--address", "10.0.0.1:6379", "--num-cpus", "1"]
+    assert cluster.argv(tmp_path, "head", None, ["--port", "6380"])[1:] == ["start", "--head", "--port", "6380"]
+
+
+# --- real Ray from PyPI -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with build_world(tmp_path_factory.mktemp("world")) as w:
+        yield w
+
+
+def _cli(world, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = world.env(home)
+    env.update(PYTHONPATH=str(REPO), RDNA4_NO_CHECKS="1")
+    return subprocess.run([sys.executable, "-m", "installer", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=home)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_ours(marker: str) -> list[int]:
+    """SIGKILL the processes whose command line names `marker` (this test's temp dir)."""
+    killed = []
+    for pid in (p for p in Path("/proc").iterdir() if p.name.isdigit()):
+        try:
+            if marker in (pid / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(pid.name), signal.SIGKILL)
+                killed.append(int(pid.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+WORKER = """
+import json, os, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+@ray.remote(num_cpus=1)
+def env():
+    return {k: os.environ.get(k) for k in ("VLLM_ROCM_USE_AITER", "RAY_USAGE_STATS_ENABLED",
+            "RDNA4_PREFIX", "ROCM_PATH", "PYTORCH_ROCM_ARCH", "VIRTUAL_ENV", "HSA_OVERRIDE_GFX_VERSION")}
+print("RESULT " + json.dumps(ray.get(env.remote(), timeout=45)))
+"""
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tmp_path, tmp_path_factory):
+    home = tmp_path / "home"      # conftest's clean_env made it
+    prefix = tmp_path / "p"
+    base = _cli(world, home, "install", "--prefix", prefix, "--gpu-arch", "gfx1201",
+                "--only", "therock", "--only", "torch", "--only", "activate")
+    assert base.returncode == 0, base.stderr[-3000:]
+
+    # without Ray the cluster commands say how to add it, and that command works
+    missing = _cli(world, home, "cluster", "status", "--prefix", prefix)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    hint = next(ln for ln in missing.stderr.splitlines() if ln.startswith("hint: "))[len("hint: "):]
+    words = shlex.split(hint)
+    assert words[0] == "rdna4-install"
+    added = _cli(world, home, *words[1:])
+    assert added.returncode == 0, added.stderr[-3000:]
+
+    receipt = state.read_receipt(prefix)
+    assert receipt["pins"]["ray"] == {"enabled": "true", "version": "2.56.1",
+                                      "index_url": "https://pypi.org/simple"}
+    assert receipt["components"]["ray"]["status"] == "done"
+    assert receipt["components"]["ray"]["version"] == "2.56.1"
+    text = (prefix / "activate").read_text()
+    assert "export RAY_USAGE_STATS_ENABLED=0\n" in text and "unset CUDA_VISIBLE_DEVICES\n" in text
+    # a rerun without --with keeps Ray (and so the activation's Ray variables)
+    plan = _cli(world, home, "plan", "--prefix", prefix, "--json")
+    steps = {s["recipe"]: s for s in json.loads(plan.stdout)["steps"]}
+    assert steps["ray"]["reason"] == "up to date" and steps["activate"]["reason"] == "up to date"
+
+    # Ray's socket paths under --temp-dir must stay below 108 bytes: a short pytest dir
+    port, temp = _free_port(), tmp_path_factory.mktemp("r")
+    if cluster.foreign_nodes(prefix / "venv"):
+        pytest.skip("a Ray node of another install runs on this machine; this test never stops it")
+    try:
+        head = _cli(world, home, "cluster", "head", "--prefix", prefix, "--port", port, "--num-cpus", "1",
+                    "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp, timeout=300)
+        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+        assert "Ray runtime started" in head.stdout
+        assert (prefix / ".rdna4" / "logs" / "cluster.log").read_text().count("ray start --head") == 1
+
+        # the autoscaler reports a few seconds after the head is up ("No cluster status" before)
+        deadline = time.monotonic() + 90
+        while True:
+            status = _cli(world, home, "cluster", "status", "--prefix", prefix, "--address",
+                          f"127.0.0.1:{port}", timeout=120)
+            assert status.returncode == 0, status.stderr[-3000:]
+            if "No cluster status" not in status.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert "Active:" in status.stdout and "0.0/1.0 CPU" in status.stdout, status.stdout
+
+        # the driver runs with a bare environment: what the task reports came from the head.
+        # Ray would rebuild a driver started under `uv run` (tests/run.sh) for its workers
+        # with `uv run` (ray _private/worker.py): this driver is not one of those.
+        driver = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c", WORKER, f"127.0.0.1:{port}"],
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(home), "HSA_OVERRIDE_GFX_VERSION": "11.0.0",
+                                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+                                capture_output=True, text=True, timeout=300, cwd=home)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        seen = json.loads(next(ln for ln in driver.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        assert seen == {"VLLM_ROCM_USE_AITER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RDNA4_PREFIX": str(prefix), "ROCM_PATH": str(prefix / "rocm"),
+                        "PYTORCH_ROCM_ARCH": "gfx1201", "VIRTUAL_ENV": str(prefix / "venv"),
+                        "HSA_OVERRIDE_GFX_VERSION": None}
+    finally:
+        stop = _cli(world, home, "cluster", "stop", "--prefix", prefix, timeout=300)
+        deadline = time.monotonic() + 30
+        while _still_running(str(temp)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftover = _kill_ours(str(temp))
+    assert stop.returncode == 0, stop.stdout[-3000:] + stop.stderr[-3000:]
+    assert not leftover, f"cluster stop left {leftover} running"
+
+
+def _still_running(marker: str) -> bool:
+    for pid in (p for p in Path("/proc").iterdir() if p.name.isdigit()):
+        try:
+            if marker in (pid / "cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
