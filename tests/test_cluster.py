@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,7 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
     port, temp = _free_port(), tmp_path_factory.mktemp("r")
     if cluster.foreign_nodes(prefix / "venv"):
         pytest.skip("a Ray node of another install runs on this machine; this test never stops it")
+    foreign = None
     try:
         head = _cli(world, home, "cluster", "head", "--prefix", prefix, "--port", port, "--num-cpus", "1",
                     "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp, timeout=300)
@@ -169,7 +171,25 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
                         "RDNA4_PREFIX": str(prefix), "ROCM_PATH": str(prefix / "rocm"),
                         "PYTORCH_ROCM_ARCH": "gfx1201", "VIRTUAL_ENV": str(prefix / "venv"),
                         "HSA_OVERRIDE_GFX_VERSION": None}
+
+        # another install's Ray node (a `raylet` from elsewhere): stop refuses, its hint
+        # (--all, which is `ray stop` as is) stops both
+        other = tmp_path / "other" / "raylet"
+        other.parent.mkdir()
+        shutil.copy2(shutil.which("sleep"), other)
+        foreign = subprocess.Popen([str(other), "300"])
+        while (Path("/proc") / str(foreign.pid) / "comm").read_text().strip() != "raylet":
+            time.sleep(0.05)
+        refused = _cli(world, home, "cluster", "stop", "--prefix", prefix)
+        assert refused.returncode == 1 and f"(pid {foreign.pid}: {other})" in refused.stderr
+        hint = next(ln for ln in refused.stderr.splitlines() if ln.startswith("hint: "))[len("hint: "):]
+        stopped_all = _cli(world, home, *shlex.split(hint)[1:], timeout=300)
+        assert stopped_all.returncode == 0, stopped_all.stderr[-3000:]
+        assert foreign.wait(timeout=60) is not None
     finally:
+        if foreign is not None and foreign.poll() is None:
+            foreign.kill()
+            foreign.wait()
         stop = _cli(world, home, "cluster", "stop", "--prefix", prefix, timeout=300)
         deadline = time.monotonic() + 30
         while _still_running(str(temp)) and time.monotonic() < deadline:
