@@ -161,9 +161,15 @@ def _ray_enabled(receipt: Mapping[str, Any]) -> bool:
     return str(((receipt.get("pins") or {}).get("ray") or {}).get("enabled", "")).lower() == "true"
 
 
-def environment(act: Activation) -> dict[str, str]:
-    """What sourcing the activation gives a child process, built without a shell."""
+def environment(act: Activation, *, inherit: bool = False) -> dict[str, str]:
+    """What sourcing the activation gives a child process, built without a shell.
+
+    By default on top of proc's allow-listed variables only (verify, bench); with
+    `inherit` on top of the whole caller's environment, as an activated shell has it
+    (`cluster`: Ray's workers need the user's NCCL_SOCKET_IFNAME, HF_HOME, ...).
+    """
     env = proc.base_env({s.name: s.value for s in act.settings if s.value is not None},
+                        allow=tuple(os.environ) if inherit else proc.ENV_ALLOW,
                         drop=[s.name for s in act.settings if s.value is None])
     env["VIRTUAL_ENV"] = str(act.venv)
     env["PATH"] = ":".join([str(act.venv / "bin"), *map(str, act.path_dirs), env.get("PATH", "")])

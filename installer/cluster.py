@@ -37,11 +37,15 @@ def ray_executable(prefix: Path) -> Path:
 
 
 def environment(prefix: Path) -> dict[str, str]:
-    """What sourcing PREFIX/activate gives, with the GPU visibility the install recorded."""
+    """This shell after sourcing PREFIX/activate, with the GPU visibility the install recorded.
+
+    The caller's whole environment stays: what Ray's workers need from the user
+    (NCCL_SOCKET_IFNAME, VLLM_HOST_IP, HF_HOME, HF_TOKEN) reaches them only this way.
+    """
     receipt = state.read_receipt(prefix) or {}
     act = activate.from_receipt(prefix, visible_devices=str(receipt.get("visible_devices", "")),
                                 receipt=receipt)
-    return activate.environment(act)
+    return activate.environment(act, inherit=True)
 
 
 def foreign_nodes(venv: Path, proc_root: Path = Path("/proc")) -> list[tuple[int, str]]:

@@ -68,9 +68,9 @@ def world(tmp_path_factory):
         yield w
 
 
-def _cli(world, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _cli(world, home: Path, *args: str, timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
     env = world.env(home)
-    env.update(PYTHONPATH=str(REPO), RDNA4_NO_CHECKS="1")
+    env.update(PYTHONPATH=str(REPO), RDNA4_NO_CHECKS="1", **extra)
     return subprocess.run([sys.executable, "-m", "installer", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=home)
 
@@ -100,7 +100,8 @@ ray.init(address=sys.argv[1], logging_level="ERROR")
 @ray.remote(num_cpus=1)
 def env():
     return {k: os.environ.get(k) for k in ("VLLM_ROCM_USE_AITER", "RAY_USAGE_STATS_ENABLED",
-            "RDNA4_PREFIX", "ROCM_PATH", "PYTORCH_ROCM_ARCH", "VIRTUAL_ENV", "HSA_OVERRIDE_GFX_VERSION")}
+            "RDNA4_PREFIX", "ROCM_PATH", "PYTORCH_ROCM_ARCH", "VIRTUAL_ENV", "HSA_OVERRIDE_GFX_VERSION",
+            "NCCL_SOCKET_IFNAME")}
 print("RESULT " + json.dumps(ray.get(env.remote(), timeout=45)))
 """
 
@@ -141,8 +142,11 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
         pytest.skip("a Ray node of another install runs on this machine; this test never stops it")
     foreign = None
     try:
+        # the user's own settings for the link between nodes reach Ray too, and a stray
+        # override from the caller's shell does not
         head = _cli(world, home, "cluster", "head", "--prefix", prefix, "--port", port, "--num-cpus", "1",
-                    "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp, timeout=300)
+                    "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp, timeout=300,
+                    NCCL_SOCKET_IFNAME="lo", HSA_OVERRIDE_GFX_VERSION="11.0.0")
         assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
         assert "Ray runtime started" in head.stdout
         assert (prefix / ".rdna4" / "logs" / "cluster.log").read_text().count("ray start --head") == 1
@@ -162,15 +166,14 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
         # Ray would rebuild a driver started under `uv run` (tests/run.sh) for its workers
         # with `uv run` (ray _private/worker.py): this driver is not one of those.
         driver = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c", WORKER, f"127.0.0.1:{port}"],
-                                env={"PATH": "/usr/bin:/bin", "HOME": str(home), "HSA_OVERRIDE_GFX_VERSION": "11.0.0",
-                                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(home), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
                                 capture_output=True, text=True, timeout=300, cwd=home)
         assert driver.returncode == 0, driver.stderr[-3000:]
         seen = json.loads(next(ln for ln in driver.stdout.splitlines() if ln.startswith("RESULT "))[7:])
         assert seen == {"VLLM_ROCM_USE_AITER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                         "RDNA4_PREFIX": str(prefix), "ROCM_PATH": str(prefix / "rocm"),
                         "PYTORCH_ROCM_ARCH": "gfx1201", "VIRTUAL_ENV": str(prefix / "venv"),
-                        "HSA_OVERRIDE_GFX_VERSION": None}
+                        "HSA_OVERRIDE_GFX_VERSION": None, "NCCL_SOCKET_IFNAME": "lo"}
 
         # another install's Ray node (a `raylet` from elsewhere): stop refuses, its hint
         # (--all, which is `ray stop` as is) stops both
