@@ -126,12 +126,16 @@ def torch_version(expect):
     return True, f"torch {torch.__version__}, HIP {hip} (pins: torch {expect['torch']}, ROCm {rocm})"
 
 
-def torch_gpu_arch(expect):
-    torch = _torch()
+def _gpu_archs(torch):
+    """The gfx target of each GPU torch sees, in torch's device order."""
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise Skip("no GPU visible to torch on this host")
-    seen = [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
+    return [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
             for i in range(torch.cuda.device_count())]
+
+
+def torch_gpu_arch(expect):
+    seen = _gpu_archs(_torch())
     ok = any(a in expect["archs"] for a in seen)
     return ok, f"GPUs: {', '.join(seen)}; target {','.join(expect['archs'])}"
 
@@ -180,11 +184,7 @@ TP2_TIMEOUT = 180.0   # RCCL's first init on two cards takes tens of seconds; a 
 
 
 def tp2_allreduce(expect):
-    torch = _torch()
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        raise Skip("no GPU visible to torch on this host")
-    seen = [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
-            for i in range(torch.cuda.device_count())]
+    seen = _gpu_archs(_torch())
     targets = [i for i, arch in enumerate(seen) if arch in expect["archs"]]
     if len(targets) < 2:
         raise Skip(f"needs 2 target GPUs, {len(targets)} visible ({', '.join(seen)}): "
