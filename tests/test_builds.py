@@ -192,3 +192,14 @@ def test_jobs_come_from_the_option_else_from_memory(tmp_path):
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
     ctx.jobs = 7  # --jobs 7
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
+
+
+def test_pip_install_refuses_a_plain_http_index_before_running_anything(tmp_path):
+    from installer.actions import StepContext
+    from installer.errors import UsageError
+
+    ctx = StepContext(name="ray", prefix=tmp_path / "p", cache_dir=tmp_path, work_dir=tmp_path,
+                      log=tmp_path / "log", env={}, vars={}, archs=("gfx1201",), jobs=1)
+    with pytest.raises(UsageError, match="ray.index_url must be an https URL"):
+        builds.pip_install_step(ctx, "ray==2.56.1", index_url="http://mirror.example/simple")
+    assert not (tmp_path / "log").exists()

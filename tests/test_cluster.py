@@ -60,6 +60,32 @@ def test_verbs_need_ray_and_join_needs_an_address(tmp_path):
     assert cluster.argv(tmp_path, "head", None, ["--port", "6380"])[1:] == ["start", "--head", "--port", "6380"]
 
 
+def test_a_verb_other_than_join_takes_no_address(tmp_path):
+    ray = tmp_path / "venv" / "bin" / "ray"
+    ray.parent.mkdir(parents=True)
+    ray.write_text("")
+    with pytest.raises(UsageError, match="status takes no ADDRESS"):
+        cluster.argv(tmp_path, "status", "10.0.0.1:6379")
+
+
+def _ray_step(runner, prefix: Path, *extra: str) -> dict:
+    from installer.cli import cli
+
+    result = runner.invoke(cli, ["plan", "--json", "--prefix", str(prefix), "--gpu-arch", "gfx1201", *extra])
+    assert result.exit_code == 0, result.output
+    return {s["recipe"]: s for s in json.loads(result.output)["steps"]}["ray"]
+
+
+def test_with_ray_is_kept_by_reruns_until_set_off(tmp_path, runner):
+    prefix = tmp_path / "p"
+    assert _ray_step(runner, prefix)["reason"].startswith("not needed: ray.enabled is false")
+    assert _ray_step(runner, prefix, "--with", "ray")["action"] == "run"
+    # what the last install recorded keeps Ray in a plain rerun
+    state.write_json_atomic(prefix / state.RECEIPT, {"archs": ["gfx1201"], "pins": {"ray": {"enabled": "true"}}})
+    assert _ray_step(runner, prefix)["action"] == "run"
+    assert _ray_step(runner, prefix, "--set", "ray.enabled=false")["action"] == "skip"
+
+
 # --- real Ray from PyPI -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

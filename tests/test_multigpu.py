@@ -10,6 +10,7 @@ from detect_fixtures import R9700_UUIDS, dual_r9700_host, f1_host, gpuless_host
 
 from installer import activate, detect, multigpu
 from installer.actions import StepContext
+from installer.errors import InstallerError
 
 
 def _facts(root: Path) -> tuple[detect.Detection, dict[str, str]]:
@@ -100,3 +101,12 @@ def test_facts_survive_the_receipt_for_reruns_without_detection(tmp_path):
     assert multigpu.recorded(receipt) == facts
     again = activate.from_receipt(prefix, visible_devices=found.visible_devices, receipt=receipt)
     assert {s.name: s.value for s in again.settings}["NCCL_P2P_DISABLE"] == "1"
+
+
+def test_a_gpu_count_that_is_not_a_number_is_refused(tmp_path):
+    ctx = StepContext(name="activate", prefix=tmp_path, cache_dir=tmp_path, work_dir=tmp_path,
+                      log=tmp_path / "log", env={}, vars={}, archs=("gfx1201",), jobs=1,
+                      options={"gpu_count": "two"})
+    with pytest.raises(InstallerError, match="gpu_count must be a whole number"):
+        activate.write_step(ctx)
+    assert not (tmp_path / "activate").exists()
