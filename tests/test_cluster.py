@@ -122,13 +122,17 @@ def _kill_ours(marker: str) -> list[int]:
 
 WORKER = """
 import json, os, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init(address=sys.argv[1], logging_level="ERROR")
 @ray.remote(num_cpus=1)
 def env():
     return {k: os.environ.get(k) for k in ("VLLM_ROCM_USE_AITER", "RAY_USAGE_STATS_ENABLED",
             "RDNA4_PREFIX", "ROCM_PATH", "PYTORCH_ROCM_ARCH", "VIRTUAL_ENV", "HSA_OVERRIDE_GFX_VERSION",
             "NCCL_SOCKET_IFNAME")}
-print("RESULT " + json.dumps(ray.get(env.remote(), timeout=45)))
+# one task pinned to each node: the head's workers and the joined node's
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+refs = [env.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+print("RESULT " + json.dumps(ray.get(refs, timeout=45)))
 """
 
 
@@ -177,16 +181,23 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
         assert "Ray runtime started" in head.stdout
         assert (prefix / ".rdna4" / "logs" / "cluster.log").read_text().count("ray start --head") == 1
 
-        # the autoscaler reports a few seconds after the head is up ("No cluster status" before)
+        # a second node joins (on the same machine here, as Ray allows)
+        join = _cli(world, home, "cluster", "join", f"127.0.0.1:{port}", "--prefix", prefix, "--num-cpus", "1",
+                    "--num-gpus", "0", "--temp-dir", temp, timeout=300,
+                    NCCL_SOCKET_IFNAME="lo", HSA_OVERRIDE_GFX_VERSION="11.0.0")
+        assert join.returncode == 0, join.stdout[-3000:] + join.stderr[-3000:]
+
+        # the autoscaler reports a few seconds after the nodes are up ("No cluster status" before)
         deadline = time.monotonic() + 90
         while True:
             status = _cli(world, home, "cluster", "status", "--prefix", prefix, "--address",
                           f"127.0.0.1:{port}", timeout=120)
             assert status.returncode == 0, status.stderr[-3000:]
-            if "No cluster status" not in status.stdout or time.monotonic() > deadline:
+            if "0.0/2.0 CPU" in status.stdout or time.monotonic() > deadline:
                 break
             time.sleep(2)
-        assert "Active:" in status.stdout and "0.0/1.0 CPU" in status.stdout, status.stdout
+        active = status.stdout.split("Active:")[1].split("Pending:")[0]
+        assert active.count(" node_") == 2 and "0.0/2.0 CPU" in status.stdout, status.stdout
 
         # the driver runs with a bare environment: what the task reports came from the head.
         # Ray would rebuild a driver started under `uv run` (tests/run.sh) for its workers
@@ -196,7 +207,8 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
                                 capture_output=True, text=True, timeout=300, cwd=home)
         assert driver.returncode == 0, driver.stderr[-3000:]
         seen = json.loads(next(ln for ln in driver.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-        assert seen == {"VLLM_ROCM_USE_AITER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+        assert len(seen) == 2
+        assert seen[0] == seen[1] == {"VLLM_ROCM_USE_AITER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                         "RDNA4_PREFIX": str(prefix), "ROCM_PATH": str(prefix / "rocm"),
                         "PYTORCH_ROCM_ARCH": "gfx1201", "VIRTUAL_ENV": str(prefix / "venv"),
                         "HSA_OVERRIDE_GFX_VERSION": None, "NCCL_SOCKET_IFNAME": "lo"}
