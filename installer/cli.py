@@ -240,7 +240,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install install --prefix ~/rdna4\n\n"
+              "  rdna4-install install --prefix ~/rdna4 --with ray\n\n"
+              "  rdna4-install install --prefix ~/rdna4 --gpu-arch gfx1201 --dry-run")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
@@ -267,7 +269,8 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
         obj.ui.success(f"installed into {settings.prefix}; activate with: . '{settings.prefix}/activate'")
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install plan --prefix ~/rdna4 -v\n\n"
+              "  rdna4-install plan --prefix ~/rdna4 --with ray --json")
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("-v", "--verbose", count=True, help="Also show every resolved source, pin and patch.")
@@ -283,7 +286,8 @@ def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
         _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install run vllm --prefix ~/rdna4 --force\n\n"
+              "  rdna4-install run ray activate --with ray --prefix ~/rdna4")
 @click.argument("recipes", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
 @selection_options
