@@ -12,6 +12,10 @@ option, which wins over a pin):
                            (detect.Detection.visible_devices); "" = all GPUs
   flash_attention_backend  "ck" | "triton" | "none"; default: the pin
                            flash-attention.backend
+  gpu_count, peer_access   target GPUs and their P2P (multigpu.facts); with two or
+                           more, the RCCL settings of multigpu.settings
+  ray                      "true" when Ray is installed (`--with ray`): what vLLM's
+                           Ray executor needs on ROCm
 plus ctx.prefix, ctx.vars["venv"] / ctx.vars["rocm"] and ctx.archs.
 """
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import proc, state
+from . import multigpu, proc, state
 from .errors import InstallerError
 
 SH_FILE = "activate"
@@ -61,7 +65,8 @@ class Activation:
 
 def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
          rocm: Path | None = None, visible_devices: str = "",
-         flash_attention_backend: str = "none") -> Activation:
+         flash_attention_backend: str = "none", gpu_count: int = 0, peer_access: str = "",
+         ray: bool = False) -> Activation:
     """What the activation files set, each with the reason written beside it."""
     venv = venv or prefix / "venv"
     rocm = rocm or prefix / "rocm"
@@ -88,10 +93,12 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
         s.append(Setting("ROCR_VISIBLE_DEVICES", visible_devices,
                          "shows only the target GPUs (found by detection); an iGPU or another "
                          "card would get work it has no code objects for"))
+    s += multigpu.settings(gpu_count, peer_access, ray)
     s += [
         Setting("VLLM_ROCM_USE_AITER", "0",
                 "AITER is built for CDNA (gfx942/gfx950) only in this stack; off is vLLM's "
-                "default (vllm/envs.py:1267), kept off if the caller's shell turned it on"),
+                "default (vllm/envs.py:1267); an image that turned it on broke R9700 multi-node "
+                "Ray serving (ROCm/ROCm#5656, #5567), and Ray workers inherit it from here"),
         Setting("HSA_NO_SCRATCH_RECLAIM", "1",
                 "upstream's validated ROCm env sets it for RCCL (vLLM 0.33 "
                 "docker/Dockerfile.rocm_base:56-57)"),
@@ -135,13 +142,34 @@ def from_receipt(prefix: Path, *, archs: tuple[str, ...] | None = None,
                              hint="pass --gpu-arch gfx1201 (or gfx1200)")
     fa_done = ((receipt.get("components") or {}).get("flash-attention") or {}).get("status") == "done"
     backend = ((receipt.get("pins") or {}).get("flash-attention") or {}).get("backend", "none")
+    gpus = multigpu.recorded(receipt)
     return plan(prefix, archs=archs, visible_devices=visible_devices,
-                flash_attention_backend=str(backend) if fa_done else "none")
+                flash_attention_backend=str(backend) if fa_done else "none",
+                gpu_count=_count(gpus.get("gpu_count")), peer_access=gpus.get("peer_access", ""),
+                ray=_ray_enabled(receipt))
 
 
-def environment(act: Activation) -> dict[str, str]:
-    """What sourcing the activation gives a child process, built without a shell."""
+def _count(value: Any) -> int:
+    try:
+        return max(int(str(value or "0")), 0)
+    except ValueError:
+        raise InstallerError(f"gpu_count must be a whole number, not {value!r}") from None
+
+
+def _ray_enabled(receipt: Mapping[str, Any]) -> bool:
+    # the pin the activation files were written with (`--with ray`)
+    return str(((receipt.get("pins") or {}).get("ray") or {}).get("enabled", "")).lower() == "true"
+
+
+def environment(act: Activation, *, inherit: bool = False) -> dict[str, str]:
+    """What sourcing the activation gives a child process, built without a shell.
+
+    By default on top of proc's allow-listed variables only (verify, bench); with
+    `inherit` on top of the whole caller's environment, as an activated shell has it
+    (`cluster`: Ray's workers need the user's NCCL_SOCKET_IFNAME, HF_HOME, ...).
+    """
     env = proc.base_env({s.name: s.value for s in act.settings if s.value is not None},
+                        allow=tuple(os.environ) if inherit else proc.ENV_ALLOW,
                         drop=[s.name for s in act.settings if s.value is None])
     env["VIRTUAL_ENV"] = str(act.venv)
     env["PATH"] = ":".join([str(act.venv / "bin"), *map(str, act.path_dirs), env.get("PATH", "")])
@@ -338,12 +366,15 @@ def _pick(key: str, kw: Mapping[str, Any], options: Mapping[str, Any], fallback:
 
 def write_step(ctx: Any, **kw: Any) -> None:
     """Action `write-activation`: write PREFIX/activate and PREFIX/activate.fish."""
-    unknown = set(kw) - {"visible_devices", "flash_attention_backend"}
+    known = {"visible_devices", "flash_attention_backend", "gpu_count", "peer_access", "ray"}
+    unknown = set(kw) - known
     if unknown:
         raise InstallerError(f"write-activation: unknown argument {sorted(unknown)[0]!r}",
-                             hint="known: visible_devices, flash_attention_backend")
+                             hint=f"known: {', '.join(sorted(known))}")
     options = ctx.options or {}
     vars_ = ctx.vars or {}
+    gpus = {"gpu_count": str(_count(_pick("gpu_count", kw, options, 0))),
+            "peer_access": str(_pick("peer_access", kw, options, ""))}
     act = plan(
         Path(ctx.prefix), archs=tuple(ctx.archs),
         venv=Path(vars_["venv"]) if vars_.get("venv") else None,
@@ -351,9 +382,13 @@ def write_step(ctx: Any, **kw: Any) -> None:
         visible_devices=str(_pick("visible_devices", kw, options, "")),
         flash_attention_backend=str(_pick("flash_attention_backend", kw, options,
                                           vars_.get("flash-attention.backend", "none"))),
+        gpu_count=int(gpus["gpu_count"]), peer_access=gpus["peer_access"],
+        ray=str(_pick("ray", kw, options, vars_.get("ray.enabled", "false"))).lower() == "true",
     )
     paths = write(act)
     ctx.facts["activate"] = {"files": [str(p) for p in paths],
-                             "settings": {s.name: s.value for s in act.settings}}
+                             "settings": {s.name: s.value for s in act.settings},
+                             # what multigpu.recorded gives back to reruns without detection
+                             "multigpu": gpus}
     if getattr(ctx, "ui", None) is not None:
         ctx.ui.detail(f"wrote {paths[0]} and {paths[1].name}")

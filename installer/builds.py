@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 
 from . import buildenv, codeobjects, proc, wheelcache
 from .errors import InstallerError, RecipeError
-from .pyenv import guarded_install, site_packages
+from .pyenv import check_index_url, guarded_install, site_packages
 
 NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
 KINDS = ("vllm", "flash-attention")
@@ -295,15 +295,17 @@ def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dic
     return results
 
 
-def pip_install_step(ctx, packages: str | Sequence[str]) -> None:
-    """Action "pip-install": exact build requirements into the venv, under the torch-stack guard.
+def pip_install_step(ctx, packages: str | Sequence[str], index_url: str = "") -> None:
+    """Action "pip-install": exact requirements into the venv, under the torch-stack guard.
 
     `uv venv` makes a venv without setuptools or pip, and --no-build-isolation
     builds use the venv as their build environment, so the build tools must be
-    installed first, pinned like everything else.
+    installed first, pinned like everything else. `index_url` names the index
+    (a pin, so a mirror can replace it); without it uv's default (PyPI) answers.
     """
     items = packages.split() if isinstance(packages, str) else list(packages)
     loose = [p for p in items if "==" not in p]
     if loose:
         raise RecipeError(f"{ctx.name}: pip-install wants exact pins (name==version), not {loose[0]!r}")
-    guarded_install(ctx, items)
+    index = ["--default-index", check_index_url(index_url, f"{ctx.name}.index_url")] if index_url else []
+    guarded_install(ctx, index + items)

@@ -145,6 +145,9 @@ def selection_options(fn):
         click.option("--skip", multiple=True, metavar="RECIPE", help="Do not run these recipes."),
         click.option("--without", multiple=True, metavar="RECIPE",
                      help="Leave out an optional component, e.g. --without flash-attention."),
+        click.option("--with", "with_", multiple=True, type=click.Choice(["ray"]), metavar="COMPONENT",
+                     help="Add an optional component: ray (vLLM across machines, see `cluster`); "
+                          "reruns keep it."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), envvar="RDNA4_JOBS", show_envvar=True,
                      default=None, help="Parallel compile jobs [default: from free memory and cores]."),
         click.option("--set", "sets", multiple=True, metavar="RECIPE.KEY=VALUE",
@@ -189,8 +192,8 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
               need_gpu: bool = True, detection: Any = None):
+    from . import multigpu, state
     from . import recipes as rcp
-    from . import state
     from .plan import Settings
 
     prefix = _path(opts.get("prefix") or _default_prefix())
@@ -206,9 +209,13 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         # a pin, not a skip: the activation script must also stop selecting a backend
         sets += ("flash-attention.backend=none",)
         without = tuple(w for w in without if w != "flash-attention")
+    if "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
+        sets += ("ray.enabled=true",)
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
+    # how many target GPUs and their P2P: detected now, else what the last install recorded
+    gpus = multigpu.facts(detection) if detection is not None else multigpu.recorded(receipt)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
@@ -216,8 +223,15 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         targets=targets, force=force, offline=bool(opts.get("offline")),
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
-                 else str(receipt.get("visible_devices", ""))},
+                 else str(receipt.get("visible_devices", "")), **gpus},
     )
+
+
+def _kept(receipt: dict[str, Any], pin: str, sets: tuple[str, ...]) -> bool:
+    """A `--with` choice the last install recorded as "true", unless --set names it now."""
+    table, _, key = pin.partition(".")
+    recorded = str(((receipt.get("pins") or {}).get(table) or {}).get(key, "")).lower() == "true"
+    return recorded and not any(s.startswith(pin + "=") for s in sets)
 
 
 def _preflight(settings, detection: Any, ui: UI, archs_given: bool, todo: list) -> None:
@@ -293,7 +307,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 @cli.command(epilog=examples("rdna4-install install --prefix ~/rdna4",
                              "rdna4-install install --prefix ~/rdna4 --gpu-arch gfx1201 --dry-run",
-                             "rdna4-install install --prefix ~/rdna4 --without flash-attention"))
+                             "rdna4-install install --prefix ~/rdna4 --with ray"))
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
@@ -522,6 +536,33 @@ def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float 
     click.echo(bn.format_comparison(*runs))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True}, epilog=examples(
+    "rdna4-install cluster head --prefix ~/rdna4",
+    "rdna4-install cluster join 192.168.1.10:6379 --prefix ~/rdna4",
+    "rdna4-install cluster status --prefix ~/rdna4"))
+@click.argument("verb", type=click.Choice(["head", "join", "status", "stop"]))
+@click.argument("address", required=False)
+@click.argument("ray_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--all", "stop_all", is_flag=True,
+              help="stop: also stop Ray nodes of other installs (`ray stop` stops them all).")
+@prefix_opt
+@pass_obj
+def cluster(obj: Obj, verb: str, address: str | None, ray_args: tuple[str, ...], stop_all: bool,
+            prefix: Path | None) -> None:
+    """Ray across machines: head | join ADDRESS | status | stop, run from the prefix's venv.
+
+    Thin wrappers over `ray start --head`, `ray start --address ADDRESS`, `ray status` and
+    `ray stop` with the activation's environment (install Ray with `--with ray`). Arguments
+    after the verb go to `ray` unchanged, e.g. `cluster head --port 6380 --num-cpus 8`.
+    """
+    from . import cluster as cl
+
+    if verb != "join" and address is not None:
+        ray_args, address = (address, *ray_args), None   # `head --port 6380`: not an ADDRESS
+    cl.run(_path(prefix or _default_prefix()), verb, address=address, ray_args=ray_args,
+           stop_all=stop_all, on_line=click.echo)
+
+
 @cli.command(epilog=examples("rdna4-install status --prefix ~/rdna4",
                              "rdna4-install status --prefix ~/rdna4 --json"))
 @prefix_opt
@@ -535,13 +576,17 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
 
     prefix = _path(prefix or _default_prefix())
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
-    from .plan import dependency_order
+    from . import state
+    from .plan import dependency_order, switched_off
 
     if not prefix.is_dir():
         raise InstallerError(f"nothing is installed in {prefix} (no such directory)",
                              hint=f"install with: rdna4-install install --prefix '{prefix}'")
-    names = dependency_order(rcp.load_recipes(folder))
-    rows = engine.status(prefix, names)
+    recipes = rcp.load_recipes(folder)
+    # an optional component this prefix never asked for is not "pending"
+    off = switched_off(recipes, rcp.load_pins(folder / rcp.PINS_FILE),
+                       (state.read_receipt(prefix) or {}).get("pins"))
+    rows = engine.status(prefix, [n for n in dependency_order(recipes) if n not in off])
     failed = [row["recipe"] for row in rows if row["status"] == "failed"]
     if as_json:
         out: dict[str, Any] = {"prefix": str(prefix), "recipes": rows}

@@ -26,10 +26,11 @@ from .errors import RecipeError, UsageError
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
-                "archs", "arch_list", "jobs", "patches", "visible_devices", "editable")
+                "archs", "arch_list", "jobs", "patches", "visible_devices", "editable",
+                "gpu_count", "peer_access")
 # context values that change what a recipe produces, so they stay in its fingerprint
 # (the others are paths or parallelism, which must not force a rebuild)
-FINGERPRINTED = ("visible_devices", "editable")
+FINGERPRINTED = ("visible_devices", "editable", "gpu_count", "peer_access")
 
 
 @dataclass
@@ -131,6 +132,17 @@ def dependency_order(recipes: dict[str, rcp.Recipe]) -> list[str]:
         order.extend(ready)
         sorter.done(*ready)
     return order
+
+
+def switched_off(recipes: dict[str, rcp.Recipe], pins: rcp.Pins,
+                 recorded: rcp.Pins | None = None) -> set[str]:
+    """Recipes whose `when` fails under `pins` overlaid with a receipt's `recorded` pins
+    (optional components nobody asked for: `--with ray`, flash-attention backend none)."""
+    merged = {t: dict(v) for t, v in pins.items()}
+    for table, values in (recorded or {}).items():
+        merged.setdefault(table, {}).update(values)
+    variables = rcp.pin_vars(merged)
+    return {n for n, r in recipes.items() if r.when and rcp.unmet(r.when, variables, str(r.path))}
 
 
 def _descendants(recipes: dict[str, rcp.Recipe], roots: set[str]) -> set[str]:

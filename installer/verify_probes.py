@@ -6,12 +6,22 @@ installer (which is not installed there). argv[1] is a JSON object:
 version or ''>", "flash_attn": "ck" | "triton" | "none"}. Each probe prints one
 JSON line {"name", "status", "detail"} as soon as it finishes, so a hard crash
 (a segfault in a HIP library) still leaves the earlier results.
+
+`torch.tp2` starts this script twice more (`--allreduce-rank SPEC`) as the two
+ranks of a torch.distributed group: the probe runs in the venv, outside the
+installer, so it starts them itself rather than through installer/proc.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -116,12 +126,16 @@ def torch_version(expect):
     return True, f"torch {torch.__version__}, HIP {hip} (pins: torch {expect['torch']}, ROCm {rocm})"
 
 
-def torch_gpu_arch(expect):
-    torch = _torch()
+def _gpu_archs(torch):
+    """The gfx target of each GPU torch sees, in torch's device order."""
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise Skip("no GPU visible to torch on this host")
-    seen = [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
+    return [torch.cuda.get_device_properties(i).gcnArchName.split(":")[0]
             for i in range(torch.cuda.device_count())]
+
+
+def torch_gpu_arch(expect):
+    seen = _gpu_archs(_torch())
     ok = any(a in expect["archs"] for a in seen)
     return ok, f"GPUs: {', '.join(seen)}; target {','.join(expect['archs'])}"
 
@@ -158,6 +172,125 @@ def torch_idle_cpu(expect):
     time.sleep(2.0)
     share = (time.process_time() - cpu0) / (time.monotonic() - wall0)
     return share < 0.5, f"{share * 100:.0f}% of a core used while idle after a GPU op (a spinning runtime shows ~100%)"
+
+
+# --- tp2: an all-reduce over RCCL between two processes, as vLLM's TP=2 does ----------
+
+# one size in LL's range and one far above it: RCCL picks its protocol by message size
+# (rocm-systems rccl_wrap.cc rcclGetProtoForGfx12), and the gfx1201 deadlock is LL's
+# (vllm-project/vllm#40980, ROCm/rocm-systems#5480)
+TP2_SIZES = (1024, 4 * 1024 * 1024)
+TP2_TIMEOUT = 180.0   # RCCL's first init on two cards takes tens of seconds; a hang takes forever
+
+
+def tp2_allreduce(expect):
+    seen = _gpu_archs(_torch())
+    targets = [i for i, arch in enumerate(seen) if arch in expect["archs"]]
+    if len(targets) < 2:
+        raise Skip(f"needs 2 target GPUs, {len(targets)} visible ({', '.join(seen)}): "
+                   "nothing to split a model across")
+    return allreduce_across_processes("nccl", targets[:2], float(expect.get("tp2_timeout") or TP2_TIMEOUT))
+
+
+def allreduce_across_processes(backend, devices, timeout):
+    """Rank r of len(devices) processes adds r+1 with torch.distributed; every rank must
+    read back the sum, within `timeout` seconds in all. (pass?, detail)
+
+    The ranks are this script again (`--allreduce-rank`), each in its own process group
+    so a hung RCCL kernel is killed with everything it started. Output goes to files:
+    NCCL_DEBUG can print more than a pipe holds.
+    """
+    with contextlib.ExitStack() as files:
+        return _run_ranks(backend, devices, timeout, files)
+
+
+def _run_ranks(backend, devices, timeout, stack):
+    world = len(devices)
+    with socket.socket() as s:     # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, files = [], []
+    try:
+        for rank, device in enumerate(devices):
+            spec = json.dumps({"backend": backend, "rank": rank, "world": world, "port": port,
+                               "device": device, "sizes": list(TP2_SIZES), "timeout": timeout})
+            out = stack.enter_context(tempfile.TemporaryFile("w+"))
+            err = stack.enter_context(tempfile.TemporaryFile("w+"))
+            files.append((out, err))
+            procs.append(subprocess.Popen([sys.executable, __file__, "--allreduce-rank", spec],
+                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                          start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            # a rank that died leaves the others waiting for it forever: stop there too
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            if time.monotonic() > deadline:
+                env = ", ".join(f"{k}={os.environ[k]}" for k in ("NCCL_PROTO", "NCCL_P2P_DISABLE")
+                                if k in os.environ) or "no NCCL_PROTO/NCCL_P2P_DISABLE set"
+                return False, (f"all-reduce across {world} processes did not finish in {timeout:.0f}s: "
+                               f"a deadlock ({env}; vllm-project/vllm#40980 needs NCCL_PROTO=Simple, "
+                               "ROCm/rocm-systems#11348 NCCL_P2P_DISABLE=1)")
+            time.sleep(0.05)
+    finally:
+        killed = {i for i, p in enumerate(procs) if p.poll() is None}
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+    texts = []
+    for out, err in files:
+        out.seek(0)
+        err.seek(0)
+        texts.append((out.read(), err.read()))
+    want = float(world * (world + 1) // 2)
+    # the rank that failed on its own explains it; the ones killed after it only waited
+    order = sorted(range(world), key=lambda r: r in killed)
+    for rank in order:
+        p, (out, err) = procs[rank], texts[rank]
+        if p.returncode != 0:
+            last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            return False, f"rank {rank} exited with code {p.returncode}: {last[0][:200]}"
+        try:
+            got = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return False, f"rank {rank} printed no result: {out.strip()[-200:]!r}"
+        for size, lo, hi in got:
+            if lo != want or hi != want:
+                return False, f"rank {rank}: all-reduce of {size} floats gave {lo}..{hi}, not {want}"
+    sizes = " and ".join(f"{n * 4 // 1024} KiB" for n in TP2_SIZES)
+    return True, f"{backend} all-reduce of {sizes} across {world} processes (devices {devices}): sums right"
+
+
+def _allreduce_rank(spec):
+    """One rank of allreduce_across_processes; prints [[size, min, max], ...]."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    device = "cpu" if spec["backend"] == "gloo" else f"cuda:{spec['device']}"
+    if device != "cpu":
+        torch.cuda.set_device(spec["device"])
+    dist.init_process_group(spec["backend"], init_method=f"tcp://127.0.0.1:{spec['port']}",
+                            rank=spec["rank"], world_size=spec["world"],
+                            timeout=timedelta(seconds=spec["timeout"]))
+    try:
+        results = []
+        for size in spec["sizes"]:
+            t = torch.full((size,), float(spec["rank"] + 1), dtype=torch.float32, device=device)
+            dist.all_reduce(t)
+            if device != "cpu":
+                torch.cuda.synchronize(spec["device"])
+            results.append([size, t.min().item(), t.max().item()])
+    finally:
+        dist.destroy_process_group()
+    print(json.dumps(results), flush=True)
+    return 0
 
 
 def vllm_import(expect):
@@ -254,6 +387,7 @@ PROBES = [
     ("torch.gpu-arch", torch_gpu_arch),
     ("torch.fp8-scaled-mm", fp8_scaled_mm),
     ("torch.idle-cpu", torch_idle_cpu),
+    ("torch.tp2", tp2_allreduce),
     ("vllm.import", vllm_import),
     ("vllm.platform", vllm_platform),
     ("vllm.fp8-kernel", vllm_fp8_kernel),
@@ -263,6 +397,8 @@ PROBES = [
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) > 2 and argv[1] == "--allreduce-rank":
+        return _allreduce_rank(json.loads(argv[2]))
     expect = json.loads(argv[1]) if len(argv) > 1 else {}
     expect.setdefault("archs", [])
     for name, fn in PROBES:

@@ -95,10 +95,12 @@ def fake_sysfs(root: Path, *, kfd: Mapping[int, str | Mapping[str, int]] | None 
                mem_banks: Mapping[int, str | Mapping[str, int]] | None = None,
                pci: Iterable[Mapping] = (), amdgpu: str | None = None,
                initstate: str | None = "live", kfd_dev: int | None = None,
-               render: Mapping[int, int] | None = None) -> Path:
+               render: Mapping[int, int] | None = None,
+               p2p: Mapping[int, Iterable[int]] | None = None) -> Path:
     """Build a fake /sys + /dev tree under `root` (point RDNA4_SYSFS_ROOT at it).
 
     kfd: node index -> properties text or dict (None: no /sys/class/kfd at all).
+    p2p: node index -> the nodes its p2p_links/<i>/properties name as node_to.
     pci: dicts with address, device, class, revision and optional driver, vram.
     amdgpu: None (module absent), "in-tree", or a DKMS version such as "6.16.13".
     initstate: "live", another state, or None (amdgpu built into the kernel).
@@ -121,6 +123,15 @@ def fake_sysfs(root: Path, *, kfd: Mapping[int, str | Mapping[str, int]] | None 
                 bank = node / "mem_banks" / "0"
                 bank.mkdir(parents=True)
                 (bank / "properties").write_text(_props(mem_banks[index]))
+            # kfd_topology.c iolink_show: one properties file per link, "name value" lines
+            for i, to in enumerate((p2p or {}).get(index, ())):
+                link = node / "p2p_links" / str(i)
+                link.mkdir(parents=True)
+                (link / "properties").write_text(_props(
+                    {"type": 2, "version_major": 0, "version_minor": 0, "node_from": index,
+                     "node_to": to, "weight": 40, "min_latency": 0, "max_latency": 0,
+                     "min_bandwidth": 312, "max_bandwidth": 64000,
+                     "recommended_transfer_size": 0, "flags": 1}))
     devices = root / "sys/bus/pci/devices"
     devices.mkdir(parents=True, exist_ok=True)
     drivers = root / "sys/bus/pci/drivers"
@@ -161,6 +172,34 @@ def f1_host(root: Path, **kw) -> Path:
                 kfd_dev=0o660, render={128: 0o660, 129: 0o660})
     args.update(kw)
     return fake_sysfs(root, **args)
+
+
+def r9700(location_id: int, unique_id: int) -> dict[str, int]:
+    """A Radeon AI PRO R9700 KFD node (0x7551, GC 12.0.1)."""
+    return {"cpu_cores_count": 0, "simd_count": 128, "gfx_target_version": 120001,
+            "vendor_id": 4098, "device_id": 0x7551, "location_id": location_id, "domain": 0,
+            "drm_render_minor": 128, "unique_id": unique_id}
+
+
+R9700_UUIDS = ("GPU-1a2b3c4d5e6f7081", "GPU-2b3c4d5e6f708192")
+# S1's gfx1036 iGPU (Raphael/Granite Ridge), without a unique id as iGPUs have
+IGPU_1036 = {"cpu_cores_count": 0, "simd_count": 4, "gfx_target_version": 100306,
+             "vendor_id": 4098, "device_id": 0x13C0, "location_id": 0x7600, "domain": 0,
+             "unique_id": 0}
+
+
+def dual_r9700_host(root: Path, *, p2p: bool = True, igpu: bool = True, cards: int = 2) -> Path:
+    """A workstation with `cards` R9700s (KFD nodes 1..), optionally the gfx1036 iGPU after
+    them, and with p2p each card's p2p_links naming every other card (plus the CPU node,
+    as a multi-socket kernel lists indirect CPU links there too)."""
+    kfd: dict[int, Mapping[str, int]] = {0: CPU_NODE}
+    for i in range(cards):
+        kfd[1 + i] = r9700(0x0300 + 0x1000 * i, int(R9700_UUIDS[i % 2][4:], 16) + i // 2)
+    if igpu:
+        kfd[1 + cards] = IGPU_1036
+    gpus = range(1, cards + 1)
+    links = {a: [0] + ([b for b in gpus if b != a] if p2p else []) for a in gpus}
+    return fake_sysfs(root, kfd=kfd, p2p=links)
 
 
 def gpuless_host(root: Path) -> Path:

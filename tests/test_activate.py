@@ -109,6 +109,30 @@ def test_sourcing_sets_everything_once_and_deactivate_restores(shell, prefix):
     assert "VIRTUAL_ENV" not in after and "PS1" not in after
 
 
+# a shell that already carries its own RCCL/Ray choices: all of them must come back
+MULTI_BEFORE = {"NCCL_PROTO": "LL", "CUDA_VISIBLE_DEVICES": "1", "ROCR_VISIBLE_DEVICES": "7"}
+TWO = "GPU-1a2b3c4d5e6f7081,GPU-2b3c4d5e6f708192"   # the two cards; the iGPU hidden
+
+
+@pytest.mark.parametrize("shell", SH_SHELLS + (["fish"] if HAS_FISH else []))
+@pytest.mark.parametrize("gpus, p2p, ray, want", [
+    (1, "", False, {"NCCL_PROTO": "LL", "NCCL_P2P_DISABLE": None}),
+    (2, "yes", False, {"NCCL_PROTO": "Simple", "NCCL_P2P_DISABLE": None}),
+    (2, "no", False, {"NCCL_PROTO": "Simple", "NCCL_P2P_DISABLE": "1", "CUDA_VISIBLE_DEVICES": "1"}),
+    (2, "no", True, {"NCCL_PROTO": "Simple", "NCCL_P2P_DISABLE": "1", "HIP_VISIBLE_DEVICES": "0,1",
+                     "CUDA_VISIBLE_DEVICES": None, "RAY_USAGE_STATS_ENABLED": "0"}),
+])
+def test_multi_gpu_and_ray_settings_apply_and_deactivate_restores(shell, prefix, gpus, p2p, ray, want):
+    _write(prefix, visible_devices=TWO, gpu_count=gpus, peer_access=p2p, ray=ray)
+    script = FISH_ROUNDTRIP if shell == "fish" else SH_ROUNDTRIP
+    before, once, twice, after = _session(shell, script, prefix, MULTI_BEFORE)[0]
+    assert once["ROCR_VISIBLE_DEVICES"] == TWO
+    for name, value in want.items():
+        assert once.get(name) == value, name
+    assert twice == once
+    assert after == before and after["NCCL_PROTO"] == "LL" and "NCCL_P2P_DISABLE" not in after
+
+
 @pytest.mark.skipif(not HAS_FISH, reason="fish is not installed")
 def test_fish_sets_everything_once_and_deactivate_restores(prefix):
     _write(prefix, visible_devices="GPU-81ba7e079f6f7889", flash_attention_backend="triton")
@@ -237,8 +261,9 @@ def test_recipe_step_runs_the_registered_action(tmp_path):
     ctx = _ctx(tmp_path)
     from installer.recipes import interpolate
 
-    args = interpolate(dict(step.args), {"flash-attention.backend": "triton",
-                                         "visible_devices": "GPU-aa"}, "activate.toml")
+    args = interpolate(dict(step.args), {"flash-attention.backend": "triton", "visible_devices": "GPU-aa",
+                                         "gpu_count": "2", "peer_access": "no", "ray.enabled": "true"},
+                       "activate.toml")
     fn(ctx, **args)
     text = (tmp_path / "activate").read_text()
     assert "export ROCR_VISIBLE_DEVICES=GPU-aa\n" in text
@@ -246,6 +271,8 @@ def test_recipe_step_runs_the_registered_action(tmp_path):
     assert "export PYTORCH_ROCM_ARCH='gfx1200;gfx1201'\n" in text
     assert os.access(tmp_path / "activate.fish", os.X_OK)
     assert ctx.facts["activate"]["settings"]["ROCR_VISIBLE_DEVICES"] == "GPU-aa"
+    assert "export NCCL_P2P_DISABLE=1\n" in text and "export HIP_VISIBLE_DEVICES=0,1\n" in text
+    assert ctx.facts["activate"]["multigpu"] == {"gpu_count": "2", "peer_access": "no"}
     # without a `with` value the pin decides
     fn(_ctx(tmp_path))
     assert "export FLASH_ATTENTION_TRITON_AMD_ENABLE=FALSE\n" in (tmp_path / "activate").read_text()

@@ -215,3 +215,12 @@ def test_a_toolchain_without_hipcc_builds_flash_attention_through_the_replacemen
     assert shim.is_relative_to(ctx.work_dir), "the replacement lives in the work dir"
     assert (shim / "lib").resolve() == (world.rocm / "lib").resolve(), "everything else is the real tree"
     assert not (world.rocm / "bin" / "hipcc").exists(), "the toolchain tree is never written to"
+def test_pip_install_refuses_a_plain_http_index_before_running_anything(tmp_path):
+    from installer.actions import StepContext
+    from installer.errors import UsageError
+
+    ctx = StepContext(name="ray", prefix=tmp_path / "p", cache_dir=tmp_path, work_dir=tmp_path,
+                      log=tmp_path / "log", env={}, vars={}, archs=("gfx1201",), jobs=1)
+    with pytest.raises(UsageError, match="ray.index_url must be an https URL"):
+        builds.pip_install_step(ctx, "ray==2.56.1", index_url="http://mirror.example/simple")
+    assert not (tmp_path / "log").exists()

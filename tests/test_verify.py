@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,112 @@ def test_idle_cpu_probe_catches_a_spinning_runtime(tmp_path, spin, status):
     probes = {p.name: p for p in verify.run_script_probes(Path(sys.executable), expect, env)}
     assert probes["torch.idle-cpu"].status == status, probes["torch.idle-cpu"].detail
     assert "of a core used while idle" in probes["torch.idle-cpu"].detail
+
+
+# --- torch.tp2 -------------------------------------------------------------------------------
+
+# A torch stand-in with FAKE_GPUS gfx1201 cards whose "RCCL" all-reduce meets the other
+# ranks through files (the real worker code runs unchanged on top of it). FAKE_RCCL picks
+# the behaviour: ok, wrong (off by one), hang (the gfx1201 LL deadlock), crash (rank 1).
+TP2_TORCH = '''
+import os
+float32 = "float32"
+class _Props:
+    gcnArchName = "gfx1201:sramecc-:xnack-"
+class cuda:
+    @staticmethod
+    def is_available(): return int(os.environ["FAKE_GPUS"]) > 0
+    @staticmethod
+    def device_count(): return int(os.environ["FAKE_GPUS"])
+    @staticmethod
+    def get_device_properties(i): return _Props()
+    @staticmethod
+    def set_device(i): pass
+    @staticmethod
+    def synchronize(dev=None): pass
+class _Scalar:
+    def __init__(self, v): self.v = v
+    def item(self): return self.v
+class Tensor:
+    def __init__(self, v): self.v = v
+    def min(self): return _Scalar(self.v)
+    def max(self): return _Scalar(self.v)
+def full(shape, value, dtype=None, device=None): return Tensor(value)
+'''
+TP2_DIST = '''
+import os, pathlib, time
+_s = {}
+def init_process_group(backend, init_method, rank, world_size, timeout):
+    _s.update(rank=rank, world=world_size, port=init_method.rsplit(":", 1)[1], n=0)
+def all_reduce(t):
+    mode, rank, base = os.environ["FAKE_RCCL"], _s["rank"], pathlib.Path(os.environ["FAKE_DIR"])
+    if mode == "hang":
+        (base / f"pid-{rank}").write_text(str(os.getpid()))
+        time.sleep(3600)
+    if mode == "crash" and rank == 1:
+        raise RuntimeError("NCCL error: unhandled cuda error")
+    meet = base / _s["port"] / str(_s["n"])
+    meet.mkdir(parents=True, exist_ok=True)
+    (meet / f".{rank}").write_text(repr(t.v))
+    (meet / f".{rank}").rename(meet / str(rank))
+    while len([p for p in meet.iterdir() if not p.name.startswith(".")]) < _s["world"]:
+        time.sleep(0.01)
+    t.v = sum(float((meet / str(r)).read_text()) for r in range(_s["world"])) + (mode == "wrong")
+    _s["n"] += 1
+def destroy_process_group(): pass
+'''
+
+
+def _tp2(tmp_path, gpus=2, mode="ok", timeout=60):
+    pkg = tmp_path / "fake" / "torch"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(TP2_TORCH)
+    (pkg / "distributed.py").write_text(TP2_DIST)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pkg.parent), "FAKE_GPUS": str(gpus),
+           "FAKE_RCCL": mode, "FAKE_DIR": str(tmp_path)}
+    expect = {"archs": ["gfx1201"], "torch": "", "rocm": "", "flash_attn": "none", "tp2_timeout": timeout}
+    probes = {p.name: p for p in verify.run_script_probes(Path(sys.executable), expect, env)}
+    return probes["torch.tp2"]
+
+
+def test_tp2_passes_when_every_rank_reads_the_sum(tmp_path):
+    probe = _tp2(tmp_path)
+    assert probe.status == "pass", probe.detail
+    assert "across 2 processes" in probe.detail and "sums right" in probe.detail
+
+
+def test_tp2_fails_on_a_wrong_sum(tmp_path):
+    probe = _tp2(tmp_path, mode="wrong")
+    assert probe.status == "fail" and "gave 4.0..4.0, not 3.0" in probe.detail
+
+
+def test_tp2_turns_a_deadlock_into_a_failure_and_kills_the_ranks(tmp_path):
+    probe = _tp2(tmp_path, mode="hang", timeout=4)
+    assert probe.status == "fail"
+    assert "did not finish in 4s: a deadlock" in probe.detail and "NCCL_PROTO=Simple" in probe.detail
+    for rank in (0, 1):
+        pid = int((tmp_path / f"pid-{rank}").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_tp2_reports_a_crashed_rank_without_waiting_for_the_timeout(tmp_path):
+    started = time.monotonic()
+    probe = _tp2(tmp_path, mode="crash", timeout=120)
+    assert probe.status == "fail"
+    assert probe.detail.startswith("rank 1 exited with code 1: RuntimeError: NCCL error")
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("gpus, reason", [(1, "needs 2 target GPUs, 1 visible (gfx1201)"),
+                                          (0, "no GPU visible to torch on this host")])
+def test_tp2_skips_with_the_reason_below_two_gpus(tmp_path, gpus, reason):
+    probe = _tp2(tmp_path, gpus=gpus)
+    assert probe.status == "skip" and reason in probe.detail
+
+
+def test_tp2_skips_on_this_gpu_less_host_without_torch(tmp_path):
+    expect = {"archs": ["gfx1201"], "torch": "", "rocm": "", "flash_attn": "none"}
+    probes = {p.name: p for p in verify.run_script_probes(Path(sys.executable), expect,
+                                                           {"PATH": "/usr/bin:/bin"})}
+    assert probes["torch.tp2"].status == "skip" and "needs torch" in probes["torch.tp2"].detail
