@@ -417,7 +417,7 @@ def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str | Non
 
 
 @cli.command(epilog=examples("rdna4-install report",
-                             "rdna4-install report --model Qwen/Qwen3-0.6B --tune-model Qwen/Qwen3-8B-FP8 --bench",
+                             "rdna4-install report --model Qwen/Qwen3-0.6B --bench",
                              "rdna4-install report -o ~/rdna4-report.md"))
 @prefix_opt
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -503,7 +503,7 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
 
 @cli.command(epilog=examples("rdna4-install bench --prefix ~/rdna4",
                              "rdna4-install bench --profile seed --profile rdna4-16g",
-                             "rdna4-install bench --model Qwen/Qwen3-8B-FP8 --baseline PREFIX/bench/BEFORE.json"))
+                             "rdna4-install bench --baseline before.json"))
 @prefix_opt
 @click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
 @click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
