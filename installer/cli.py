@@ -400,7 +400,8 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
     click.echo(f"status of {prefix}")
     for row in rows:
         click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
-                   f"{row['when']:<21} {row['fingerprint'][:12]}")
+                   f"{row['when']:<21} {row['fingerprint'][:12]}"
+                   + (f"  ({row['problem']}; a plain install redoes it)" if row["problem"] else ""))
 
 
 def main() -> None:

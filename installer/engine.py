@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, actions, proc, state
+from . import __version__, actions, outputs, proc, state
 from . import recipes as rcp
 from .errors import InstallerError, StepFailed
-from .plan import RUN, Item, Plan, Settings, make_plan
+from .plan import RUN, Item, Plan, Settings, make_plan, selection
 from .ui import UI
 
 
@@ -108,7 +108,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         "status": state.DONE, "fingerprint": item.fingerprint, "inputs": item.inputs,
         "version": item.vars.get("_version", ""), "facts": ctx.facts,
         "source": item.inputs.get("source", {}), "patches": item.inputs.get("patches", {}),
-        "env": item.inputs.get("env", {}), "started": started, "finished": state.now(),
+        "env": item.inputs.get("env", {}), "outputs": item.outputs,
+        "started": started, "finished": state.now(),
     })
     if not (item.recipe.keep_work or ctx.keep_work):
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
@@ -124,6 +125,7 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
     """
     if dry_run:
         return make_plan(settings), []
+    selection(settings)   # a bad or empty selection is refused before anything is written
     state.check_writable(settings.prefix)
     ran: list[str] = []
     with state.PrefixLock(settings.prefix):
@@ -158,12 +160,15 @@ def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:
         stamp = stamps.get(name) or {}
         facts = stamp.get("facts") or {}
         label = stamp.get("status", "pending")
+        problem = outputs.problem(prefix, outputs.merge(stamp.get("outputs"))) if label == state.DONE else ""
         if label == state.INCOMPLETE:
             label = "pending (interrupted)"
+        elif problem:
+            label = "damaged"   # the next install redoes it
         rows.append({
             "recipe": name, "status": label,
-            "version": stamp.get("version") or facts.get("version") or facts.get("commit", ""),
+            "version": str(stamp.get("version") or facts.get("version") or facts.get("commit") or ""),
             "when": stamp.get("finished") or stamp.get("failed") or stamp.get("started", ""),
-            "fingerprint": stamp.get("fingerprint", ""),
+            "fingerprint": stamp.get("fingerprint", ""), "problem": problem,
         })
     return rows

@@ -81,6 +81,7 @@ class Recipe:
     env: tuple[tuple[str, str], ...] = ()
     steps: tuple[Step, ...] = ()
     check: Step | None = None
+    outputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -143,6 +144,14 @@ def _step(where: str, data: Any, default_name: str) -> Step:
                 cwd=_typed(where, data.get("cwd", ""), str, "cwd"))
 
 
+def _outputs(where: str, data: Any) -> dict[str, tuple[str, ...]]:
+    from .outputs import KINDS
+
+    _typed(where, data, dict, "[outputs]")
+    _check_keys(f"{where} [outputs]", data, set(KINDS))
+    return {k: _str_list(where, v, f"outputs.{k}") for k, v in data.items()}
+
+
 _SOURCE_KEYS = {
     "url": ({"kind", "url", "sha256"}, {"url"}),
     "git": ({"kind", "url", "tag", "commit"}, {"url", "commit"}),
@@ -168,7 +177,7 @@ def _source(where: str, data: Any) -> Source:
 def load_recipe(path: Path) -> Recipe:
     data = _read_toml(path)
     where = str(path)
-    _check_keys(where, data, {"recipe", "source", "env", "steps", "check"}, {"recipe"})
+    _check_keys(where, data, {"recipe", "source", "env", "steps", "check", "outputs"}, {"recipe"})
     head = _typed(where, data["recipe"], dict, "[recipe]")
     _check_keys(f"{where} [recipe]", head,
                 {"name", "description", "version", "depends", "resolver", "keep_work", "when",
@@ -198,6 +207,7 @@ def load_recipe(path: Path) -> Recipe:
         env=tuple(sorted(env.items())),
         steps=tuple(_step(f"{where} step {i + 1}", s, f"step {i + 1}") for i, s in enumerate(steps)),
         check=_step(f"{where} [check]", data["check"], "check") if "check" in data else None,
+        outputs=_outputs(where, data.get("outputs", {})),
         raw=data,
     )
 
