@@ -136,7 +136,7 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
 
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
-              need_gpu: bool = True, detection: Any = None):
+              need_gpu: bool = True, detection: Any = None, adopt: bool = False):
     from . import recipes as rcp
     from . import state
     from .plan import Settings
@@ -154,14 +154,15 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         # a pin, not a skip: the activation script must also stop selecting a backend
         sets += ("flash-attention.backend=none",)
         without = tuple(w for w in without if w != "flash-attention")
+    origins: dict[str, str] = {}
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                               pins_file=opts.get("pins_file"), sets=sets)
+                               pins_file=opts.get("pins_file"), sets=sets, origins=origins)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
         jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()) + without,
-        targets=targets, force=force, offline=bool(opts.get("offline")),
+        targets=targets, force=force, adopt=adopt, offline=bool(opts.get("offline")), pin_origins=origins,
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
                  else str(receipt.get("visible_devices", ""))},
@@ -226,13 +227,17 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install install --prefix ~/rdna4\n\n"
+                     "  rdna4-install install --prefix ~/rdna4 --only torch --dry-run\n\n"
+                     "  rdna4-install install --prefix ~/shared/tools --force   # a folder with other files")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
+@click.option("--force", is_flag=True,
+              help="Install into a non-empty folder that rdna4-install did not create.")
 @pass_obj
-def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
+def install(obj: Obj, dry_run: bool, no_checks: bool, force: bool, **opts: Any) -> None:
     """Install (or update) the whole stack into a prefix."""
     from . import detect, engine
 
@@ -240,7 +245,7 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
     detection = detect.detect(prefix=prefix)
     for warning in detection.warnings:
         obj.ui.warn(warning)
-    settings = _settings(opts, obj.ui, detection=detection)
+    settings = _settings(opts, obj.ui, detection=detection, adopt=force)
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
     plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)

@@ -126,6 +126,7 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
     if dry_run:
         return make_plan(settings), []
     selection(settings)   # a bad or empty selection is refused before anything is written
+    state.check_prefix(settings.prefix, adopt=settings.adopt or settings.force)
     state.check_writable(settings.prefix)
     ran: list[str] = []
     with state.PrefixLock(settings.prefix):

@@ -44,8 +44,10 @@ class Settings:
     skip: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()     # `run RECIPE...`
     force: bool = False
+    adopt: bool = False               # --force: accept a non-empty prefix the installer did not create
     offline: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    pin_origins: dict[str, str] = field(default_factory=dict)   # RECIPE.KEY -> "--set ..." / pins file
 
 
 @dataclass
@@ -191,11 +193,13 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
     body = rcp.interpolate({k: v for k, v in recipe.raw.items() if k != "outputs"}, symbolic, where)
     source = rcp.interpolate(recipe.source.identity(), symbolic, where) if recipe.source else {}
     if source.get("kind") == "git" and not re.fullmatch(r"[0-9a-f]{40}", source.get("commit", "")):
-        raise RecipeError(f"{where}: git commit {source.get('commit')!r} is not a full 40-hex SHA",
+        raise RecipeError(f"{_blame(recipe, 'commit', settings)}: git commit {source.get('commit')!r} "
+                          "is not a full 40-hex SHA",
                           hint="pin sources by full commit SHA, never a branch or short id")
     if source.get("kind") == "url" and source.get("sha256") and \
             not re.fullmatch(r"[0-9a-f]{64}", source["sha256"]):
-        raise RecipeError(f"{where}: sha256 {source['sha256']!r} is not 64 hex digits")
+        raise RecipeError(f"{_blame(recipe, 'sha256', settings)}: sha256 {source['sha256']!r} "
+                          "is not 64 hex digits")
     return {
         "recipe": _hash_json(body),
         "pins": {k: pin_values[k] for k in sorted(used) if k in pin_values},
@@ -205,6 +209,17 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
         "archs": list(settings.archs),
         "deps": dep_fps,
     }
+
+
+def _blame(recipe: rcp.Recipe, field_name: str, settings: Settings) -> str:
+    """Where a bad source value came from: the override that set it, else the file."""
+    keys = rcp.placeholders(getattr(recipe.source, field_name, ""))
+    for key in sorted(keys):
+        if key in settings.pin_origins:
+            return f"{settings.pin_origins[key]} (pin {key})"
+    if keys:
+        return f"{settings.recipes_dir / rcp.PINS_FILE} (pin {', '.join(sorted(keys))})"
+    return str(recipe.path)
 
 
 def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:

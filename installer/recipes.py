@@ -88,11 +88,19 @@ class Recipe:
 # --- loading -----------------------------------------------------------------
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    from . import bounded
+
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"file not found: {path}") from None
+        text = bounded.read(path, bounded.PINS_LIMIT).decode("utf-8")
+    except bounded.Unreadable as exc:
+        if exc.missing:
+            raise UsageError(f"file not found: {path}") from None
+        raise UsageError(f"{path} {exc}", hint="name a TOML file (--pins FILE or RDNA4_PINS=FILE)") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})",
+                          hint="save it as UTF-8; TOML files are UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML: {exc}", hint="fix the file's syntax") from None
 
@@ -250,22 +258,31 @@ def _set_pin(pins: Pins, key: str, value: Any, origin: str) -> None:
         known = ", ".join(f"{t}.{k}" for t in sorted(pins) for k in pins[t])
         raise UsageError(f"{origin}: unknown pin {key!r}",
                          hint=f"pins are RECIPE.KEY, one of: {known}")
+    if value == "" and pins[table][name] != "":
+        # only pins that are empty by default mean something when empty (e.g. therock.sha256)
+        raise UsageError(f"{origin}: pin {key} is empty; it needs a value",
+                         hint=f"drop the override, or use the default: --set {key}={pins[table][name]}")
     pins[table][name] = value
 
 
-def apply_overrides(pins: Pins, *, pins_file: Path | None = None, sets: tuple[str, ...] = ()) -> Pins:
-    """Overlay a user's pins file, then `--set RECIPE.KEY=VALUE` items, on the pins."""
+def apply_overrides(pins: Pins, *, pins_file: Path | None = None, sets: tuple[str, ...] = (),
+                    origins: dict[str, str] | None = None) -> Pins:
+    """Overlay a user's pins file, then `--set RECIPE.KEY=VALUE` items, on the pins.
+    `origins` (if given) gets, per overridden RECIPE.KEY, where its value came from."""
     out = {t: dict(v) for t, v in pins.items()}
+    origins = origins if origins is not None else {}
     if pins_file is not None:
         for table, values in load_pins(pins_file).items():
             for key, value in values.items():
                 _set_pin(out, f"{table}.{key}", value, str(pins_file))
+                origins[f"{table}.{key}"] = str(pins_file)
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(f"--set {item!r}: expected RECIPE.KEY=VALUE",
                              hint="for example --set vllm.version=0.33.0")
         _set_pin(out, key.strip(), value.strip(), "--set")
+        origins[key.strip()] = f"--set {item}"
     return out
 
 

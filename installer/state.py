@@ -287,6 +287,39 @@ def kill_holders(path: Path) -> list[int]:
     return found
 
 
+# Folders that hold other things: a prefix here would mix the installer's files
+# (rocm, venv, activate, .rdna4) into the system's or the user's own.
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+               "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
+               "/usr", "/usr/bin", "/usr/include", "/usr/lib", "/usr/lib64", "/usr/libexec",
+               "/usr/local", "/usr/local/bin", "/usr/local/lib", "/usr/local/share", "/usr/sbin",
+               "/usr/share", "/usr/src", "/var", "/var/tmp")
+HOME_DIRS = ("", ".local", ".local/share", ".local/bin", ".cache", ".config")
+
+
+def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
+    """Own only what you made: refuse a system folder, the home folder, or a non-empty
+    folder the installer did not create (no PREFIX/.rdna4), unless `adopt` (--force)."""
+    home = Path(os.path.expanduser("~"))
+    real = Path(os.path.realpath(prefix))
+    system = {Path(p) for p in SYSTEM_DIRS} | {Path(os.path.realpath(home / p)) for p in HOME_DIRS}
+    if real in system or Path(os.path.abspath(prefix)) in system:
+        raise InstallerError(f"prefix {prefix} is a system or home folder; rdna4-install puts rocm, venv "
+                             "and activate straight into its prefix",
+                             hint=f"use a folder of its own: --prefix '{home}/.local/share/rdna4-install/default'")
+    if adopt or not real.is_dir() or os.path.lexists(meta_dir(real)):
+        return
+    try:
+        entries = os.listdir(real)
+    except OSError:
+        return   # check_writable names what is wrong with it
+    if entries:
+        raise InstallerError(f"prefix {prefix} already holds files that rdna4-install did not put there "
+                             f"({', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''})",
+                             hint=f"use a new or empty folder (--prefix '{prefix}/rdna4'), or add --force "
+                                  "to install next to them")
+
+
 def check_writable(prefix: Path) -> None:
     """Fail early, in one line, when the prefix cannot be created or written."""
     probe = prefix
