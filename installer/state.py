@@ -299,7 +299,8 @@ HOME_DIRS = ("", ".local", ".local/share", ".local/bin", ".cache", ".config")
 
 def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
     """Own only what you made: refuse a system folder, the home folder, or a non-empty
-    folder the installer did not create (no PREFIX/.rdna4), unless `adopt` (--force)."""
+    folder the installer did not create (neither PREFIX/.rdna4 nor a receipt), unless
+    `adopt` (--force). / and system folders are refused even then."""
     home = Path(os.path.expanduser("~"))
     real = Path(os.path.realpath(prefix))
     system = {Path(p) for p in SYSTEM_DIRS} | {Path(os.path.realpath(home / p)) for p in HOME_DIRS}
@@ -307,8 +308,8 @@ def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
         raise InstallerError(f"prefix {prefix} is a system or home folder; rdna4-install puts rocm, venv "
                              "and activate straight into its prefix",
                              hint=f"use a folder of its own: --prefix '{home}/.local/share/rdna4-install/default'")
-    if adopt or not real.is_dir() or os.path.lexists(meta_dir(real)):
-        return
+    if adopt or not real.is_dir() or os.path.lexists(meta_dir(real)) or read_receipt(real) is not None:
+        return   # ours: it has our state folder or our receipt
     try:
         entries = os.listdir(real)
     except OSError:
