@@ -137,6 +137,7 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
               need_gpu: bool = True, detection: Any = None, adopt: bool = False):
+    from . import buildenv
     from . import recipes as rcp
     from . import state
     from .plan import Settings
@@ -158,9 +159,12 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
                                pins_file=opts.get("pins_file"), sets=sets, origins=origins)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
+    jobs, too_many = buildenv.capped_jobs(opts.get("jobs"))
+    if too_many:
+        ui.warn(too_many)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
-        jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
+        jobs=jobs, only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()) + without,
         targets=targets, force=force, adopt=adopt, offline=bool(opts.get("offline")), pin_origins=origins,
         options={"editable": bool(opts.get("editable")),
@@ -334,6 +338,9 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
                if (state.read_stamp(prefix, n) or {}).get("status") != state.DONE)
     checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
                             jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
+    capped, too_many = buildenv.capped_jobs(jobs)
+    if too_many:   # builds use the capped number; say so where the host is judged
+        checks.append(doc.Check("jobs", doc.WARN, too_many, f"use --jobs {capped} or fewer"))
     if as_json:
         click.echo(json.dumps({"checks": [c.to_json() for c in checks]}, indent=2))
     else:

@@ -96,7 +96,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         if tail:
             ui.tail(tail, str(ctx.log))
         if isinstance(exc, OSError):
-            raise InstallerError(f"{name}: {exc.strerror or exc}",
+            where = f": {exc.filename}" if exc.filename else ""
+            raise InstallerError(f"{name}: {exc.strerror or exc}{where}",
                                  hint=f"work dir kept at {ctx.work_dir}; log: {ctx.log}") from None
         if not exc.hint:
             exc.hint = f"log: {ctx.log}; work dir kept at {ctx.work_dir}"
@@ -127,7 +128,12 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
         return make_plan(settings), []
     selection(settings)   # a bad or empty selection is refused before anything is written
     state.check_prefix(settings.prefix, adopt=settings.adopt or settings.force)
+    for path, what in ((settings.prefix, "prefix"), (settings.cache_dir, "cache")):
+        problem = state.write_problem(path, what)   # both judged before either is created
+        if problem is not None:
+            raise problem
     state.check_writable(settings.prefix)
+    state.check_writable(settings.cache_dir, "cache")
     ran: list[str] = []
     with state.PrefixLock(settings.prefix):
         # an earlier run may have been SIGKILLed, which runs no cleanup: its temps go now

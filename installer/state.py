@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -321,25 +322,84 @@ def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
                                   "to install next to them")
 
 
-def check_writable(prefix: Path) -> None:
-    """Fail early, in one line, when the prefix cannot be created or written."""
-    probe = prefix
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise InstallerError(f"prefix {prefix} is not a directory ({probe} is a file)",
-                             hint="choose another --prefix")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InstallerError(f"prefix {prefix} is not writable ({probe} belongs to another user)",
-                             hint="choose a --prefix under your home directory; never use sudo")
-    check_layout(prefix)
+def check_writable(path: Path, what: str = "prefix") -> None:
+    """Fail early, in one line naming the path and the real cause, when the prefix
+    (or the cache) cannot be created or written; for the prefix, also create .rdna4."""
+    problem = write_problem(path, what)
+    if problem is not None:
+        raise problem
+    if what == "prefix":
+        check_layout(path)
     try:
-        meta_dir(prefix).mkdir(parents=True, exist_ok=True)
+        (meta_dir(path) if what == "prefix" else path).mkdir(parents=True, exist_ok=True)
+        for folder in (path, meta_dir(path)) if what == "prefix" else (path,):
+            tempfile.TemporaryFile(dir=folder).close()   # mkdir alone misses a read-only folder we own
     except OSError as exc:
-        raise InstallerError(f"cannot create {prefix}: {exc.strerror}",
-                             hint="choose another --prefix") from None
+        raise unwritable(Path(exc.filename or path), exc.errno, what) from None
+
+
+def write_problem(path: Path, what: str) -> InstallerError | None:
+    """Why `path` (prefix or cache) could not be created or written, without writing
+    anything (doctor's disk check asks too); None when it can."""
+    where = nearest_existing(path)
+    if not where.is_dir():
+        option = "--prefix" if what == "prefix" else "--cache-dir (or RDNA4_CACHE_DIR)"
+        return InstallerError(f"{what} {path} is not a directory ({where} is a file)",
+                              hint=f"choose another {option}")
+    if os.access(where, os.W_OK | os.X_OK):
+        return None
+    return unwritable(Path(os.path.abspath(path)), errno.EACCES, what)
+
+
+def nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _immutable(path: Path) -> bool:
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, 0x80086601, flags)   # FS_IOC_GETFLAGS
+        return bool(flags[0] & 0x10)         # FS_IMMUTABLE_FL
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def unwritable(path: Path, err: int | None, what: str) -> InstallerError:
+    """The real reason a write under `path` fails: read-only file system, immutable,
+    another user's, or a mode without write permission; with the path and a fix."""
+    where = path if path.is_dir() else nearest_existing(path.parent)
+    option = "--prefix" if what == "prefix" else "--cache-dir (or RDNA4_CACHE_DIR)"
+    try:
+        st, ro = where.stat(), os.statvfs(where).f_flag & os.ST_RDONLY
+    except OSError:
+        st, ro = None, False
+    if ro or err == errno.EROFS:
+        cause, hint = "is on a read-only file system", f"choose a {what} on a writable disk with {option}"
+    elif err == errno.EPERM or _immutable(where):
+        cause, hint = ("is immutable (chattr +i)",
+                       f"choose another {option}; `lsattr -d '{where}'` shows the i flag")
+    elif st is not None and st.st_uid != os.geteuid():
+        cause, hint = (f"belongs to another user (uid {st.st_uid})",
+                       f"choose a {what} under your home directory with {option}; never use sudo")
+    elif st is not None:
+        cause, hint = (f"is not writable (mode {stat.S_IMODE(st.st_mode):04o})",
+                       f"make it writable (chmod u+w '{where}') or choose another {option}")
+    else:
+        cause, hint = os.strerror(err or errno.EACCES), f"choose another {option}"
+    return InstallerError(f"{what} {path}: {where} {cause}" if where != path else f"{what} {path} {cause}",
+                          hint=hint)
 
 
 def check_layout(prefix: Path) -> None:
