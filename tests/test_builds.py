@@ -190,5 +190,7 @@ def test_jobs_come_from_the_option_else_from_memory(tmp_path):
     ctx = make_ctx(tmp_path, "flash-attention", prefix=tmp_path / "p", rocm=rocm, venv=tmp_path / "venv",
                    cache=tmp_path / "cache")
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
-    ctx.jobs = 7  # --jobs 7
-    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
+    ctx.jobs = 1  # --jobs 1 (within what any host can run)
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "1"
+    ctx.jobs = 10000  # more than the host can run: capped (issue 12)
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.jobs_cap("flash-attention"))
