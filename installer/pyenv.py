@@ -290,7 +290,10 @@ def register_amdsmi(site: Path, prefix: Path) -> Path:
     """
     for base in (site / "_rocm_sdk_core" / "share" / "amd_smi", Path(prefix) / "rocm" / "share" / "amd_smi"):
         if (base / "amdsmi" / "__init__.py").is_file():
-            (site / AMDSMI_PTH).write_text(f"{base.resolve()}\n")
+            # relative to site-packages (site.py joins it), so the line is ASCII whatever
+            # the prefix is called: Python < 3.13 decodes .pth files in the locale's
+            # encoding, and a non-ASCII path under LANG=C kills the interpreter at start
+            (site / AMDSMI_PTH).write_text(os.path.relpath(base, site) + "\n", encoding="ascii")
             return base
     raise InstallerError("amdsmi's Python bindings were not found in rocm-sdk-core or PREFIX/rocm",
                          hint="expected share/amd_smi/amdsmi; vLLM needs amdsmi to detect the GPU")

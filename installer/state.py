@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import InstallerError
+from .errors import InstallerError, UsageError
 
 RECEIPT = "rdna4-manifest.json"
 DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
@@ -298,15 +298,35 @@ SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", 
 HOME_DIRS = ("", ".local", ".local/share", ".local/bin", ".cache", ".config")
 
 
+def path_problem(path: Path) -> str:
+    """Why the tools that read this prefix would break on its name ("" when none would).
+    Any other name works under any locale: nothing the installer writes for the venv
+    spells the prefix out in a file Python decodes (the .pth line is relative)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8; the activation scripts and the receipt are UTF-8 text"
+    if ":" in text:
+        return "contains ':', which splits PATH and LD_LIBRARY_PATH entries (the venv and ROCm go there)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return "contains a control character (newline, tab...), which line-based .pth files and scripts cannot hold"
+    return ""
+
+
 def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
     """Own only what you made: refuse a system folder, the home folder, or a non-empty
     folder the installer did not create (neither PREFIX/.rdna4 nor a receipt), unless
     `adopt` (--force). / and system folders are refused even then."""
+    name_problem = path_problem(prefix)
+    if name_problem:
+        raise UsageError(f"prefix {str(prefix)!r} {name_problem}",
+                             hint="choose a --prefix without ':' or control characters, in UTF-8")
     home = Path(os.path.expanduser("~"))
     real = Path(os.path.realpath(prefix))
     system = {Path(p) for p in SYSTEM_DIRS} | {Path(os.path.realpath(home / p)) for p in HOME_DIRS}
     if real in system or Path(os.path.abspath(prefix)) in system:
-        raise InstallerError(f"prefix {prefix} is a system or home folder; rdna4-install puts rocm, venv "
+        raise UsageError(f"prefix {prefix} is a system or home folder; rdna4-install puts rocm, venv "
                              "and activate straight into its prefix",
                              hint=f"use a folder of its own: --prefix '{home}/.local/share/rdna4-install/default'")
     if adopt or not real.is_dir() or os.path.lexists(meta_dir(real)) or read_receipt(real) is not None:
@@ -316,7 +336,7 @@ def check_prefix(prefix: Path, *, adopt: bool = False) -> None:
     except OSError:
         return   # check_writable names what is wrong with it
     if entries:
-        raise InstallerError(f"prefix {prefix} already holds files that rdna4-install did not put there "
+        raise UsageError(f"prefix {prefix} already holds files that rdna4-install did not put there "
                              f"({', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''})",
                              hint=f"use a new or empty folder (--prefix '{prefix}/rdna4'), or add --force "
                                   "to install next to them")
