@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from e2e_fixtures import build_world, run_cli
-from engine_fixtures import six_recipes
+from engine_fixtures import run_installer, six_recipes
 from installer import pyenv
 from installer.proc import find_uv
 
-REPO = Path(__file__).resolve().parent.parent
 C_LOCALE = {"LC_ALL": "C", "LANG": "C"}
 ODD = "präfix ü ☃"
 
@@ -55,9 +54,7 @@ def test_amdsmi_pth_loads_under_the_c_locale_with_a_non_ascii_prefix(tmp_path, w
 def test_a_prefix_no_tool_can_use_is_refused_up_front(tmp_path, name, words):
     recipes = six_recipes(tmp_path / "src")
     prefix = os.fsencode(tmp_path) + b"/" + (name if isinstance(name, bytes) else name.encode())
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, "-m", "installer", "install", "--recipes-dir", str(recipes),
-                          "--gpu-arch", "gfx1201", "--prefix", prefix], env=env, capture_output=True, text=True)
+    run = run_installer(recipes, "install", "--gpu-arch", "gfx1201", "--prefix", prefix)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr
     errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]

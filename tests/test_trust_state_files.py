@@ -15,28 +15,22 @@ import os
 import random
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from engine_fixtures import order, six_recipes
+from engine_fixtures import order, run_installer, six_recipes
 from installer import state
 from installer.cli import cli
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["therock", "torch", "triton-kernels", "flash-attention", "vllm", "activate"]
 
 
 def cli_run(recipes: Path, prefix: Path, *args: str) -> subprocess.CompletedProcess:
     """The installer as a user runs it: a separate process, so a traceback shows."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), RDNA4_RECIPES_DIR=str(recipes))
-    argv = [sys.executable, "-m", "installer", *args]
-    if args[0] != "status":
-        argv += ["--gpu-arch", "gfx1201"]
-    return subprocess.run([*argv, "--prefix", str(prefix)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    gpu = ["--gpu-arch", "gfx1201"] if args[0] != "status" else []
+    return run_installer(recipes, *args, *gpu, "--prefix", str(prefix))
 
 
 def invoke(recipes: Path, prefix: Path, *args: str):
@@ -171,11 +165,9 @@ def test_bad_pins_files_are_one_line(tmp_path, content, words):
         pins = tmp_path / "pins.toml"
         pins.write_bytes(content)
     prefix = tmp_path / "prefix"
-    env = dict(os.environ, PYTHONPATH=str(REPO), RDNA4_PINS=str(pins))
     for args in (["plan"], ["install", "--dry-run"], ["install"]):
-        result = subprocess.run([sys.executable, "-m", "installer", *args, "--recipes-dir", str(recipes),
-                                 "--prefix", str(prefix), "--gpu-arch", "gfx1201"],
-                                env=env, capture_output=True, text=True, timeout=60)
+        result = run_installer(recipes, *args, "--prefix", str(prefix), "--gpu-arch", "gfx1201",
+                               env={"RDNA4_PINS": str(pins)})
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert len([ln for ln in result.stderr.splitlines() if ln.lower().startswith("error")]) == 1
