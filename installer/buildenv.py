@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
-from .errors import InstallerError
+from .errors import InstallerError, command
 
 MEMINFO = Path("/proc/meminfo")
 GIB = 1024 ** 3
@@ -107,7 +107,8 @@ def toolchain(rocm: Path) -> Toolchain:
             break
     else:
         raise InstallerError(f"no clang in the ROCm toolchain at {rocm}",
-                             hint="install the torch/ROCm stack first (rdna4-install run therock)")
+                             # rocm is PREFIX/rocm for every recipe
+                             hint=command(rocm.parent, "run", "therock", "--force"))
     libs = next((p for p in (llvm / "amdgcn" / "bitcode", rocm / "amdgcn" / "bitcode") if p.is_dir()),
                 llvm / "amdgcn" / "bitcode")
     return Toolchain(rocm, llvm / "bin" / "clang", llvm / "bin" / "clang++", libs,

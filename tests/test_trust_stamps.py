@@ -101,7 +101,7 @@ def test_removed_venv_redoes_everything_built_into_it(world, installed):
 
 
 def _heals_with(world, home, prefix, clean, argv):
-    result = run_cli(world, home, *argv, "--no-checks")
+    result = run_cli(world, home, *argv, *(["--no-checks"] if argv[0] == "install" else []))
     assert result.returncode == 0, result.stderr[-4000:]
     assert _lines(receipt_core(prefix)) == _lines(clean)
     assert recipe_statuses(world, home, prefix) == {n: "done" for n in RECIPES}
@@ -136,3 +136,16 @@ def test_run_honours_only_and_skip(world, installed):
         one_line_error(nothing, 2, "nothing is selected")
     finally:
         _heals_with(world, home, prefix, clean, ["install", "--prefix", str(prefix)])
+
+
+def test_a_damage_stat_cannot_see_fails_with_a_hint_that_heals(world, installed):
+    home, prefix, clean = installed
+    python = prefix / "venv" / "bin" / "python"
+    python.unlink()                     # still a file, but no Python: only running it tells
+    python.write_text("#!/bin/sh\nexit 3\n")
+    python.chmod(0o755)
+    failed = run_cli(world, home, "run", "vllm", "--force", "--prefix", str(prefix))
+    one_line_error(failed, 1, "the venv python does not run")
+    hint = hint_command(failed)
+    assert hint[:3] == ["run", "torch", "--force"], hint
+    _heals_with(world, home, prefix, clean, hint)
