@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from . import buildenv
 from . import detect as det
-from . import proc, state
+from . import prefixes, proc
 from .rocminfo import OVERRIDE
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -318,10 +318,10 @@ def check_disk(prefix: Path, cache_dir: Path, need_bytes: int) -> Check:
     free: dict[int, int] = {}
     for label, path in (("prefix", prefix), ("cache", cache_dir)):
         # a cache or prefix the installer cannot write fails here, with its path and cause
-        problem = state.write_problem(path, label)
+        problem = prefixes.write_problem(path, label)
         if problem is not None:
             return Check("disk", FAIL, problem.message, problem.hint or "")
-        where = state.nearest_existing(path)
+        where = prefixes.nearest_existing(path)
         dev = where.stat().st_dev
         groups.setdefault(dev, []).append(f"{label} {path}")
         free[dev] = shutil.disk_usage(where).free

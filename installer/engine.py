@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, actions, outputs, proc, state
+from . import __version__, actions, outputs, prefixes, proc, state
 from . import recipes as rcp
 from .errors import InstallerError, StepFailed
 from .plan import RUN, Item, Plan, Settings, make_plan, selection
@@ -127,13 +127,13 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
     if dry_run:
         return make_plan(settings), []
     selection(settings)   # a bad or empty selection is refused before anything is written
-    state.check_prefix(settings.prefix, adopt=settings.adopt or settings.force)
+    prefixes.check_prefix(settings.prefix, adopt=settings.adopt or settings.force)
     for path, what in ((settings.prefix, "prefix"), (settings.cache_dir, "cache")):
-        problem = state.write_problem(path, what)   # both judged before either is created
+        problem = prefixes.write_problem(path, what)   # both judged before either is created
         if problem is not None:
             raise problem
-    state.check_writable(settings.prefix)
-    state.check_writable(settings.cache_dir, "cache")
+    prefixes.check_writable(settings.prefix)
+    prefixes.check_writable(settings.cache_dir, "cache")
     ran: list[str] = []
     with state.PrefixLock(settings.prefix):
         # an earlier run may have been SIGKILLed, which runs no cleanup: its temps go now
