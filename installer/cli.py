@@ -326,16 +326,18 @@ def detect_cmd(obj: Obj, prefix: Path | None, as_json: bool) -> None:
 def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
            gpu_arch: str | None, jobs: int | None, as_json: bool) -> None:
     """Check the host: driver, device access, groups, disk, memory, tools."""
-    from . import buildenv, state
+    from . import buildenv, engine, state
     from . import doctor as doc
     from . import recipes as rcp
 
     prefix = _path(prefix or _default_prefix())
     cache = _path(cache_dir or _default_cache())
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
-    # what a full install still needs: every recipe not yet done in this prefix
-    need = sum(r.disk_gb for n, r in rcp.load_recipes(folder).items()
-               if (state.read_stamp(prefix, n) or {}).get("status") != state.DONE)
+    # what a full install still needs: every recipe the next install would (re)do,
+    # i.e. not done or damaged (the same judgement as `status`)
+    recipes = rcp.load_recipes(folder)
+    need = sum(recipes[row["recipe"]].disk_gb for row in engine.status(prefix, list(recipes))
+               if row["status"] != state.DONE and row["recipe"] in recipes)
     checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
                             jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
     capped, too_many = buildenv.capped_jobs(jobs)
