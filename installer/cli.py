@@ -278,14 +278,18 @@ def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
         _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install run vllm --prefix ~/rdna4 --set vllm.version=0.33.1\n\n"
+                     "  rdna4-install run flash-attention --force --dry-run --prefix ~/rdna4\n\n"
+                     "  rdna4-install run therock --force --only therock --prefix ~/rdna4")
 @click.argument("recipes", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
+@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed "
+              "(and accept a non-empty prefix that rdna4-install did not create).")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @pass_obj
 def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: Any) -> None:
-    """Rerun RECIPES, then whatever depends on them if its inputs changed."""
+    """Rerun RECIPES, then whatever depends on them if its inputs changed (or its files
+    are gone); --only/--skip narrow that set."""
     from . import engine
 
     settings = _settings(opts, obj.ui, targets=recipes, force=force, need_gpu=False)
@@ -392,7 +396,8 @@ def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float 
     click.echo(bn.format_comparison(result))
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install status --prefix ~/rdna4\n\n"
+                     "  rdna4-install status --prefix ~/rdna4 --json   # 'damaged' rows name the missing path")
 @prefix_opt
 @recipes_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
