@@ -76,7 +76,8 @@ def stamp_path(prefix: Path, name: str = "torch") -> Path:
                                      b'{"status": "done", "fingerprint": 7}',
                                      b'{"status": "done", "inputs": []}',
                                      b'{"status": "done", "inputs": {"pins": [1]}}',
-                                     b'{"status": ["done"]}', b"{\"status\": \"do", b"\xff\xfe\x00{",
+                                     b'{"status": ["done"]}', b'{"status": "weird"}', b"{\"status\": \"do",
+                                     b"\xff\xfe\x00{",
                                      b"[" * 100000])
 def test_damaged_stamp_is_treated_as_missing(done, content):
     recipes, prefix = done
@@ -85,6 +86,8 @@ def test_damaged_stamp_is_treated_as_missing(done, content):
         result = cli_run(recipes, prefix, *args)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
+    rows = json.loads(cli_run(recipes, prefix, "status", "--json").stdout)["recipes"]
+    assert {r["recipe"]: r["status"] for r in rows}["torch"] == "pending", "a claim we cannot read is none"
     plan = cli_run(recipes, prefix, "plan").stdout
     assert any("will run" in ln and " torch " in ln and "not installed" in ln for ln in plan.splitlines()), plan
     result = cli_run(recipes, prefix, "install", "--no-checks")
