@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
-from .errors import InstallerError
+from .errors import InstallerError, command
 
 MEMINFO = Path("/proc/meminfo")
 GIB = 1024 ** 3
@@ -71,13 +71,34 @@ def max_jobs(kind: str, *, override: int | None = None, mem_bytes: int | None = 
     unknown we stay at one job per 3-5 GB of a modest 16 GB rather than nproc.
     """
     if override:
-        return max(1, int(override))
+        return min(max(1, int(override)), jobs_cap(kind, mem_bytes=mem_bytes, cores=cores))
     cores = cores or os.cpu_count() or 1
     mem = available_memory() if mem_bytes is None else mem_bytes
     if mem <= 0:
         mem = 16 * GIB
     per_job = PER_JOB_GIB.get(kind, DEFAULT_PER_JOB_GIB)
     return max(1, min(cores, int(mem / GIB // per_job)))
+
+
+def jobs_cap(kind: str = "vllm", *, mem_bytes: int | None = None, cores: int | None = None) -> int:
+    """The most jobs `--jobs` may ask for: two per core, and no more than RAM + swap
+    hold at the per-job peak. Beyond that a build only thrashes or is OOM-killed."""
+    cores = cores or os.cpu_count() or 1
+    if mem_bytes is None:
+        info = meminfo()
+        mem_bytes = info.get("MemTotal", 0) + info.get("SwapTotal", 0)
+    per_job = PER_JOB_GIB.get(kind, DEFAULT_PER_JOB_GIB)
+    by_memory = int(mem_bytes / GIB // per_job) if mem_bytes > 0 else cores * 2
+    return max(1, min(cores * 2, by_memory))
+
+
+def capped_jobs(requested: int | None) -> tuple[int | None, str]:
+    """`--jobs` as the builds will use it, and the warning when it was capped."""
+    cap = jobs_cap()
+    if not requested or requested <= cap:
+        return requested, ""
+    return cap, (f"--jobs {requested} is more than this host can run ({os.cpu_count() or 1} cores, "
+                 f"{(meminfo().get('MemTotal', 0)) / GIB:.0f} GiB RAM); using {cap}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +118,8 @@ def toolchain(rocm: Path) -> Toolchain:
             break
     else:
         raise InstallerError(f"no clang in the ROCm toolchain at {rocm}",
-                             hint="install the torch/ROCm stack first (rdna4-install run therock)")
+                             # rocm is PREFIX/rocm for every recipe
+                             hint=command(rocm.parent, "run", "therock", "--force"))
     libs = next((p for p in (llvm / "amdgcn" / "bitcode", rocm / "amdgcn" / "bitcode") if p.is_dir()),
                 llvm / "amdgcn" / "bitcode")
     return Toolchain(rocm, llvm / "bin" / "clang", llvm / "bin" / "clang++", libs,

@@ -19,7 +19,7 @@ from typing import Any
 from packaging.utils import canonicalize_name
 
 from . import buildenv, codeobjects, proc, wheelcache
-from .errors import InstallerError, RecipeError
+from .errors import InstallerError, RecipeError, command
 from .pyenv import check_index_url, guarded_install, site_packages
 
 NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -134,7 +134,7 @@ def _venv_identity(ctx) -> dict[str, str]:
     got = proc.capture([ctx.vars["python"], "-c", code], env=ctx.env, timeout=60)
     if not got.ok:
         raise InstallerError(f"{ctx.name}: the venv python does not run ({ctx.vars['python']})",
-                             hint="rerun the torch step: rdna4-install run torch")
+                             hint=command(ctx.prefix, "run", "torch", "--force"))
     py, torch, triton = (got.stdout.splitlines() + ["", "", ""])[:3]
     return {"python": py, "torch": torch, "triton": triton}
 
@@ -185,7 +185,7 @@ def build_wheel(ctx, kind: str = "", backend: str = "ck", triton_kernels: str = 
         raise RecipeError(f"{ctx.name}: build-wheel kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if kind == "vllm" and triton_kernels and not Path(triton_kernels).is_dir():
         raise InstallerError(f"{ctx.name}: TRITON_KERNELS_SRC_DIR {triton_kernels} does not exist",
-                             hint="run the triton-kernels recipe first (it keeps its source)")
+                             hint=command(ctx.prefix, "run", "triton-kernels", "--force"))
     if isinstance(editable, str):  # from a recipe placeholder: "true" / "false" / ""
         editable = editable.lower() in ("1", "true", "yes") if editable else None
     editable = bool(ctx.options.get("editable") if editable is None else editable) and kind == "vllm"

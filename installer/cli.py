@@ -191,8 +191,8 @@ def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str,
 
 
 def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), force: bool = False,
-              need_gpu: bool = True, detection: Any = None):
-    from . import multigpu, state
+              need_gpu: bool = True, detection: Any = None, adopt: bool = False):
+    from . import buildenv, multigpu, state
     from . import recipes as rcp
     from .plan import Settings
 
@@ -211,16 +211,20 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         without = tuple(w for w in without if w != "flash-attention")
     if "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
         sets += ("ray.enabled=true",)
+    origins: dict[str, str] = {}
     pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                               pins_file=opts.get("pins_file"), sets=sets)
+                               pins_file=opts.get("pins_file"), sets=sets, origins=origins)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
+    jobs, too_many = buildenv.capped_jobs(opts.get("jobs"))
+    if too_many:
+        ui.warn(too_many)
     # how many target GPUs and their P2P: detected now, else what the last install recorded
     gpus = multigpu.facts(detection) if detection is not None else multigpu.recorded(receipt)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
-        jobs=opts.get("jobs"), only=tuple(opts.get("only") or ()),
+        jobs=jobs, only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()), without=without,
-        targets=targets, force=force, offline=bool(opts.get("offline")),
+        targets=targets, force=force, adopt=adopt, offline=bool(opts.get("offline")), pin_origins=origins,
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
                  else str(receipt.get("visible_devices", "")), **gpus},
@@ -312,14 +316,16 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
+@click.option("--force", is_flag=True,
+              help="Install into a non-empty folder that rdna4-install did not create.")
 @pass_obj
-def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
+def install(obj: Obj, dry_run: bool, no_checks: bool, force: bool, **opts: Any) -> None:
     """Install (or update) the whole stack into a prefix."""
     from . import detect, engine
 
     prefix = _path(opts.get("prefix") or _default_prefix())
     detection = detect.detect(prefix=prefix)
-    settings = _settings(opts, obj.ui, detection=detection)  # also shows detection's warnings
+    settings = _settings(opts, obj.ui, detection=detection, adopt=force)  # also shows detection's warnings
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
     plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
@@ -351,16 +357,18 @@ def plan(obj: Obj, as_json: bool, **opts: Any) -> None:
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
 
 
-@cli.command(epilog=examples("rdna4-install run vllm --prefix ~/rdna4",
-                             "rdna4-install run flash-attention --prefix ~/rdna4 --force",
-                             "rdna4-install run vllm --set vllm.version=0.33.1 --dry-run"))
+@cli.command(epilog=examples("rdna4-install run vllm --prefix ~/rdna4 --set vllm.version=0.33.1",
+                             "rdna4-install run flash-attention --force --dry-run --prefix ~/rdna4",
+                             "rdna4-install run therock --force --only therock --prefix ~/rdna4"))
 @click.argument("recipes", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
+@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed "
+              "(and accept a non-empty prefix that rdna4-install did not create).")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @pass_obj
 def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: Any) -> None:
-    """Rerun RECIPES, then whatever depends on them if its inputs changed."""
+    """Rerun RECIPES, then whatever depends on them if its inputs changed (or its files
+    are gone); --only/--skip narrow that set."""
     from . import engine
 
     settings = _settings(opts, obj.ui, targets=recipes, force=force, need_gpu=False)
@@ -453,18 +461,23 @@ def report(obj: Obj, prefix: Path | None, output: Path | None, model: str | None
 def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
            gpu_arch: str | None, jobs: int | None, as_json: bool) -> None:
     """Check the host: driver, device access, groups, disk, memory, tools."""
-    from . import buildenv, state
+    from . import buildenv, engine, state
     from . import doctor as doc
     from . import recipes as rcp
 
     prefix = _path(prefix or _default_prefix())
     cache = _path(cache_dir or _default_cache())
     folder = _path(recipes_dir) if recipes_dir else rcp.default_recipes_dir()
-    # what a full install still needs: every recipe not yet done in this prefix
-    need = sum(r.disk_gb for n, r in rcp.load_recipes(folder).items()
-               if (state.read_stamp(prefix, n) or {}).get("status") != state.DONE)
+    # what a full install still needs: every recipe the next install would (re)do,
+    # i.e. not done or damaged (the same judgement as `status`)
+    recipes = rcp.load_recipes(folder)
+    need = sum(recipes[row["recipe"]].disk_gb for row in engine.status(prefix, list(recipes))
+               if row["status"] != state.DONE and row["recipe"] in recipes)
     checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
                             jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
+    capped, too_many = buildenv.capped_jobs(jobs)
+    if too_many:   # builds use the capped number; say so where the host is judged
+        checks.append(doc.Check("jobs", doc.WARN, too_many, f"use --jobs {capped} or fewer"))
     failed = doc.failed(checks)
     if as_json:
         out: dict[str, Any] = {"checks": [c.to_json() for c in checks]}
@@ -597,7 +610,8 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
         click.echo(f"status of {prefix}")
         for row in rows:
             click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
-                       f"{row['when']:<21} {row['fingerprint'][:12]}".rstrip())
+                       f"{row['when']:<21} {row['fingerprint'][:12]}"
+                       + (f"  ({row['problem']}; a plain install redoes it)" if row["problem"] else "").rstrip())
             if row["status"] == "failed":
                 click.echo(f"      error: {row['error'] or '(not recorded)'}")
                 click.echo(f"      log: {row['log']}")

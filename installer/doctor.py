@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from . import buildenv
 from . import detect as det
-from . import proc
+from . import prefixes, proc
 from .rocminfo import OVERRIDE
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -313,29 +313,26 @@ def check_detection_notes(detection: det.Detection) -> Check | None:
     return Check("gpu notes", WARN, "; ".join(notes), fix)
 
 
-def _existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk(prefix: Path, cache_dir: Path, need_bytes: int) -> Check:
     groups: dict[int, list[str]] = {}
     free: dict[int, int] = {}
     for label, path in (("prefix", prefix), ("cache", cache_dir)):
-        where = _existing(path)
+        # a cache or prefix the installer cannot write fails here, with its path and cause
+        problem = prefixes.write_problem(path, label)
+        if problem is not None:
+            return Check("disk", FAIL, problem.message, problem.hint or "")
+        where = prefixes.nearest_existing(path)
         dev = where.stat().st_dev
         groups.setdefault(dev, []).append(f"{label} {path}")
         free[dev] = shutil.disk_usage(where).free
     need = f"need about {need_bytes / GIB:.0f} GiB (estimate for the plan)"
     places = "; ".join(f"{' and '.join(names)}: {free[dev] / GIB:.1f} GiB free"
                        for dev, names in groups.items())
-    fix = "free some space or choose another --prefix / RDNA4_CACHE_DIR"
-    if sum(free.values()) < need_bytes:
-        return Check("disk", FAIL, f"{need}; {places}", fix)
+    fix = "free some space or choose another --prefix / RDNA4_CACHE_DIR (--no-checks installs anyway)"
+    # each place must hold the plan's estimate: the prefix gets the trees, the cache the
+    # downloads and wheels, and how they split varies by recipe
     if min(free.values()) < need_bytes:
-        return Check("disk", WARN, f"{need}, split between prefix and cache; {places}", fix)
+        return Check("disk", FAIL, f"{need}; {places}", fix)
     return Check("disk", PASS, f"{need}; {places}")
 
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, actions, proc, state
+from . import __version__, actions, outputs, prefixes, proc, state
 from . import recipes as rcp
 from .errors import InstallerError, StepFailed
-from .plan import RUN, Item, Plan, Settings, make_plan
+from .plan import RUN, Item, Plan, Settings, make_plan, selection
 from .ui import UI
 
 
@@ -100,7 +100,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         if tail:
             ui.tail(tail, str(ctx.log))
         if isinstance(exc, OSError):
-            raise InstallerError(f"{name}: {exc.strerror or exc}",
+            where = f": {exc.filename}" if exc.filename else ""
+            raise InstallerError(f"{name}: {exc.strerror or exc}{where}",
                                  hint=f"work dir kept at {ctx.work_dir}; log: {ctx.log}") from None
         if not exc.hint:
             exc.hint = f"log: {ctx.log}; work dir kept at {ctx.work_dir}"
@@ -114,7 +115,8 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
         "status": state.DONE, "fingerprint": item.fingerprint, "inputs": item.inputs,
         "version": item.vars.get("_version", ""), "facts": ctx.facts,
         "source": item.inputs.get("source", {}), "patches": item.inputs.get("patches", {}),
-        "env": item.inputs.get("env", {}), "started": started, "finished": state.now(),
+        "env": item.inputs.get("env", {}), "outputs": item.outputs,
+        "started": started, "finished": state.now(),
     })
     if not (item.recipe.keep_work or ctx.keep_work):
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
@@ -130,7 +132,14 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
     """
     if dry_run:
         return make_plan(settings), []
-    state.check_writable(settings.prefix)
+    selection(settings)   # a bad or empty selection is refused before anything is written
+    prefixes.check_prefix(settings.prefix, adopt=settings.adopt or settings.force)
+    for path, what in ((settings.prefix, "prefix"), (settings.cache_dir, "cache")):
+        problem = prefixes.write_problem(path, what)   # both judged before either is created
+        if problem is not None:
+            raise problem
+    prefixes.check_writable(settings.prefix)
+    prefixes.check_writable(settings.cache_dir, "cache")
     ran: list[str] = []
     with state.PrefixLock(settings.prefix):
         # an earlier run may have been SIGKILLed, which runs no cleanup: its temps go now
@@ -164,13 +173,16 @@ def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:
         stamp = stamps.get(name) or {}
         facts = stamp.get("facts") or {}
         label = stamp.get("status", "pending")
+        problem = outputs.problem(prefix, outputs.merge(stamp.get("outputs"))) if label == state.DONE else ""
         if label == state.INCOMPLETE:
             label = "pending (interrupted)"
+        elif problem:
+            label = "damaged"   # the next install redoes it
         rows.append({
             "recipe": name, "status": label,
-            "version": stamp.get("version") or facts.get("version") or facts.get("commit", ""),
+            "version": str(stamp.get("version") or facts.get("version") or facts.get("commit") or ""),
             "when": stamp.get("finished") or stamp.get("failed") or stamp.get("started", ""),
-            "fingerprint": stamp.get("fingerprint", ""),
+            "fingerprint": stamp.get("fingerprint", ""), "problem": problem,
         })
         if label == state.FAILED:
             rows[-1].update(error=stamp.get("error", ""), log=str(state.logs_dir(prefix) / f"{name}.log"))

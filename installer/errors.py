@@ -35,3 +35,10 @@ class RecipeError(UsageError):
 
 class StepFailed(InstallerError):
     """A recipe step's command failed; its log stays on disk."""
+
+
+def command(prefix: object, *args: str) -> str:
+    """A hint that is a command the user can paste: `rdna4-install ARGS --prefix PREFIX`."""
+    import shlex
+
+    return "rdna4-install " + " ".join(shlex.quote(str(a)) for a in (*args, "--prefix", prefix))

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import proc
+from . import outputs, proc
 from . import recipes as rcp
 from . import state
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, UsageError, command
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
@@ -46,8 +46,10 @@ class Settings:
     without: tuple[str, ...] = ()     # optional components left out (--without)
     targets: tuple[str, ...] = ()     # `run RECIPE...`
     force: bool = False
+    adopt: bool = False               # --force: accept a non-empty prefix the installer did not create
     offline: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    pin_origins: dict[str, str] = field(default_factory=dict)   # RECIPE.KEY -> "--set ..." / pins file
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Item:
     inputs: dict[str, Any] = field(default_factory=dict)
     vars: dict[str, str] = field(default_factory=dict)
     patches: tuple[Path, ...] = ()
+    outputs: dict[str, list[str]] = field(default_factory=dict)   # prefix-relative, for the stamp
 
     @property
     def name(self) -> str:
@@ -199,14 +202,17 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
         symbolic[name] = _option(settings, name)
     used = {k for k in rcp.placeholders(recipe.raw) if k not in CONTEXT_VARS}
     used |= {k for k in pin_values if k.startswith(recipe.name + ".")}
-    body = rcp.interpolate(dict(recipe.raw), symbolic, where)
+    # [outputs] says what to look for, not how to build: declaring one must not rebuild
+    body = rcp.interpolate({k: v for k, v in recipe.raw.items() if k != "outputs"}, symbolic, where)
     source = rcp.interpolate(recipe.source.identity(), symbolic, where) if recipe.source else {}
     if source.get("kind") == "git" and not re.fullmatch(r"[0-9a-f]{40}", source.get("commit", "")):
-        raise RecipeError(f"{where}: git commit {source.get('commit')!r} is not a full 40-hex SHA",
+        raise RecipeError(f"{_blame(recipe, 'commit', settings)}: git commit {source.get('commit')!r} "
+                          "is not a full 40-hex SHA",
                           hint="pin sources by full commit SHA, never a branch or short id")
     if source.get("kind") == "url" and source.get("sha256") and \
             not re.fullmatch(r"[0-9a-f]{64}", source["sha256"]):
-        raise RecipeError(f"{where}: sha256 {source['sha256']!r} is not 64 hex digits")
+        raise RecipeError(f"{_blame(recipe, 'sha256', settings)}: sha256 {source['sha256']!r} "
+                          "is not 64 hex digits")
     return {
         "recipe": _hash_json(body),
         "pins": {k: pin_values[k] for k in sorted(used) if k in pin_values},
@@ -216,6 +222,17 @@ def _inputs(recipe: rcp.Recipe, pin_values: dict[str, str], settings: Settings,
         "archs": list(settings.archs),
         "deps": dep_fps,
     }
+
+
+def _blame(recipe: rcp.Recipe, field_name: str, settings: Settings) -> str:
+    """Where a bad source value came from: the override that set it, else the file."""
+    keys = rcp.placeholders(getattr(recipe.source, field_name, ""))
+    for key in sorted(keys):
+        if key in settings.pin_origins:
+            return f"{settings.pin_origins[key]} (pin {key})"
+    if keys:
+        return f"{settings.recipes_dir / rcp.PINS_FILE} (pin {', '.join(sorted(keys))})"
+    return str(recipe.path)
 
 
 def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -234,7 +251,7 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     if moved := diff("env"):
         return "env changed: " + ", ".join(moved)
     if old.get("archs") != new.get("archs"):
-        return f"target changed: {','.join(old.get('archs') or [])} -> {','.join(new['archs'])}"
+        return f"target changed: {','.join(map(str, old.get('archs') or []))} -> {','.join(new['archs'])}"
     if old.get("source") != new.get("source"):
         return "source changed"
     if moved := diff("deps"):
@@ -244,22 +261,29 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "inputs changed"
 
 
-def make_plan(settings: Settings) -> Plan:
-    recipes = rcp.load_recipes(settings.recipes_dir)
+def selection(settings: Settings, recipes: dict[str, rcp.Recipe] | None = None) -> set[str]:
+    """The recipes this run may touch: `run` targets and their dependents, narrowed by
+    --only, minus --skip. Checked before anything is written (the engine calls it first)."""
+    recipes = recipes if recipes is not None else rcp.load_recipes(settings.recipes_dir)
     for kind, names in (("--only", settings.only), ("--skip", settings.skip),
                         ("--without", settings.without), ("run", settings.targets)):
         _check_names(kind, names, recipes)
+    active = _descendants(recipes, set(settings.targets)) if settings.targets else set(recipes)
+    if settings.only:
+        active &= set(settings.only)
+    active -= set(settings.skip) | set(settings.without)
+    if not active:
+        raise UsageError("nothing is selected: --only/--skip/--without (or run's recipes) leave out "
+                         "every recipe", hint="name a recipe in --only that no --skip/--without names")
+    return active
+
+
+def make_plan(settings: Settings) -> Plan:
+    recipes = rcp.load_recipes(settings.recipes_dir)
+    active = selection(settings, recipes)
     pins = {t: dict(v) for t, v in settings.pins.items()}
     order = dependency_order(recipes)
     stamps = state.all_stamps(settings.prefix)   # read once: the loops below ask often
-
-    if settings.targets:
-        active = _descendants(recipes, set(settings.targets))
-    elif settings.only:
-        active = set(settings.only)
-    else:
-        active = set(recipes)
-    active -= set(settings.skip) | set(settings.without)
 
     for name in order:
         if not recipes[name].resolver:
@@ -277,6 +301,7 @@ def make_plan(settings: Settings) -> Plan:
     pin_values = rcp.pin_vars(pins)
 
     items: dict[str, Item] = {}
+    damaged: dict[str, str] = {}
     for name in order:
         recipe = recipes[name]
         stamp = stamps.get(name)
@@ -293,16 +318,25 @@ def make_plan(settings: Settings) -> Plan:
         fp = _hash_json(inputs)
         variables = {**pin_values, **context_vars(settings, name)}
         variables["_version"] = rcp.interpolate(recipe.version, variables, str(recipe.path))
-        item = Item(recipe, SKIP, "", fp, inputs, variables, patches)
+        claim = outputs.declared(recipe.outputs, variables, settings.prefix, str(recipe.path))
+        item = Item(recipe, SKIP, "", fp, inputs, variables, patches, claim)
         items[name] = item
 
         done = stamp is not None and stamp.get("status") == state.DONE
+        # a stamp is a claim: what it says was made must still be there
+        damage = outputs.problem(settings.prefix, outputs.merge(stamp.get("outputs"), claim)) if done else ""
+        if damage:
+            damaged[name] = damage
+        rebuilt = next((d for d in recipe.depends if items[d].action == RUN
+                        and outputs.contains(items[d].outputs, claim)), None) if done else None
         if not_needed:
             item.action, item.reason, item.fingerprint = SKIP, f"not needed: {not_needed}", ""
         elif name not in active:
-            item.reason = "up to date" if done and stamp.get("fingerprint") == fp else (
+            item.reason = "up to date" if done and stamp.get("fingerprint") == fp and not damage else (
                 "skipped (--skip)" if name in settings.skip else
                 "left out (--without)" if name in settings.without else "not selected")
+            if damage:
+                item.reason += f"; {damage}"
         elif stamp is None:
             item.action, item.reason = RUN, "not installed"
         elif stamp.get("status") == state.FAILED:
@@ -311,6 +345,10 @@ def make_plan(settings: Settings) -> Plan:
             item.action, item.reason = RUN, "interrupted last time"
         elif settings.force and (not settings.targets or name in settings.targets):
             item.action, item.reason = RUN, "forced"
+        elif damage:
+            item.action, item.reason = RUN, damage
+        elif rebuilt:
+            item.action, item.reason = RUN, f"redone with {rebuilt}, whose tree holds its files"
         elif stamp.get("fingerprint") != fp:
             item.action, item.reason = RUN, explain_change(stamp.get("inputs") or {}, inputs)
         else:
@@ -322,7 +360,9 @@ def make_plan(settings: Settings) -> Plan:
         for dep in item.recipe.depends:
             d = items[dep]
             dstamp = stamps.get(dep)
-            if d.action == SKIP and d.fingerprint and not (dstamp and dstamp.get("status") == state.DONE):
-                raise UsageError(f"{item.name} needs {dep}, which is not installed in {settings.prefix}",
-                                 hint=f"run without --only/--skip, or add --only {dep}")
+            if d.action == SKIP and d.fingerprint and (dep in damaged or not (
+                    dstamp and dstamp.get("status") == state.DONE)):
+                why = damaged.get(dep) or f"which is not installed in {settings.prefix}"
+                raise UsageError(f"{item.name} needs {dep}, {why}",
+                                 hint=command(settings.prefix, "install"))
     return Plan(settings, [items[n] for n in order], pins)

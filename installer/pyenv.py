@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from . import proc
 from .download import is_loopback
-from .errors import InstallerError, StepFailed, UsageError
+from .errors import InstallerError, StepFailed, UsageError, command
 from .torchindex import (coherent_pins, resolve_from_index, rocm_local, same_version,
                          stack_requirements, tarball_version)
 
@@ -63,7 +63,7 @@ def site_packages(venv: Path) -> Path:
     found = sorted(Path(venv).glob("lib/python3*/site-packages"))
     if not found:
         raise InstallerError(f"{venv} is not a Python virtual environment",
-                             hint="run the torch recipe, which creates it")
+                             hint=command(Path(venv).parent, "run", "torch", "--force"))
     return found[0]
 
 
@@ -74,7 +74,7 @@ def venv_python_version(venv: Path) -> tuple[int, int, int]:
         text = cfg.read_text()
     except OSError:
         raise InstallerError(f"{cfg} is missing",
-                             hint="run the torch recipe, which creates the venv") from None
+                             hint=command(Path(venv).parent, "run", "torch", "--force")) from None
     m = re.search(r"^(?:version_info|version)\s*=\s*(\d+)\.(\d+)\.(\d+)", text, re.M)
     if not m:
         raise InstallerError(f"no Python version in {cfg}")
@@ -183,7 +183,7 @@ def check_torch_step(ctx) -> None:
     venv = venv_dir(ctx.prefix)
     installed = installed_versions(venv)
     if "torch" not in installed or "rocm" not in installed:
-        raise InstallerError(f"torch or rocm is not installed in {venv}", hint="rerun the torch recipe")
+        raise InstallerError(f"torch or rocm is not installed in {venv}", hint=command(ctx.prefix, "run", "torch", "--force"))
     v_rocm = installed["rocm"]
     probe = ("import json, torch, amdsmi; print('RDNA4-PROBE ' + json.dumps("
              "{'torch': torch.__version__, 'hip': torch.version.hip}))")
@@ -197,17 +197,17 @@ def check_torch_step(ctx) -> None:
     seen = found[-1]
     if not seen["hip"]:
         raise InstallerError(f"torch {seen['torch']} in {venv} is not a ROCm (HIP) build",
-                             hint="the venv was changed after install; rerun the torch recipe")
+                             hint="the venv was changed after install: " + command(ctx.prefix, "run", "torch", "--force"))
     if seen["torch"] != installed["torch"] or Version(seen["torch"]).local != rocm_local(Version(v_rocm)):
         raise InstallerError(f"torch imports as {seen['torch']} but the venv holds "
                              f"torch {installed['torch']} and rocm {v_rocm}",
-                             hint="rerun the torch recipe")
+                             hint=command(ctx.prefix, "run", "torch", "--force"))
     out: list[str] = []
     ctx.run([str(venv / "bin" / "rocm-sdk"), "version"], env=env, on_line=out.append,
             what="rocm-sdk version")
     if not any(same_version(tok, v_rocm) for line in out for tok in line.split()):
         raise InstallerError(f"`rocm-sdk version` says {' '.join(out)!r}, expected {v_rocm}",
-                             hint="rerun the torch recipe")
+                             hint=command(ctx.prefix, "run", "torch", "--force"))
     ctx.facts.update({"hip": seen["hip"], "torch": seen["torch"], "rocm": v_rocm})
 
 
@@ -290,7 +290,10 @@ def register_amdsmi(site: Path, prefix: Path) -> Path:
     """
     for base in (site / "_rocm_sdk_core" / "share" / "amd_smi", Path(prefix) / "rocm" / "share" / "amd_smi"):
         if (base / "amdsmi" / "__init__.py").is_file():
-            (site / AMDSMI_PTH).write_text(f"{base.resolve()}\n")
+            # relative to site-packages (site.py joins it), so the line is ASCII whatever
+            # the prefix is called: Python < 3.13 decodes .pth files in the locale's
+            # encoding, and a non-ASCII path under LANG=C kills the interpreter at start
+            (site / AMDSMI_PTH).write_text(os.path.relpath(base, site) + "\n", encoding="ascii")
             return base
     raise InstallerError("amdsmi's Python bindings were not found in rocm-sdk-core or PREFIX/rocm",
                          hint="expected share/amd_smi/amdsmi; vLLM needs amdsmi to detect the GPU")
@@ -326,7 +329,8 @@ def write_constraints(venv: Path, installed: Mapping[str, str] | None = None) ->
     version (`installed`: installed_versions(venv), when the caller has just read it)."""
     installed = installed_versions(venv) if installed is None else installed
     if "torch" not in installed:
-        raise InstallerError(f"torch is not installed in {venv}", hint="run the torch recipe first")
+        raise InstallerError(f"torch is not installed in {venv}",
+                             hint=command(Path(venv).parent, "run", "torch", "--force"))
     path = Path(venv) / CONSTRAINTS
     path.write_text("".join(f"{k}=={v}\n" for k, v in sorted(installed.items())))
     return path

@@ -81,17 +81,26 @@ class Recipe:
     env: tuple[tuple[str, str], ...] = ()
     steps: tuple[Step, ...] = ()
     check: Step | None = None
+    outputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # --- loading -----------------------------------------------------------------
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    from . import bounded
+
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"file not found: {path}") from None
+        text = bounded.read(path, bounded.PINS_LIMIT).decode("utf-8")
+    except bounded.Unreadable as exc:
+        if exc.missing:
+            raise UsageError(f"file not found: {path}") from None
+        raise UsageError(f"{path} {exc}", hint="name a TOML file (--pins FILE or RDNA4_PINS=FILE)") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})",
+                          hint="save it as UTF-8; TOML files are UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML: {exc}", hint="fix the file's syntax") from None
 
@@ -143,6 +152,14 @@ def _step(where: str, data: Any, default_name: str) -> Step:
                 cwd=_typed(where, data.get("cwd", ""), str, "cwd"))
 
 
+def _outputs(where: str, data: Any) -> dict[str, tuple[str, ...]]:
+    from .outputs import KINDS
+
+    _typed(where, data, dict, "[outputs]")
+    _check_keys(f"{where} [outputs]", data, set(KINDS))
+    return {k: _str_list(where, v, f"outputs.{k}") for k, v in data.items()}
+
+
 _SOURCE_KEYS = {
     "url": ({"kind", "url", "sha256"}, {"url"}),
     "git": ({"kind", "url", "tag", "commit"}, {"url", "commit"}),
@@ -168,7 +185,7 @@ def _source(where: str, data: Any) -> Source:
 def load_recipe(path: Path) -> Recipe:
     data = _read_toml(path)
     where = str(path)
-    _check_keys(where, data, {"recipe", "source", "env", "steps", "check"}, {"recipe"})
+    _check_keys(where, data, {"recipe", "source", "env", "steps", "check", "outputs"}, {"recipe"})
     head = _typed(where, data["recipe"], dict, "[recipe]")
     _check_keys(f"{where} [recipe]", head,
                 {"name", "description", "version", "depends", "resolver", "keep_work", "when",
@@ -198,6 +215,7 @@ def load_recipe(path: Path) -> Recipe:
         env=tuple(sorted(env.items())),
         steps=tuple(_step(f"{where} step {i + 1}", s, f"step {i + 1}") for i, s in enumerate(steps)),
         check=_step(f"{where} [check]", data["check"], "check") if "check" in data else None,
+        outputs=_outputs(where, data.get("outputs", {})),
         raw=data,
     )
 
@@ -240,22 +258,31 @@ def _set_pin(pins: Pins, key: str, value: Any, origin: str) -> None:
         known = ", ".join(f"{t}.{k}" for t in sorted(pins) for k in pins[t])
         raise UsageError(f"{origin}: unknown pin {key!r}",
                          hint=f"pins are RECIPE.KEY, one of: {known}")
+    if value == "" and pins[table][name] != "":
+        # only pins that are empty by default mean something when empty (e.g. therock.sha256)
+        raise UsageError(f"{origin}: pin {key} is empty; it needs a value",
+                         hint=f"drop the override, or use the default: --set {key}={pins[table][name]}")
     pins[table][name] = value
 
 
-def apply_overrides(pins: Pins, *, pins_file: Path | None = None, sets: tuple[str, ...] = ()) -> Pins:
-    """Overlay a user's pins file, then `--set RECIPE.KEY=VALUE` items, on the pins."""
+def apply_overrides(pins: Pins, *, pins_file: Path | None = None, sets: tuple[str, ...] = (),
+                    origins: dict[str, str] | None = None) -> Pins:
+    """Overlay a user's pins file, then `--set RECIPE.KEY=VALUE` items, on the pins.
+    `origins` (if given) gets, per overridden RECIPE.KEY, where its value came from."""
     out = {t: dict(v) for t, v in pins.items()}
+    origins = origins if origins is not None else {}
     if pins_file is not None:
         for table, values in load_pins(pins_file).items():
             for key, value in values.items():
                 _set_pin(out, f"{table}.{key}", value, str(pins_file))
+                origins[f"{table}.{key}"] = str(pins_file)
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(f"--set {item!r}: expected RECIPE.KEY=VALUE",
                              hint="for example --set vllm.version=0.33.0")
         _set_pin(out, key.strip(), value.strip(), "--set")
+        origins[key.strip()] = f"--set {item}"
     return out
 
 

@@ -195,7 +195,9 @@ def find_rocminfo(prefix: Path | None = None) -> str | None:
         return found
     if prefix is not None:
         candidate = Path(prefix) / "rocm" / "bin" / "rocminfo"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
+        # os.path.isfile, not Path.is_file: a prefix under a folder we may not search
+        # is "no rocminfo there", not a PermissionError (Path raises it before 3.12)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
 

@@ -59,18 +59,49 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unusable in any way (too
+    big, a directory, not UTF-8, not JSON, nested too deep)."""
+    from . import bounded
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (FileNotFoundError, NotADirectoryError):
+        return json.loads(bounded.read(path, bounded.STATE_LIMIT).decode("utf-8"))
+    except (bounded.Unreadable, ValueError, RecursionError):
+        # a state file we cannot read proves nothing: treat it as missing
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        # a stamp we cannot read proves nothing: treat the recipe as not done
+
+
+# The fields a stamp or the receipt may hold, with their JSON types. A file with a
+# field of another type was not written by us (or was damaged) and is ignored
+# whole: plan redoes that recipe rather than trusting half of a claim.
+STAMP_FIELDS: dict[str, type | tuple] = {
+    "status": str, "fingerprint": str, "attempted_fingerprint": str, "version": str, "error": str,
+    "started": str, "finished": str, "failed": str,
+    "inputs": dict, "facts": dict, "source": dict, "patches": dict, "env": dict, "outputs": dict,
+}
+INPUT_FIELDS: dict[str, type | tuple] = {
+    "recipe": str, "pins": dict, "patches": dict, "env": dict, "source": dict, "archs": list, "deps": dict,
+}
+RECEIPT_FIELDS: dict[str, type | tuple] = {
+    "installer_version": str, "prefix": str, "archs": list, "visible_devices": str, "created": str,
+    "updated": str, "tools": dict, "pins": dict, "components": dict,
+}
+
+
+def well_formed(data: Any, fields: dict[str, type | tuple]) -> bool:
+    return isinstance(data, dict) and all(
+        isinstance(data[k], kind) for k, kind in fields.items() if k in data)
+
+
+def _stamp(data: Any) -> dict[str, Any] | None:
+    if not well_formed(data, STAMP_FIELDS) or not well_formed(data.get("inputs", {}), INPUT_FIELDS):
         return None
+    if data.get("status") not in (DONE, FAILED, INCOMPLETE):
+        return None
+    return data
 
 
 def read_stamp(prefix: Path, name: str) -> dict[str, Any] | None:
-    return read_json(state_dir(prefix) / f"{name}.json")
+    return _stamp(read_json(state_dir(prefix) / f"{name}.json"))
 
 
 def write_stamp(prefix: Path, name: str, stamp: dict[str, Any]) -> None:
@@ -83,8 +114,8 @@ def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         return {}
     for path in sorted(folder.glob("*.json")):
-        data = read_json(path)
-        if isinstance(data, dict):
+        data = _stamp(read_json(path))
+        if data is not None:
             out[path.stem] = data
     return out
 
@@ -248,31 +279,11 @@ def kill_holders(path: Path) -> list[int]:
     return found
 
 
-def check_writable(prefix: Path) -> None:
-    """Fail early, in one line, when the prefix cannot be created or written."""
-    probe = prefix
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise InstallerError(f"prefix {prefix} is not a directory ({probe} is a file)",
-                             hint="choose another --prefix")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InstallerError(f"prefix {prefix} is not writable ({probe} belongs to another user)",
-                             hint="choose a --prefix under your home directory; never use sudo")
-    try:
-        meta_dir(prefix).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InstallerError(f"cannot create {prefix}: {exc.strerror}",
-                             hint="choose another --prefix") from None
-
-
 # --- the receipt -----------------------------------------------------------------
 
 def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
                   installer_version: str, visible_devices: str = "") -> dict[str, Any]:
-    old = read_json(prefix / RECEIPT) or {}
+    old = read_receipt(prefix) or {}
     stamps = all_stamps(prefix)
     receipt = {
         "installer_version": installer_version,
@@ -297,4 +308,12 @@ def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: di
 
 
 def read_receipt(prefix: Path) -> dict[str, Any] | None:
-    return read_json(prefix / RECEIPT)
+    """The receipt, or None when it is missing or not one we wrote (wrong shape)."""
+    data = read_json(prefix / RECEIPT)
+    if not well_formed(data, RECEIPT_FIELDS):
+        return None
+    if not all(isinstance(a, str) for a in data.get("archs", [])):
+        return None
+    if not all(isinstance(v, dict) for k in ("pins", "components") for v in data.get(k, {}).values()):
+        return None
+    return data

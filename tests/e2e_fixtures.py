@@ -199,13 +199,18 @@ def recipe_statuses(world: World, home: Path, prefix: Path) -> dict[str, str]:
     return rows
 
 
+def _without_cache_facts(facts: dict) -> dict:
+    # whether something came from a cache (at any depth) says how, not what, was installed
+    return {k: _without_cache_facts(v) if isinstance(v, dict) else v for k, v in facts.items()
+            if k not in ("wheel_cache", "from_cache", "max_jobs")}
+
+
 def receipt_core(prefix: Path) -> dict:
     """The receipt without timestamps and tool versions: what must match across reruns."""
     data = json.loads((prefix / "rdna4-manifest.json").read_text())
     comps = {}
     for name, comp in data["components"].items():
-        facts = {k: v for k, v in (comp.get("facts") or {}).items()
-                 if k not in ("wheel_cache", "from_cache", "max_jobs")}
+        facts = _without_cache_facts(comp.get("facts") or {})
         comps[name] = {"status": comp["status"], "fingerprint": comp["fingerprint"],
                        "version": comp["version"], "facts": facts, "patches": comp["patches"]}
     return {"archs": data["archs"], "pins": data["pins"], "components": comps}
@@ -227,3 +232,39 @@ def leftovers(*roots: Path) -> list[str]:
 
 def git_head(path: Path) -> str:
     return git("rev-parse", "HEAD", cwd=path)
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    hints = [line for line in result.stderr.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, result.stderr
+    for word in words:
+        assert word in errors[0] + hints[0], (word, errors[0], hints[0])
+
+
+def snapshot(*roots: Path, ignore: tuple[Path, ...] = ()) -> dict[str, tuple]:
+    """Every path under `roots` (except under `ignore`) with its mode, size and mtime:
+    two snapshots differ when a run touched something outside the prefix and cache."""
+    skip = {str(p) for p in ignore}
+    out: dict[str, tuple] = {}
+    for root in roots:
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in skip]
+            out.update({os.path.join(dirpath, d): ("dir",) for d in dirs})
+            for name in files:
+                st = os.lstat(os.path.join(dirpath, name))
+                out[os.path.join(dirpath, name)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def hint_command(result: subprocess.CompletedProcess) -> list[str]:
+    """The command in the `hint:` line of a failed run, as argv (without `rdna4-install`)."""
+    import shlex
+
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("hint: "))
+    argv = shlex.split(hint[len("hint: "):])
+    assert argv[0] == "rdna4-install", hint
+    return argv[1:]

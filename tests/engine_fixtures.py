@@ -57,3 +57,17 @@ def six_recipes(root: Path) -> Path:
 def order(prefix: Path) -> list[str]:
     log = prefix / "order.log"
     return log.read_text().split() if log.exists() else []
+
+
+def run_installer(recipes: Path, *args: str | bytes, env: dict | None = None, wrapper: tuple = (),
+                  python: str = sys.executable) -> "subprocess.CompletedProcess[str]":
+    """`python -m installer ARGS` from this checkout in a process of its own (so a
+    traceback would show) with the recipe tree `recipes`; `wrapper` goes in front
+    (e.g. unshare, setpriv)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    full = dict(os.environ, PYTHONPATH=str(repo), RDNA4_RECIPES_DIR=str(recipes), **(env or {}))
+    return subprocess.run([*wrapper, python, "-m", "installer", *args], env=full, capture_output=True,
+                          text=True, timeout=300, errors="replace")

@@ -109,7 +109,10 @@ def test_max_jobs_from_memory(kind, mem_gib, cores, want):
 
 
 def test_jobs_override_wins():
-    assert buildenv.max_jobs("flash-attention", override=7, mem_bytes=4 * GIB, cores=2) == 7
+    assert buildenv.max_jobs("flash-attention", override=3, mem_bytes=64 * GIB, cores=2) == 3
+    # more than two per core, or than memory holds, is capped (issue 12)
+    assert buildenv.max_jobs("flash-attention", override=7, mem_bytes=64 * GIB, cores=2) == 4
+    assert buildenv.max_jobs("flash-attention", override=7, mem_bytes=10 * GIB, cores=8) == 2
 
 
 def test_available_memory_reads_meminfo(tmp_path):

@@ -194,8 +194,10 @@ def test_jobs_come_from_the_option_else_from_memory(tmp_path):
     ctx = make_ctx(tmp_path, "flash-attention", prefix=tmp_path / "p", rocm=rocm, venv=tmp_path / "venv",
                    cache=tmp_path / "cache")
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
-    ctx.jobs = 7  # --jobs 7
-    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
+    ctx.jobs = 1  # --jobs 1 (within what any host can run)
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "1"
+    ctx.jobs = 10000  # more than the host can run: capped
+    assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.jobs_cap("flash-attention"))
 
 
 def test_a_toolchain_without_hipcc_builds_flash_attention_through_the_replacement(world, tmp_path):
@@ -215,6 +217,8 @@ def test_a_toolchain_without_hipcc_builds_flash_attention_through_the_replacemen
     assert shim.is_relative_to(ctx.work_dir), "the replacement lives in the work dir"
     assert (shim / "lib").resolve() == (world.rocm / "lib").resolve(), "everything else is the real tree"
     assert not (world.rocm / "bin" / "hipcc").exists(), "the toolchain tree is never written to"
+
+
 def test_pip_install_refuses_a_plain_http_index_before_running_anything(tmp_path):
     from installer.actions import StepContext
     from installer.errors import UsageError

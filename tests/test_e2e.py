@@ -15,7 +15,7 @@ import time
 import pytest
 
 from build_fixtures import compiler_calls
-from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, recipe_statuses, run_cli
+from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, one_line_error, recipe_statuses, run_cli
 from therock_fixtures import make_toolchain_tarball
 
 from installer.state import all_stamps as stamps
@@ -147,17 +147,6 @@ def test_second_prefix_reuses_the_cache_and_a_concurrent_install_is_refused(worl
     facts = json.loads((prefix / "rdna4-manifest.json").read_text())["components"]
     assert facts["vllm"]["facts"]["wheel_cache"] == "hit"
     assert facts["flash-attention"]["facts"]["wheel_cache"] == "hit"
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    hints = [line for line in result.stderr.splitlines() if line.startswith("hint: ")]
-    assert len(hints) == 1, result.stderr
-    for word in words:
-        assert word in errors[0] + hints[0], (word, errors[0], hints[0])
 
 
 @pytest.mark.parametrize("case", [

@@ -91,7 +91,8 @@ def test_amdsmi_registered_in_place_and_runtime_fixes(installed, uv_cache):
     venv = pyenv.venv_dir(installed.prefix)
     site = pyenv.site_packages(venv)
     sdk_smi = site / "_rocm_sdk_core" / "share" / "amd_smi"
-    assert (site / pyenv.AMDSMI_PTH).read_text().strip() == str(sdk_smi.resolve())
+    line = (site / pyenv.AMDSMI_PTH).read_text().strip()
+    assert line.isascii() and (site / line).resolve() == sdk_smi.resolve(), "relative, so ASCII (issue 12)"
     assert not (site / "amdsmi").exists()  # not copied
     assert venv_run(installed.prefix, "import amdsmi; print(amdsmi.__file__)") \
         == str(sdk_smi.resolve() / "amdsmi" / "__init__.py")
