@@ -609,9 +609,9 @@ def status(obj: Obj, prefix: Path | None, recipes_dir: Path | None, as_json: boo
     else:
         click.echo(f"status of {prefix}")
         for row in rows:
-            click.echo(f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
-                       f"{row['when']:<21} {row['fingerprint'][:12]}"
-                       + (f"  ({row['problem']}; a plain install redoes it)" if row["problem"] else "").rstrip())
+            problem = f"  ({row['problem']}; a plain install redoes it)" if row["problem"] else ""
+            click.echo((f"  {row['recipe']:<18} {row['status']:<22} {_short(row['version']):<20} "
+                        f"{row['when']:<21} {row['fingerprint'][:12]}" + problem).rstrip())
             if row["status"] == "failed":
                 click.echo(f"      error: {row['error'] or '(not recorded)'}")
                 click.echo(f"      log: {row['log']}")
