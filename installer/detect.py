@@ -406,8 +406,12 @@ def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
         module_version = under(root, "sys/module/amdgpu/version").read_text().strip() or module_version
     except OSError:
         pass
+    try:
+        kfd_present = under(root, KFD_NODES).is_dir()
+    except OSError:   # an unsearchable sysfs path proves nothing either way
+        kfd_present = False
     return Detection(gpus, target, visible, warnings, run,
-                     kfd_present=under(root, KFD_NODES).is_dir(), module_version=module_version)
+                     kfd_present=kfd_present, module_version=module_version)
 
 
 def _split_archs(gpu_arch: str | Iterable[str]) -> list[str]:

@@ -88,8 +88,9 @@ def test_another_users_folder(recipes):
     python = f"/usr/bin/python3.{sys.version_info[1]}"
     if not os.path.exists(python) or not _root_can("setpriv", "--reuid", "65534", "true"):
         pytest.skip("needs root, setpriv and a system python")
-    # pytest's tmp folders are private to root; nobody needs a path it can walk
-    with tempfile.TemporaryDirectory(prefix="rdna4-test-") as tmp:
+    # pytest's tmp folders (and the TMPDIR conftest points into them) are private to
+    # root; nobody needs a path it can walk, so this one folder goes to /tmp and is removed
+    with tempfile.TemporaryDirectory(prefix="rdna4-test-", dir="/tmp") as tmp:
         base = Path(tmp)
         base.chmod(0o755)
         owner = base / "roots"
