@@ -80,6 +80,17 @@ recipes_opt = click.option("--recipes-dir", type=click.Path(path_type=Path, file
                            envvar="RDNA4_RECIPES_DIR", show_envvar=True, default=None,
                            help="Use recipes from DIR (patches from DIR/../patches).")
 
+mirror_opt = click.option("--mirror", type=click.Path(path_type=Path, dir_okay=False), envvar="RDNA4_MIRROR",
+                          show_envvar=True, default=None,
+                          help="A TOML file whose [rewrite] table maps upstream URL prefixes to a mirror "
+                               "(https, loopback http or a local directory); longest prefix wins.")
+
+
+def _use_mirror(opts: dict[str, Any]) -> None:
+    from . import mirror
+
+    mirror.use(mirror.load(_path(opts["mirror"])) if opts.get("mirror") else None)
+
 
 def selection_options(fn):
     opts = [
@@ -104,7 +115,7 @@ def selection_options(fn):
         click.option("--editable", is_flag=True, help="Install vLLM editable from its work tree."),
         click.option("--offline", is_flag=True, envvar="RDNA4_OFFLINE", show_envvar=True,
                      help="Use only the download cache; fail on a miss."),
-        recipes_opt, cache_opt, prefix_opt,
+        mirror_opt, recipes_opt, cache_opt, prefix_opt,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -141,6 +152,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     from . import state
     from .plan import Settings
 
+    _use_mirror(opts)
     prefix = _path(opts.get("prefix") or _default_prefix())
     # what the last install here recorded: the target and GPU visibility of a rerun
     receipt = state.read_receipt(prefix) or {}
@@ -194,6 +206,8 @@ def _short(version: str) -> str:
 
 
 def _print_plan(plan, ui: UI, verbose: bool) -> None:
+    from . import mirror
+
     width = max((len(i.name) for i in plan.items), default=0)
     click.echo(f"plan for {plan.settings.prefix} (target: {','.join(plan.settings.archs)})")
     for item in plan.items:
@@ -202,9 +216,9 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
         click.echo(f"  {mark}  {item.name:<{width}}  {version:<20}  {item.reason}")
         if verbose:
             for key, value in item.inputs.get("pins", {}).items():
-                click.echo(f"      pin {key} = {value if value != '' else '(empty)'}")
+                click.echo(f"      pin {key} = {mirror.shown(value) if value != '' else '(empty)'}")
             for key, value in item.inputs.get("source", {}).items():
-                click.echo(f"      source {key} = {value}")
+                click.echo(f"      source {key} = {mirror.shown(value)}")
             for key, value in item.inputs.get("patches", {}).items():
                 click.echo(f"      patch {key} sha256:{value[:16]}")
             if item.fingerprint:
