@@ -180,6 +180,25 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     )
 
 
+def _bundle_opts(opts: dict[str, Any], source: str, prefix: Path, detection: Any,
+                 ui: UI) -> tuple[dict[str, Any], Path]:
+    """Unpack and verify a bundle; the install then runs on its recipes and pins only."""
+    from . import bundle
+
+    clash = [flag for flag, key in (("--set", "sets"), ("--pins", "pins_file"), ("--mirror", "mirror"),
+                                    ("--recipes-dir", "recipes_dir"), ("--editable", "editable"),
+                                    ("--without", "without"),
+                                    ("--flash-attention-backend", "flash_attention_backend"))
+             if opts.get(key)]
+    if clash:
+        raise UsageError(f"--from-bundle installs exactly what the bundle holds; drop {', '.join(clash)}",
+                         hint="change the source prefix and bundle it again instead")
+    archs = _target_archs(opts, ui, prefix, {}, need=True, detection=detection)
+    cache = _path(opts.get("cache_dir") or _default_cache())
+    staged = bundle.unpack(source, cache_dir=cache, prefix=prefix, archs=archs, ui=ui)
+    return {**opts, "recipes_dir": staged / "recipes", "mirror": None, "offline": False}, staged
+
+
 def _preflight(settings, detection: Any, ui: UI, archs_given: bool, todo: list) -> None:
     """Doctor's blocking checks, for the recipes about to run (engine.install calls it)."""
     from . import buildenv, doctor
@@ -240,13 +259,17 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install install --prefix ~/rdna4\n\n"
+                     "  rdna4-install install --prefix ~/rdna4 --mirror /mnt/usb/mirror/mirror.toml\n\n"
+                     "  ssh build-host cat stack.bundle | rdna4-install install --from-bundle - --prefix ~/rdna4")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
+@click.option("--from-bundle", "from_bundle", metavar="FILE", default=None,
+              help="Install offline from a bundle made by `rdna4-install bundle` (- reads stdin).")
 @pass_obj
-def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
+def install(obj: Obj, dry_run: bool, no_checks: bool, from_bundle: str | None, **opts: Any) -> None:
     """Install (or update) the whole stack into a prefix."""
     from . import detect, engine
 
@@ -254,10 +277,19 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, **opts: Any) -> None:
     detection = detect.detect(prefix=prefix)
     for warning in detection.warnings:
         obj.ui.warn(warning)
+    staged = None
+    if from_bundle is not None:
+        opts, staged = _bundle_opts(opts, from_bundle, prefix, detection, obj.ui)
     settings = _settings(opts, obj.ui, detection=detection)
+    if staged is not None:
+        from . import bundle
+
+        bundle.use(staged, settings.cache_dir)
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
     plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
+    if staged is not None and not dry_run:
+        bundle.finish(staged)
     if dry_run:
         _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
         return
@@ -299,6 +331,53 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
     elif not ran:
         obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
+
+
+@cli.command(epilog="Examples:\n\n  rdna4-install bundle --prefix ~/rdna4 -o rdna4-gfx1201.bundle\n\n"
+                     "  rdna4-install bundle --prefix ~/rdna4 -o - | ssh node2 rdna4-install install "
+                     "--from-bundle - --prefix ~/rdna4")
+@prefix_opt
+@cache_opt
+@recipes_opt
+@mirror_opt
+@click.option("-o", "--output", required=True, metavar="FILE", help="Write the bundle here (- for stdout).")
+@pass_obj
+def bundle(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
+           mirror: Path | None, output: str) -> None:
+    """Pack an installed prefix into one file that installs elsewhere with no network and no compiler."""
+    import time
+
+    from . import bundle as bdl
+    from . import recipes as rcp
+
+    _use_mirror({"mirror": mirror})
+    started = time.monotonic()
+    manifest = bdl.create(_path(prefix or _default_prefix()), cache_dir=_path(cache_dir or _default_cache()),
+                          recipes_dir=_path(recipes_dir) if recipes_dir else rcp.default_recipes_dir(),
+                          out=output if output == "-" else str(_path(output)), ui=obj.ui)
+    obj.ui.success(bdl.describe(manifest, output if output == "-" else str(_path(output)),
+                                time.monotonic() - started))
+
+
+@cli.group("mirror")
+def mirror_group() -> None:
+    """Mirrors of everything an install downloads (see --mirror)."""
+
+
+@mirror_group.command("create", epilog="Examples:\n\n  rdna4-install mirror create /mnt/usb/rdna4-mirror "
+                      "--gpu-arch gfx1201\n\n  rdna4-install install --prefix ~/rdna4 --gpu-arch gfx1201 "
+                      "--mirror /mnt/usb/rdna4-mirror/mirror.toml")
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@selection_options
+@pass_obj
+def mirror_create(obj: Obj, dest: Path, **opts: Any) -> None:
+    """Download every artifact of the plan into DEST and write DEST/mirror.toml for --mirror."""
+    from . import mirrorlayout
+    from .plan import make_plan
+
+    plan = make_plan(_settings(opts, obj.ui, need_gpu=False))
+    path = mirrorlayout.create(plan, _path(dest), obj.ui)
+    obj.ui.success(f"mirror in {_path(dest)}; install from it with --mirror '{path}'")
 
 
 @cli.command("detect")

@@ -146,8 +146,8 @@ def write_file(dest: Path, rules: dict[str, str]) -> Path:
     """DEST/mirror.toml for `rules` (replacements relative to DEST stay relative)."""
     import json
 
-    lines = ["# written by rdna4-install; use with --mirror " + str(Path(dest) / MIRROR_FILE),
-             "[rewrite]"]
+    lines = ["# written by rdna4-install; pass this file to --mirror. Paths are relative to it,",
+             "# so the directory can be moved or copied as a whole.", "[rewrite]"]
     # JSON strings are valid TOML basic strings
     lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in sorted(rules.items())]
     out = Path(dest) / MIRROR_FILE
