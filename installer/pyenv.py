@@ -355,8 +355,10 @@ def guarded_install(ctx, args: list[str], *, env: Mapping[str, str] | None = Non
     constraints = write_constraints(venv, before)
     # also as build constraints: an isolated build env must not fetch another torch
     argv = [find_uv(), "pip", "install", "--python", str(venv_python(ctx.prefix)), "--no-config",
-            "--constraints", str(constraints), "--build-constraints", str(constraints),
-            "--default-index", mirror.index_url(PYPI_URL)]
+            "--constraints", str(constraints), "--build-constraints", str(constraints)]
+    pypi = mirror.index_url(PYPI_URL)
+    if pypi != PYPI_URL and "--default-index" not in args:
+        argv += ["--default-index", pypi]   # uv's default index is PyPI: a mirror of it must say so
     if ctx.offline:
         argv.append("--offline")
     try:

@@ -215,6 +215,20 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
     return cm()
 
 
+def slow_compiles(world: World, seconds: str) -> None:
+    """Every fake device compile sleeps `seconds`: a build takes time, as a real one does.
+
+    The fake clang reads FAKE_COMPILE_SECONDS; a recipe's [env] is the only way a
+    variable reaches a build (proc.base_env allow-lists).
+    """
+    line = f'FAKE_COMPILE_SECONDS = "{seconds}"\n'
+    fa = world.recipes / "flash-attention.toml"
+    fa.write_text(fa.read_text() + "\n[env]\n" + line)
+    vllm = world.recipes / "vllm.toml"
+    vllm.write_text(vllm.read_text().replace('VLLM_TARGET_DEVICE = "rocm"\n',
+                                             'VLLM_TARGET_DEVICE = "rocm"\n' + line))
+
+
 def run_cli(world: World, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`python -m installer ARGS` from this checkout, as a user would run it."""
     env = world.env(home)
