@@ -20,6 +20,7 @@ the seeded wheel cache means nothing is compiled.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -29,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from . import __version__, mirror, mirrorlayout, proc, state
 from .errors import InstallerError, UsageError
@@ -185,6 +186,9 @@ def create(prefix: Path, *, cache_dir: Path, recipes_dir: Path, out: str, ui: An
     cache_dir = Path(cache_dir)
     log = mirrorlayout.log_file(cache_dir, "bundle")
     (cache_dir / "bundles").mkdir(parents=True, exist_ok=True)
+    for old in (cache_dir / "bundles").glob(".stage-*-*"):
+        if not state.pid_alive(int(old.name.split("-")[1])):   # a killed `bundle` left it
+            shutil.rmtree(old, ignore_errors=True)
     # under the cache: files are hard-linked from it, not copied
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{os.getpid()}-", dir=cache_dir / "bundles"))
     try:
@@ -359,20 +363,23 @@ def unpack(source: str, *, cache_dir: Path, prefix: Path, archs: tuple[str, ...]
     return dest
 
 
-def use(staged: Path, cache_dir: Path) -> None:
-    """Seed the wheel cache from the bundle and read every URL from its mirror, locally only."""
+@contextlib.contextmanager
+def installing(staged: Path, cache_dir: Path) -> Iterator[None]:
+    """Seed the wheel cache from the unpacked bundle and read every URL from its mirror,
+    locally only, for the install inside; then drop the unpacked copy (its files are in
+    the caches and the prefix by then, and a rerun reads the bundle again anyway)."""
     from . import wheelcache
 
-    for wheel in sorted((staged / "wheels").glob("*/*/*.whl")):
-        slot = wheel.parent
-        meta = json.loads((slot / "build.json").read_text()) if (slot / "build.json").is_file() else {}
-        wheelcache.store(cache_dir, slot.parent.name, slot.name, wheel, meta)
-    mirror.use(mirror.load(staged / "mirror" / mirror.MIRROR_FILE, local_only=True))
-
-
-def finish(staged: Path) -> None:
-    """The install from `staged` succeeded: its files now live in the caches and the prefix."""
-    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        for wheel in sorted((staged / "wheels").glob("*/*/*.whl")):
+            slot = wheel.parent
+            meta = json.loads((slot / "build.json").read_text()) if (slot / "build.json").is_file() else {}
+            wheelcache.store(cache_dir, slot.parent.name, slot.name, wheel, meta)
+        mirror.use(mirror.load(staged / "mirror" / mirror.MIRROR_FILE, local_only=True))
+        yield
+    finally:
+        mirror.use(None)
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def describe(manifest: dict[str, Any], out: str, seconds: float) -> str:

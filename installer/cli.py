@@ -281,15 +281,15 @@ def install(obj: Obj, dry_run: bool, no_checks: bool, from_bundle: str | None, *
     if from_bundle is not None:
         opts, staged = _bundle_opts(opts, from_bundle, prefix, detection, obj.ui)
     settings = _settings(opts, obj.ui, detection=detection)
-    if staged is not None:
-        from . import bundle
-
-        bundle.use(staged, settings.cache_dir)
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
-    plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
-    if staged is not None and not dry_run:
-        bundle.finish(staged)
+    if staged is None:
+        plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
+    else:
+        from . import bundle
+
+        with bundle.installing(staged, settings.cache_dir):
+            plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
     if dry_run:
         _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
         return

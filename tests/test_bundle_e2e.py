@@ -201,3 +201,27 @@ def test_sigkill_during_an_install_from_a_bundle_then_rerun(made, tmp_path):
     assert modulo_paths(prefix, tmp_path / "cache") == modulo_paths(first, cache)
     assert compiles(prefix / "rocm") == []
     assert leftovers(prefix, tmp_path / "cache") == []
+
+
+def test_bundle_refuses_what_would_not_install_the_same(made, tmp_path):
+    _, first, _, bundle, env, home = made
+
+    def one_line(result, code, *words):
+        assert result.returncode == code, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        for word in words:
+            assert word in result.stderr, (word, result.stderr)
+
+    # other recipes than the prefix was installed with would give other fingerprints
+    other = cli(env, home, "bundle", "--prefix", str(first), "--recipes-dir", str(REPO / "recipes"),
+                "-o", str(tmp_path / "x.bundle"))
+    one_line(other, 1, "was not installed from these recipes", "vllm (patches changed", "--recipes-dir")
+    assert not (tmp_path / "x.bundle").exists()
+    nothing = cli(env, home, "bundle", "--prefix", str(tmp_path / "empty"), "-o", str(tmp_path / "y.bundle"))
+    one_line(nothing, 1, "has no finished install", "rdna4-install install --prefix")
+    # a bundle installs exactly what it holds
+    changed = cli(offline_env(env, tmp_path), home, "install", "--from-bundle", str(bundle), "--prefix",
+                  str(tmp_path / "q"), *GPU, "--set", "vllm.version=0.34.0")
+    one_line(changed, 2, "drop --set")
+    assert not (tmp_path / "q").exists()
