@@ -1,8 +1,10 @@
 """Install from a bundle versus a cold install from the stand-ins, in one run.
 
 Builds tests/e2e_fixtures.py's world (every upstream on loopback, found through one
-mirror file), gives each fake device compile a fixed cost (--seconds; a real vLLM +
-flash-attention build takes 1-2 hours), then:
+mirror file), gives each fake device compile a fixed cost (--seconds, default 20: the
+stand-in sources have a handful of device compiles where flash-attention's CK build
+alone has hundreds of multi-minute ones, so even then the cold install takes a few
+minutes against a real build's 1-2 hours), then:
   1. a cold install into prefix 1 (empty download, wheel and uv caches);
   2. `rdna4-install bundle` of prefix 1;
   3. `install --from-bundle` into prefix 2 with empty caches, every proxy at a dead
@@ -57,7 +59,7 @@ def compiles(rocm: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=1.0, help="fixed cost per device compile")
+    ap.add_argument("--seconds", type=float, default=20.0, help="fixed cost per device compile")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rdna4-bench-") as tmpdir:
         tmp = Path(tmpdir)
