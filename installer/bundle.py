@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Iterator
 
 from . import __version__, mirror, mirrorlayout, proc, state
 from .errors import InstallerError, UsageError
+from .unpack import zstd_module
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -53,26 +54,12 @@ def _sha256(path: Path) -> str:
 
 # --- compression ------------------------------------------------------------------
 
-def _zstd():
-    """The zstd implementation this Python has: compression.zstd (3.14+), zstandard, or None."""
-    try:
-        from compression import zstd  # type: ignore[import-not-found]
-        return zstd
-    except ImportError:
-        pass
-    try:
-        import zstandard  # type: ignore[import-not-found]
-        return zstandard
-    except ImportError:
-        return None
-
-
 def compression() -> str:
-    return "zstd" if _zstd() is not None else "gzip"
+    return "zstd" if zstd_module() is not None else "gzip"
 
 
 def _compressor(out: BinaryIO):
-    z = _zstd()
+    z = zstd_module()
     if z is None:
         return gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)
     if z.__name__ == "zstandard":
@@ -102,7 +89,7 @@ def _decompressor(stream: BinaryIO, name: str):
     if head.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
     if head == ZSTD_MAGIC:
-        z = _zstd()
+        z = zstd_module()
         if z is None:
             raise UsageError(f"bundle {name} is zstd-compressed and this Python cannot read zstd",
                              hint="install the zstandard module into rdna4-install's environment "
@@ -118,7 +105,7 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     import zlib
 
     errors: list[type[BaseException]] = [gzip.BadGzipFile, zlib.error, EOFError, tarfile.TarError]
-    z = _zstd()
+    z = zstd_module()
     if z is not None:
         errors.append(getattr(z, "ZstdError", EOFError))
     return tuple(errors)
