@@ -225,3 +225,17 @@ def test_bundle_refuses_what_would_not_install_the_same(made, tmp_path):
                   str(tmp_path / "q"), *GPU, "--set", "vllm.version=0.34.0")
     one_line(changed, 2, "drop --set")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_bundle_streams_to_stdout(made, tmp_path):
+    _, first, _, bundle, env, home = made
+    streamed = subprocess.run([sys.executable, "-m", "installer", "bundle", "--prefix", str(first), "-o", "-"],
+                              env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=600, cwd=home)
+    assert streamed.returncode == 0, streamed.stderr[-2000:].decode()
+    (tmp_path / "s.bundle").write_bytes(streamed.stdout)
+    got, want = _members(tmp_path / "s.bundle")[0], _members(bundle)[0]
+    # the same content (the installer wheel is rebuilt, so it is compared by name only)
+    same = {k: v for k, v in got["members"].items() if not k.startswith("installer/")}
+    assert same == {k: v for k, v in want["members"].items() if not k.startswith("installer/")}
+    assert {k for k in got["members"] if k.startswith("installer/")} == \
+        {k for k in want["members"] if k.startswith("installer/")}
