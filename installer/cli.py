@@ -133,6 +133,17 @@ recipes_opt = click.option("--recipes-dir", type=click.Path(path_type=Path, file
                            envvar="RDNA4_RECIPES_DIR", show_envvar=True, default=None,
                            help="Use recipes from DIR (patches from DIR/../patches).")
 
+mirror_opt = click.option("--mirror", type=click.Path(path_type=Path, dir_okay=False), envvar="RDNA4_MIRROR",
+                          show_envvar=True, default=None,
+                          help="A TOML file whose [rewrite] table maps upstream URL prefixes to a mirror "
+                               "(https, loopback http or a local directory); longest prefix wins.")
+
+
+def _use_mirror(opts: dict[str, Any]) -> None:
+    from . import mirror
+
+    mirror.use(mirror.load(_path(opts["mirror"])) if opts.get("mirror") else None)
+
 
 def selection_options(fn):
     opts = [
@@ -160,7 +171,7 @@ def selection_options(fn):
         click.option("--editable", is_flag=True, help="Install vLLM editable from its work tree."),
         click.option("--offline", is_flag=True, envvar="RDNA4_OFFLINE", show_envvar=True,
                      help="Use only the download cache; fail on a miss."),
-        recipes_opt, cache_opt, prefix_opt,
+        mirror_opt, recipes_opt, cache_opt, prefix_opt,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -196,6 +207,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     from . import recipes as rcp
     from .plan import Settings
 
+    _use_mirror(opts)
     prefix = _path(opts.get("prefix") or _default_prefix())
     # what the last install here recorded: the target and GPU visibility of a rerun
     receipt = state.read_receipt(prefix) or {}
@@ -236,6 +248,23 @@ def _kept(receipt: dict[str, Any], pin: str, sets: tuple[str, ...]) -> bool:
     table, _, key = pin.partition(".")
     recorded = str(((receipt.get("pins") or {}).get(table) or {}).get(key, "")).lower() == "true"
     return recorded and not any(s.startswith(pin + "=") for s in sets)
+def _bundle_opts(opts: dict[str, Any], source: str, prefix: Path, detection: Any,
+                 ui: UI) -> tuple[dict[str, Any], Path]:
+    """Unpack and verify a bundle; the install then runs on its recipes and pins only."""
+    from . import bundle
+
+    clash = [flag for flag, key in (("--set", "sets"), ("--pins", "pins_file"), ("--mirror", "mirror"),
+                                    ("--recipes-dir", "recipes_dir"), ("--editable", "editable"),
+                                    ("--without", "without"),
+                                    ("--flash-attention-backend", "flash_attention_backend"))
+             if opts.get(key)]
+    if clash:
+        raise UsageError(f"--from-bundle installs exactly what the bundle holds; drop {', '.join(clash)}",
+                         hint="change the source prefix and bundle it again instead")
+    archs = _target_archs(opts, ui, prefix, {}, need=True, detection=detection)
+    cache = _path(opts.get("cache_dir") or _default_cache())
+    staged = bundle.unpack(source, cache_dir=cache, prefix=prefix, archs=archs, ui=ui)
+    return {**opts, "recipes_dir": staged / "recipes", "mirror": None, "offline": False}, staged
 
 
 def _preflight(settings, detection: Any, ui: UI, archs_given: bool, todo: list) -> None:
@@ -264,6 +293,8 @@ def _short(version: str) -> str:
 
 
 def _print_plan(plan, ui: UI, verbose: bool) -> None:
+    from . import mirror
+
     width = max((len(i.name) for i in plan.items), default=0)
     click.echo(f"plan for {plan.settings.prefix} (target: {','.join(plan.settings.archs)})")
     for item in plan.items:
@@ -277,9 +308,9 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
                 # a resolver's output is shown but cannot be --set; an empty pin it filled in can
                 note = (" (derived)" if name not in declared else
                         " (default)" if declared[name] == "" and value != "" else "")
-                click.echo(f"      pin {key} = {value if value != '' else '(empty)'}{note}")
+                click.echo(f"      pin {key} = {mirror.shown(value) if value != '' else '(empty)'}{note}")
             for key, value in item.inputs.get("source", {}).items():
-                click.echo(f"      source {key} = {value}")
+                click.echo(f"      source {key} = {mirror.shown(value)}")
             for key, value in item.inputs.get("patches", {}).items():
                 click.echo(f"      patch {key} sha256:{value[:16]}")
             if item.fingerprint:
@@ -309,26 +340,38 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command(epilog=examples("rdna4-install install --prefix ~/rdna4",
-                             "rdna4-install install --prefix ~/rdna4 --gpu-arch gfx1201 --dry-run",
-                             "rdna4-install install --prefix ~/rdna4 --with ray"))
+@cli.command(epilog=examples("rdna4-install install --prefix ~/rdna4 --with ray",
+                             "rdna4-install install --prefix ~/rdna4 --mirror /mnt/usb/mirror/mirror.toml",
+                             "rdna4-install install --from-bundle rdna4.bundle --prefix ~/rdna4"))
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
 @click.option("--force", is_flag=True,
               help="Install into a non-empty folder that rdna4-install did not create.")
+@click.option("--from-bundle", "from_bundle", metavar="FILE", default=None,
+              help="Install offline from a bundle made by `rdna4-install bundle` (- reads stdin).")
 @pass_obj
-def install(obj: Obj, dry_run: bool, no_checks: bool, force: bool, **opts: Any) -> None:
+def install(obj: Obj, dry_run: bool, no_checks: bool, force: bool, from_bundle: str | None,
+            **opts: Any) -> None:
     """Install (or update) the whole stack into a prefix."""
     from . import detect, engine
 
     prefix = _path(opts.get("prefix") or _default_prefix())
     detection = detect.detect(prefix=prefix)
+    staged = None
+    if from_bundle is not None:
+        opts, staged = _bundle_opts(opts, from_bundle, prefix, detection, obj.ui)
     settings = _settings(opts, obj.ui, detection=detection, adopt=force)  # also shows detection's warnings
     preflight = None if no_checks else functools.partial(
         _preflight, settings, detection, obj.ui, bool(opts.get("gpu_arch")))
-    plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
+    if staged is None:
+        plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
+    else:
+        from . import bundle
+
+        with bundle.installing(staged, settings.cache_dir):
+            plan, ran = engine.install(settings, obj.ui, dry_run=dry_run, preflight=preflight)
     if dry_run:
         _print_plan(plan, obj.ui, obj.ui.verbosity >= 1)
         return
@@ -377,6 +420,54 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
     elif not ran:
         obj.ui.success(f"{', '.join(recipes)}: up to date (use --force to redo)")
+
+
+@cli.command(epilog=examples("rdna4-install bundle --prefix ~/rdna4 -o rdna4-gfx1201.bundle",
+                             "rdna4-install bundle --prefix ~/rdna4 -o - | ssh node2 rdna4-install install "
+                             "--from-bundle - --prefix ~/rdna4"))
+@prefix_opt
+@cache_opt
+@recipes_opt
+@mirror_opt
+@click.option("-o", "--output", required=True, metavar="FILE", help="Write the bundle here (- for stdout).")
+@pass_obj
+def bundle(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
+           mirror: Path | None, output: str) -> None:
+    """Pack an installed prefix into one file that installs elsewhere with no network and no compiler."""
+    import time
+
+    from . import bundle as bdl
+    from . import recipes as rcp
+
+    _use_mirror({"mirror": mirror})
+    started = time.monotonic()
+    manifest = bdl.create(_path(prefix or _default_prefix()), cache_dir=_path(cache_dir or _default_cache()),
+                          recipes_dir=_path(recipes_dir) if recipes_dir else rcp.default_recipes_dir(),
+                          out=output if output == "-" else str(_path(output)), ui=obj.ui)
+    obj.ui.success(bdl.describe(manifest, output if output == "-" else str(_path(output)),
+                                time.monotonic() - started))
+
+
+@cli.group("mirror", epilog=examples("rdna4-install mirror create /mnt/usb/rdna4-mirror --gpu-arch gfx1201",
+                                     "rdna4-install plan -v --mirror /mnt/usb/rdna4-mirror/mirror.toml"))
+def mirror_group() -> None:
+    """Mirrors of everything an install downloads (see --mirror)."""
+
+
+@mirror_group.command("create", epilog=examples(
+    "rdna4-install mirror create /mnt/usb/rdna4-mirror --gpu-arch gfx1201",
+    "rdna4-install install --prefix ~/rdna4 --mirror /mnt/usb/rdna4-mirror/mirror.toml"))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@selection_options
+@pass_obj
+def mirror_create(obj: Obj, dest: Path, **opts: Any) -> None:
+    """Download every artifact of the plan into DEST and write DEST/mirror.toml for --mirror."""
+    from . import mirrorlayout
+    from .plan import make_plan
+
+    plan = make_plan(_settings(opts, obj.ui, need_gpu=False))
+    path = mirrorlayout.create(plan, _path(dest), obj.ui)
+    obj.ui.success(f"mirror in {_path(dest)}; install from it with --mirror '{path}'")
 
 
 @cli.command("detect", epilog=examples("rdna4-install detect", "rdna4-install detect --json"))

@@ -152,16 +152,12 @@ def _decompress(data: bytes, pos: int) -> tuple[bytes, int]:
 # --- zstd: clang's default when LLVM has it; the standard library only has it from 3.14 ---
 
 def _zstd_module(data: bytes, size: int) -> bytes | None:
-    try:
-        from compression import zstd  # Python 3.14+
+    from .unpack import zstd_module
 
-        decode = zstd.decompress
-    except ImportError:
-        try:
-            import zstandard
-        except ImportError:
-            return None
-        decode = zstandard.ZstdDecompressor().decompressobj().decompress
+    z = zstd_module()
+    if z is None:
+        return None
+    decode = z.ZstdDecompressor().decompressobj().decompress if z.__name__ == "zstandard" else z.decompress
     try:
         return decode(data)
     except Exception as exc:  # noqa: BLE001 - each library has its own error type

@@ -422,12 +422,15 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
     partial.mkdir(parents=True, exist_ok=True)
     part = partial / f"{key}-{name}.part"
     meta = partial / f"{key}-{name}.json"
-    src = src or local_path(url)
+    from .mirror import rewrite
+
+    source = rewrite(url)  # where the bytes come from; `url` stays the cache's key
+    src = src or local_path(source)
     try:
         if src is not None:
             digest, size = _copy_local(src, part, what, ui, sink)
         else:
-            digest, size = _get_resumable(url, part, meta, what, ui, sink)
+            digest, size = _get_resumable(source, part, meta, what, ui, sink)
     except OSError as exc:
         if exc.errno in NO_SPACE:
             _unlink(part, meta)

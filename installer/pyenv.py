@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from . import proc
+from . import mirror, proc
 from .download import is_loopback
 from .errors import InstallerError, StepFailed, UsageError, command
 from .torchindex import (coherent_pins, resolve_from_index, rocm_local, same_version,
@@ -147,7 +147,8 @@ def install_torch_step(ctx, *, index_url: str, rocm: str, torch: str, torchvisio
             # has torch, so PyPI is never asked for it, while a dependency AMD does
             # not mirror can still come from PyPI. The exact +rocm pins are the
             # second lock: no PyPI torch has that version.
-            "--index", index_url, "--default-index", pypi_url, "--index-strategy", "first-index"]
+            "--index", mirror.index_url(index_url), "--default-index", mirror.index_url(pypi_url),
+            "--index-strategy", "first-index"]
     if any(v and Version(v).is_prerelease for v in pins.values()):
         # nightlies: the device family wheels torch's extras pull in are prereleases
         # too, and uv allows those only when asked (AMD's rocm-cli does the same)
@@ -359,6 +360,9 @@ def guarded_install(ctx, args: list[str], *, env: Mapping[str, str] | None = Non
     # also as build constraints: an isolated build env must not fetch another torch
     argv = [find_uv(), "pip", "install", "--python", str(venv_python(ctx.prefix)), "--no-config",
             "--constraints", str(constraints), "--build-constraints", str(constraints)]
+    pypi = mirror.index_url(PYPI_URL)
+    if pypi != PYPI_URL and "--default-index" not in args:
+        argv += ["--default-index", pypi]   # uv's default index is PyPI: a mirror of it must say so
     if ctx.offline:
         argv.append("--offline")
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from . import mirror as mirrors
 from . import proc
 from .download import check_url, locked
 from .errors import InstallerError, RecipeError
@@ -68,9 +69,12 @@ def ensure_commit(ctx, url: str, commit: str) -> tuple[Path, bool]:
         # also on an existing mirror: `git init` is idempotent and repairs one
         # whose own `git init` was killed half way
         ctx.run(["git", "init", "-q", "--bare", mirror], env=_git_env(ctx), what="git init")
-        ctx.run(["git", "-C", mirror, "fetch", "-q", "--depth", "1", "--no-tags", url,
+        # the cache is keyed by the upstream URL; a mirror only says where to fetch from
+        remote = mirrors.rewrite(url)
+        check_url(remote)
+        ctx.run(["git", "-C", mirror, "fetch", "-q", "--depth", "1", "--no-tags", remote,
                  f"{commit}:refs/pins/{commit}"], env=_git_env(ctx),
-                what=f"git fetch {url} {commit[:12]}")
+                what=f"git fetch {remote} {commit[:12]}")
     if not _has_commit(ctx, mirror, commit):
         raise InstallerError(f"{url} did not deliver commit {commit}",
                              hint="check the pinned commit exists upstream")
@@ -114,17 +118,23 @@ def _checkout(ctx, mirror: Path, commit: str, dest: Path, *, git_dir: Path | Non
              "FETCH_HEAD"], env=_git_env(ctx), what="git checkout")
 
 
-def _submodule_urls(ctx, src: Path) -> dict[str, tuple[str, str]]:
-    """path -> (name, url) from .gitmodules."""
-    got = _probe(ctx, ["config", "-f", ".gitmodules", "--get-regexp", r"^submodule\..*\.(path|url)$"],
-                 cwd=src)
+def declared_submodules(ctx, repo: Path, commit: str, super_url: str) -> dict[str, tuple[str, str, str]]:
+    """path -> (name, absolute URL, recorded commit or "") for every submodule `commit`
+    declares, read from the bare `repo` (nothing checked out)."""
+    got = _probe(ctx, ["-C", repo, "config", "--blob", f"{commit}:.gitmodules", "--get-regexp",
+                       r"^submodule\..*\.(path|url)$"])
     paths: dict[str, str] = {}
     urls: dict[str, str] = {}
     for line in got.stdout.splitlines():
         key, _, value = line.partition(" ")
         name, field = key[len("submodule."):].rsplit(".", 1)
         (paths if field == "path" else urls)[name] = value
-    return {path: (name, urls.get(name, "")) for name, path in paths.items()}
+    out = {}
+    for name, path in paths.items():
+        entry = _probe(ctx, ["-C", repo, "ls-tree", commit, "--", path]).stdout.split()
+        sha = entry[2] if len(entry) >= 3 and entry[1] == "commit" else ""
+        out[path.strip("/")] = (name, _resolve_url(super_url, urls.get(name, "")), sha)
+    return out
 
 
 def _resolve_url(base: str, url: str) -> str:
@@ -134,20 +144,19 @@ def _resolve_url(base: str, url: str) -> str:
     return urljoin(base.rstrip("/") + "/", url)
 
 
-def _add_submodules(ctx, src: Path, super_url: str, paths: Sequence[str]) -> dict[str, str]:
-    declared = _submodule_urls(ctx, src)
+def _add_submodules(ctx, src: Path, super_url: str, paths: Sequence[str], repo: Path,
+                    commit: str) -> dict[str, str]:
+    declared = declared_submodules(ctx, repo, commit, super_url) if paths else {}
     recorded: dict[str, str] = {}
     for path in paths:
         path = path.strip("/")
         if path not in declared:
             raise RecipeError(f"{ctx.name}: the source has no submodule at {path!r}",
                               hint=f"submodules it declares: {', '.join(sorted(declared)) or 'none'}")
-        name, url = declared[path]
-        entry = _probe(ctx, ["ls-tree", "HEAD", "--", path], cwd=src).stdout.split()
-        if len(entry) < 3 or entry[1] != "commit":
+        name, url, sha = declared[path]
+        if not sha:
             raise InstallerError(f"{ctx.name}: {path} is declared in .gitmodules but HEAD records no commit for it")
-        sha = entry[2]
-        mirror, _ = ensure_commit(ctx, _resolve_url(super_url, url), sha)
+        mirror, _ = ensure_commit(ctx, url, sha)
         ctx.run(["git", "-C", src, "submodule", "init", "--", path], env=_git_env(ctx), what="git submodule init")
         ctx.run(["git", "-C", src, "config", f"submodule.{name}.url", str(mirror)], env=_git_env(ctx))
         target = src / path
@@ -176,7 +185,7 @@ def fetch_git(ctx, url: str = "", commit: str = "", tag: str = "",
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _checkout(ctx, mirror, commit, dest, sparse=sparse)
-    subs = _add_submodules(ctx, dest, url, submodules)
+    subs = _add_submodules(ctx, dest, url, submodules, mirror, commit)
     fact: dict[str, Any] = {"kind": "git", "url": url, "commit": commit, "from_cache": cached}
     if tag:
         fact["tag"] = tag

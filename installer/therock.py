@@ -192,10 +192,10 @@ def _version_in(name: str, family: str):
 
 def list_versions(directory: str, family: str) -> list[tuple[Any, str]]:
     """(Version, file name) for every `family` tarball at `directory`, oldest first."""
-    from . import download
+    from . import download, mirror
 
     names: list[str] = []
-    url, params = directory, None
+    url, params = mirror.rewrite(directory), None
     for _ in range(100):    # S3 pages hold 1000 keys
         resp = download.get(url, params=params)
         if resp.status_code != 200:

@@ -137,20 +137,31 @@ def stack_requirements(pins: Mapping[str, str | None], archs: Iterable[str]) -> 
 class _Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
-        self.files: list[str] = []
+        self.links: list[tuple[str, str]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         href = dict(attrs).get("href") if tag == "a" else None
         if href:
-            self.files.append(unquote(urlsplit(href).path.rsplit("/", 1)[-1]))
+            self.links.append((unquote(urlsplit(href).path.rsplit("/", 1)[-1]), href))
 
 
 def index_files(index_url: str, project: str) -> list[str]:
     """File names on the PEP 503 page `<index>/<project>/` ([] when the project is absent)."""
+    return [name for name, _ in index_links(index_url, project)]
+
+
+def index_links(index_url: str, project: str) -> list[tuple[str, str]]:
+    """(file name, absolute URL with its #sha256= fragment) for each file on the PEP 503
+    page `<index>/<project>/`; relative links resolve against where the page was read
+    (a mirror's copy), as uv resolves them."""
+    from urllib.parse import urljoin
+
+    from . import mirror
+
     url = index_url.rstrip("/") + "/" + canonicalize_name(project) + "/"
     # download.get: the https policy, retries, the user's CA bundle and no proxy for loopback
     try:
-        resp = download.get(url, headers={"Accept": "text/html"})
+        resp = download.get(page := mirror.rewrite(url), headers={"Accept": "text/html"})
     except download.DownloadError as exc:
         raise InstallerError(exc.message, hint="check the network, or pin exact versions in "
                                                "recipes/pins.toml") from None
@@ -161,7 +172,16 @@ def index_files(index_url: str, project: str) -> list[str]:
                              hint="check torch.index_url, or pin exact versions")
     parser = _Links()
     parser.feed(resp.text)
-    return parser.files
+    return [(name, urljoin(page, href)) for name, href in parser.links]
+
+
+def wheel_fits(filename: str, py: tuple[int, int]) -> bool:
+    """Whether the wheel `filename` installs on CPython `py` on this machine."""
+    try:
+        tags = parse_wheel_filename(filename)[3]
+    except ValueError:
+        return False
+    return _fits(tags, py, platform.machine())
 
 
 def _fits(tags, py: tuple[int, int], machine: str) -> bool:

@@ -49,6 +49,26 @@ def extract_tarball(archive: Path, dest: Path, *, strip_components: int = 0,
         return _extract_atomic(f, Path(dest), strip_components, verify, archive.name, mode="r|*")
 
 
+def zstd_module():
+    """The zstd implementation this Python has: compression.zstd (3.14+), the zstandard
+    module, or None."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+        return zstd
+    except ImportError:
+        pass
+    try:
+        import zstandard  # type: ignore[import-not-found]
+        return zstandard
+    except ImportError:
+        return None
+
+
+def extract_stream(fileobj, dest: Path, *, verify: Verify = None, what: str) -> Path:
+    """Extract a plain (already decompressed) tar stream atomically to `dest`."""
+    return _extract_atomic(fileobj, Path(dest), 0, verify, what, mode="r|")
+
+
 class StreamExtract:
     """Feed a .tar.gz chunk by chunk (`write`) while a thread unpacks it.
 

@@ -31,6 +31,8 @@ from detect_fixtures import gpuless_host
 from index_fixtures import build_decoy_pypi, build_torch_stack, serve_index
 from therock_fixtures import _PadReader, _add, serve, sha256_of, toolchain_members
 
+from installer.recipes import PINS_FILE, load_pins
+
 REPO = Path(__file__).resolve().parent.parent
 ROCM = "10.1.0"
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -108,10 +110,25 @@ class World:
     recipes: Path                    # a copy of recipes/ (patches/ beside it)
     vllm_git: Path = Path()          # the fake vLLM as a git repo tagged v<version>
     pins: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the same world seen through one mirror file: pins keep recipes/pins.toml's
+    # upstream URLs (only versions, commits and hashes differ), `rewrite` maps them
+    upstream_pins: dict[str, dict[str, str]] = field(default_factory=dict)
+    rewrite: dict[str, str] = field(default_factory=dict)
 
     @property
     def pins_file(self) -> Path:
         return self.root / "world-pins.toml"
+
+    def mirror_env(self, home: Path) -> dict[str, str]:
+        """env(home) with no URL in the pins and RDNA4_MIRROR pointing at the stand-ins."""
+        pins = self.root / "world-upstream-pins.toml"
+        pins.write_text("".join(f"[{t}]\n" + "".join(f'{k} = "{v}"\n' for k, v in values.items())
+                                for t, values in self.upstream_pins.items()))
+        mirror = self.root / "world-mirror.toml"
+        mirror.write_text("[rewrite]\n" + "".join(f'"{k}" = "{v}"\n' for k, v in self.rewrite.items()))
+        env = self.env(home)
+        env.update(RDNA4_PINS=str(pins), RDNA4_MIRROR=str(mirror))
+        return env
 
     @property
     def vllm_patch(self) -> Path:
@@ -178,8 +195,39 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
                 "vllm": {"sdist_url": http.url + sdist.name, "sdist_sha256": sha256_of(sdist)},
             }
             world.write_pins()
+            stack_pins = {k: stack[k] for k in ("rocm", "torch", "torchvision", "torchaudio", "triton")}
+            world.upstream_pins = {
+                "therock": {"version": ROCM}, "torch": {"python": PY, **stack_pins},
+                "triton-kernels": {"commit": tk_sha}, "flash-attention": {"commit": fa_sha},
+                "vllm": {"sdist_sha256": sha256_of(sdist)},
+            }
+            # served under other paths than upstream's: the mirror, not the layout, finds them
+            upstream = load_pins(recipes / PINS_FILE)
+            world.rewrite = {
+                "https://stable.repo.amd.com/rocm/core/tarball/": http.url + "therock/",
+                upstream["torch"]["index_url"]: world.index_url,
+                upstream["triton-kernels"]["git_url"]: str(tk_repo),
+                upstream["flash-attention"]["git_url"]: str(fa_repo),
+                # its submodules: ../composable_kernel etc. resolve under the same owner
+                upstream["flash-attention"]["git_url"].rsplit("/", 1)[0] + "/": str(fa_repo.parent) + "/",
+                upstream["vllm"]["sdist_url"]: http.url + sdist.name,
+            }
             yield world
     return cm()
+
+
+def slow_compiles(world: World, seconds: str) -> None:
+    """Every fake device compile sleeps `seconds`: a build takes time, as a real one does.
+
+    The fake clang reads FAKE_COMPILE_SECONDS; a recipe's [env] is the only way a
+    variable reaches a build (proc.base_env allow-lists).
+    """
+    line = f'FAKE_COMPILE_SECONDS = "{seconds}"\n'
+    fa = world.recipes / "flash-attention.toml"
+    fa.write_text(fa.read_text() + "\n[env]\n" + line)
+    vllm = world.recipes / "vllm.toml"
+    vllm.write_text(vllm.read_text().replace('VLLM_TARGET_DEVICE = "rocm"\n',
+                                             'VLLM_TARGET_DEVICE = "rocm"\n' + line))
 
 
 def run_cli(world: World, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

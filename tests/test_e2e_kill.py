@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_fixtures import REPO, ROCM, build_world, leftovers, receipt_core, recipe_statuses
+from e2e_fixtures import REPO, ROCM, build_world, leftovers, receipt_core, recipe_statuses, slow_compiles
 
 from installer.state import all_stamps, read_stamp
 
@@ -45,17 +45,6 @@ TREE = "rdna4-rocm"
 
 
 # --- the world ------------------------------------------------------------------
-
-def _slow_compiles(world) -> None:
-    # the fake clang sleeps FAKE_COMPILE_SECONDS per device compile; a recipe's
-    # [env] is the only way a variable reaches a build (proc.base_env allow-lists)
-    line = f'FAKE_COMPILE_SECONDS = "{COMPILE_SECONDS}"\n'
-    fa = world.recipes / "flash-attention.toml"
-    fa.write_text(fa.read_text() + "\n[env]\n" + line)
-    vllm = world.recipes / "vllm.toml"
-    vllm.write_text(vllm.read_text().replace('VLLM_TARGET_DEVICE = "rocm"\n',
-                                             'VLLM_TARGET_DEVICE = "rocm"\n' + line))
-
 
 def _slow_git(home: Path) -> Path:
     """A pack-objects hook in HOME's git config: while FLAG exists every fetch
@@ -77,7 +66,7 @@ def env(tmp_path_factory, uv_cache):
     home.mkdir()
     _slow_git(home)
     with build_world(root / "w", pad_bytes=PAD) as world:
-        _slow_compiles(world)
+        slow_compiles(world, COMPILE_SECONDS)
         yield Env(root, home, world, uv_cache)
 
 
