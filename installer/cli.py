@@ -423,8 +423,7 @@ def run(obj: Obj, recipes: tuple[str, ...], force: bool, dry_run: bool, **opts: 
 
 
 @cli.command(epilog=examples("rdna4-install bundle --prefix ~/rdna4 -o rdna4-gfx1201.bundle",
-                             "rdna4-install bundle --prefix ~/rdna4 -o - | ssh node2 rdna4-install install "
-                             "--from-bundle - --prefix ~/rdna4"))
+                             "rdna4-install bundle --prefix ~/rdna4 -o -   # to stdout, e.g. into ssh"))
 @prefix_opt
 @cache_opt
 @recipes_opt
@@ -449,14 +448,14 @@ def bundle(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
 
 
 @cli.group("mirror", epilog=examples("rdna4-install mirror create /mnt/usb/rdna4-mirror --gpu-arch gfx1201",
-                                     "rdna4-install plan -v --mirror /mnt/usb/rdna4-mirror/mirror.toml"))
+                                     "rdna4-install mirror create ./mirror --gpu-arch gfx1200,gfx1201"))
 def mirror_group() -> None:
     """Mirrors of everything an install downloads (see --mirror)."""
 
 
 @mirror_group.command("create", epilog=examples(
     "rdna4-install mirror create /mnt/usb/rdna4-mirror --gpu-arch gfx1201",
-    "rdna4-install install --prefix ~/rdna4 --mirror /mnt/usb/rdna4-mirror/mirror.toml"))
+    "rdna4-install mirror create ./mirror --gpu-arch gfx1200,gfx1201"))
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @selection_options
 @pass_obj
