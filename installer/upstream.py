@@ -57,3 +57,11 @@ def read(url: str, *, cache_dir: Path, offline: bool = False, accept: str = "tex
            "url": resp.url, "fetched": state.now()}
     state.write_json_atomic(_cache_file(cache_dir, url, accept), got)
     return {**got, "cached": False}
+
+
+def remember(url: str, text: str, *, cache_dir: Path, accept: str = "text/html") -> None:
+    """Record an answer derived from `url` some other way (e.g. a range read)."""
+    from . import state
+
+    state.write_json_atomic(_cache_file(cache_dir, url, accept),
+                            {"status": 200, "text": text, "url": url, "fetched": state.now()})
