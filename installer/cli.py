@@ -154,8 +154,13 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         # a pin, not a skip: the activation script must also stop selecting a backend
         sets += ("flash-attention.backend=none",)
         without = tuple(w for w in without if w != "flash-attention")
-    pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                               pins_file=opts.get("pins_file"), sets=sets)
+    if opts.get("lock_file"):
+        from . import lock
+
+        pins, opts = lock.settings_from(opts, sets)
+    else:
+        pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
+                                   pins_file=opts.get("pins_file"), sets=sets)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
     return Settings(
         prefix=prefix, cache_dir=cache, recipes_dir=recipes_dir, archs=archs, pins=pins,
@@ -226,8 +231,12 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.obj = Obj(verbose - quiet)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install install --prefix ~/rdna4\n\n"
+                     "  rdna4-install install --lock stack.lock --prefix ~/rdna4\n\n"
+                     "  rdna4-install install --dry-run --set vllm.version=latest")
 @selection_options
+@click.option("--lock", "lock_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Install exactly the stack in FILE (from `rdna4-install lock`).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
@@ -267,6 +276,73 @@ def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
         click.echo(json.dumps(result.to_json(verbose=True), indent=2))
     else:
         _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
+
+
+@cli.command("lock", epilog="Examples:\n\n  rdna4-install lock --gpu-arch gfx1201 -o stack.lock\n\n"
+                             "  rdna4-install lock --set vllm.version=latest -o stack.lock\n\n"
+                             "  rdna4-install lock --from-receipt ~/rdna4 -o stack.lock")
+@selection_options
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Write the lock to FILE [default: print it].")
+@click.option("--from-receipt", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="PREFIX", help="The lock of what is installed in PREFIX (same stack elsewhere).")
+@pass_obj
+def lock_cmd(obj: Obj, output: Path | None, from_receipt: Path | None, **opts: Any) -> None:
+    """Resolve the pins into exact artifacts (URL, sha256, version, commit) and write a lock."""
+    from . import lock
+    from .plan import make_plan
+
+    if from_receipt is not None:
+        data = lock.from_receipt(_path(from_receipt))
+    else:
+        data = lock.build(make_plan(_settings(opts, obj.ui, need_gpu=False)))
+    if output is None:
+        click.echo(lock.dumps(data))
+        return
+    lock.write(data, _path(output))
+    obj.ui.success(f"wrote {output} ({len(data['artifacts'])} artifacts); "
+                   f"install it with: rdna4-install install --lock {output}")
+
+
+@cli.group(epilog="Examples:\n\n  rdna4-install pins check\n\n  rdna4-install pins update\n\n"
+                  "  rdna4-install pins update --write my-pins.toml")
+def pins() -> None:
+    """Check the pins against the live upstreams, or propose the newest coherent stack."""
+
+
+@pins.command("check", epilog="Examples:\n\n  rdna4-install pins check --gpu-arch gfx1201\n\n"
+                               "  rdna4-install pins check --json\n\n"
+                               "  rdna4-install pins check --set vllm.version=latest")
+@selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_obj
+def pins_check(obj: Obj, as_json: bool, **opts: Any) -> None:
+    """Ask each upstream whether every artifact of the plan exists (exit 1 if one is missing)."""
+    from . import pincheck
+
+    report = pincheck.check_settings(_settings(opts, obj.ui, need_gpu=False))
+    click.echo(pincheck.to_json(report) if as_json else pincheck.format_table(report))
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@pins.command("update", epilog="Examples:\n\n  rdna4-install pins update\n\n"
+                                "  rdna4-install pins update --write recipes/pins.toml\n\n"
+                                "  rdna4-install pins update --set therock.channel=nightly")
+@selection_options
+@click.option("--write", "write_to", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Write the proposed pins to FILE (a --pins file) instead of only printing.")
+@pass_obj
+def pins_update(obj: Obj, write_to: Path | None, **opts: Any) -> None:
+    """Propose the newest coherent stack and show how it differs from the current pins."""
+    from . import pinupdate
+
+    settings = _settings(opts, obj.ui, need_gpu=False)
+    proposal = pinupdate.propose(settings, ui=obj.ui)
+    click.echo(pinupdate.format_diff(proposal))
+    if write_to is not None:
+        pinupdate.write(proposal, _path(write_to))
+        obj.ui.success(f"wrote {write_to}; use it with --pins {write_to}")
 
 
 @cli.command()

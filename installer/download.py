@@ -268,13 +268,15 @@ def _proxies(url: str) -> dict | None:
     return {"http": None, "https": None} if is_loopback(urlsplit(url).hostname) else None
 
 
-def get(url: str, **kw):
-    """GET through the shared session with the https policy and timeouts."""
+def get(url: str, *, method: str = "GET", **kw):
+    """GET (or `method`, e.g. HEAD) through the shared session with the https policy and timeouts."""
     import requests
 
     check_url(url)
+    if method == "HEAD":
+        kw.setdefault("allow_redirects", True)   # requests does not follow a HEAD's redirect by default
     try:
-        resp = session().get(url, timeout=TIMEOUT, proxies=_proxies(url), **kw)
+        resp = session().request(method, url, timeout=TIMEOUT, proxies=_proxies(url), **kw)
     except requests.RequestException as exc:
         raise DownloadError(f"cannot download {url}: {_reason(exc)}",
                             hint="check the network or proxy settings and rerun") from None

@@ -35,3 +35,14 @@ class RecipeError(UsageError):
 
 class StepFailed(InstallerError):
     """A recipe step's command failed; its log stays on disk."""
+
+
+class NotFound(InstallerError):
+    """An artifact a pin names is not on its upstream. `pin` is the pin to change and
+    `nearest` what the upstream has instead (newest first), for `pins check` and hints."""
+
+    def __init__(self, message: str, hint: str | None = None, *, recipe: str = "", name: str = "",
+                 want: str = "", url: str = "", pin: str = "", nearest: list[str] | None = None):
+        super().__init__(message, hint)
+        self.recipe, self.name, self.want, self.url, self.pin = recipe, name, want, url, pin
+        self.nearest = list(nearest or [])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urljoin
 
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, NotFound, UsageError
 
 JSON_API = "application/vnd.pypi.simple.v1+json"
 PYPI = "https://pypi.org/simple"
@@ -112,11 +112,13 @@ def sdist_for(index_url: str, name: str, version: str, *, cache_dir: Path,
         pick = Version(version)
         if pick not in found:
             near = nearest(found, version)
-            raise InstallerError(
+            raise NotFound(
                 f"{name} {version} has no sdist on {index_url}"
                 + (f"; it has {', '.join(near)}" if near else ""),
                 hint=(f"pick one with --set vllm.version={near[0]}, or run `rdna4-install pins update`"
-                      if near else "check vllm.index_url"))
+                      if near else "check vllm.index_url"),
+                recipe="vllm", name=f"{name}-{version}.tar.gz", want=version,
+                url=project_url(index_url, name), pin="vllm.version", nearest=near)
     entry = found[pick]
     sha = str((entry.get("hashes") or {}).get("sha256", ""))
     return {"version": str(pick), "url": entry["url"], "sha256": sha}

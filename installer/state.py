@@ -271,7 +271,8 @@ def check_writable(prefix: Path) -> None:
 # --- the receipt -----------------------------------------------------------------
 
 def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
-                  installer_version: str, visible_devices: str = "") -> dict[str, Any]:
+                  installer_version: str, visible_devices: str = "",
+                  lock: dict | None = None) -> dict[str, Any]:
     old = read_json(prefix / RECEIPT) or {}
     stamps = all_stamps(prefix)
     receipt = {
@@ -283,6 +284,8 @@ def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: di
         "updated": now(),
         "tools": tools or old.get("tools", {}),
         "pins": pins,
+        # the lock of what this run planned (installer/lock.py); `lock --from-receipt` reads it
+        "lock": lock if lock is not None else old.get("lock"),
         "components": {
             name: {k: stamp.get(k) for k in (
                 "status", "version", "fingerprint", "facts", "source", "patches", "env",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import download, torchindex
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, NotFound, UsageError
 
 AUTO = torchindex.RESOLVE + ("latest-for-rocm",)
 TAIL = 1 << 16          # the zip directory of a wheel sits in its last few KB
@@ -142,6 +142,23 @@ def _wheels(index: str, project: str, v_rocm, py, *, cache_dir: Path, offline: b
     return sorted(out, reverse=True)
 
 
+def _rocms_with_torch(index: str, v_rocm, py, *, cache_dir: Path, offline: bool) -> list[str]:
+    """The ROCm versions nearest `v_rocm` that have a torch wheel for `py` on the index."""
+    from packaging.version import InvalidVersion, Version
+
+    from . import pypi
+
+    found = set()
+    names = torchindex.index_links(index, "torch", cache_dir=cache_dir, offline=offline)
+    for v in torchindex.wheel_versions(names, py):
+        if v.local and v.local.startswith("rocm"):
+            try:
+                found.add(Version(v.local[4:]))
+            except InvalidVersion:
+                continue
+    return pypi.nearest(found, str(v_rocm))
+
+
 def _py(text: str) -> tuple[int, int]:
     try:
         major, minor = (int(p) for p in text.split(".")[:2])
@@ -181,10 +198,14 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
         return requirements(wheel_metadata(url, cache_dir=cache_dir, offline=offline))
 
     torches = wheels("torch")
+    if not torches:
+        near = _rocms_with_torch(index, v_rocm, py, cache_dir=cache_dir, offline=offline)
+        raise NotFound(f"no torch wheel for ROCm {v_rocm} and cp{py[0]}{py[1]} on {index}"
+                       + (f"; ROCm versions with one: {', '.join(near)}" if near else ""),
+                       hint="run `rdna4-install pins update` for a ROCm version that has one",
+                       recipe="torch", name="torch", want=f"+rocm{v_rocm}", url=index,
+                       pin="therock.version", nearest=near)
     if wanted["torch"] in AUTO:
-        if not torches:
-            raise InstallerError(f"no torch wheel for ROCm {v_rocm} and cp{py[0]}{py[1]} on {index}",
-                                 hint="run `rdna4-install pins check` to see what the index has")
         torch_v, torch_url = torches[0]
     else:
         torch_v = Version(wanted["torch"])
@@ -192,10 +213,12 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
             torch_v = Version(f"{torch_v}+{torchindex.rocm_local(v_rocm)}")
         match = [u for v, u in torches if v == torch_v]
         if not match:
-            have = ", ".join(str(v) for v, _ in torches[:3]) or "none"
-            raise InstallerError(f"torch {torch_v} is not on {index} for cp{py[0]}{py[1]}; "
-                                 f"for rocm{v_rocm} it has {have}",
-                                 hint="run `rdna4-install pins update`, or --set torch.torch=<one of them>")
+            near = [str(v) for v, _ in torches[:3]]
+            raise NotFound(f"torch {torch_v} is not on {index} for cp{py[0]}{py[1]}; "
+                           f"for rocm{v_rocm} it has {', '.join(near) or 'none'}",
+                           hint="run `rdna4-install pins update`, or --set torch.torch=<one of them>",
+                           recipe="torch", name="torch", want=str(torch_v), url=index, pin="torch.torch",
+                           nearest=near)
         torch_url = match[0]
     out["torch"] = str(torch_v)
 
@@ -217,9 +240,12 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
         fits = [v for v, u in candidates
                 if (req := meta(u).get("torch")) is None or req.specifier.contains(torch_v, prereleases=True)]
         if not fits:
-            have = ", ".join(str(v) for v, _ in candidates[:3]) or "none"
-            raise InstallerError(f"no {key} for torch {torch_v} on {index} (for rocm{v_rocm} it has {have})",
-                                 hint=f'set torch.{key} to "" to leave it out, or pin one exactly')
+            near = [str(v) for v, _ in candidates[:3]]
+            raise NotFound(f"no {key} for torch {torch_v} on {index} (for rocm{v_rocm} it has "
+                           f"{', '.join(near) or 'none'})",
+                           hint=f'set torch.{key} to "" to leave it out, or pin one exactly',
+                           recipe="torch", name=key, want=f"one that accepts torch {torch_v}", url=index,
+                           pin=f"torch.{key}", nearest=near)
         out[key] = str(fits[0])
     return _exact(out, out)
 

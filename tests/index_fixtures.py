@@ -104,7 +104,7 @@ def serve_index(wheels_dir: Path, *, yanked: tuple[str, ...] = (), pep658: bool 
 
     The directory is listed on every request, so wheels added later show up.
     The server runs in a daemon thread until the test process exits;
-    `request_log(url)` lists the paths it was asked for.
+    `request_log(url)` lists the paths it was asked for ("GET /path [bytes=...]" for a Range read).
     """
     root = Path(wheels_dir)
     log: list[str] = []
@@ -126,7 +126,9 @@ def serve_index(wheels_dir: Path, *, yanked: tuple[str, ...] = (), pep658: bool 
 
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             path = unquote(self.path.split("?", 1)[0])
-            log.append(f"{self.command} {path}")
+            # a Range read (e.g. of a wheel's zip directory) is logged as such
+            rng = self.headers.get("Range")
+            log.append(f"{self.command} {path}" + (f" [{rng}]" if rng else ""))
             files = sorted(p.name for p in root.iterdir() if p.is_file())
             parts = [p for p in path.split("/") if p]
             if parts == ["simple"]:

@@ -49,9 +49,10 @@ def test_companions_follow_torch(index, tmp_path):
                    "torchvision": "0.28.0+rocm10.1.0", "torchaudio": "2.11.0.3+rocm10.1.0"}
     log = request_log(index)
     assert any(r.endswith(".whl.metadata") for r in log)   # PEP 658 is asked first
-    wheels = [r for r in log if r.endswith(".whl")]
-    # with PEP 658 no wheel is read; without, the wheels' zip directories are (by Range)
+    wheels = [r for r in log if ".whl" in r and not r.endswith(".metadata")]
+    # with PEP 658 no wheel is read; without, only the wheels' zip directories are, by Range
     assert bool(wheels) != PEP658[index]
+    assert all(r.endswith("]") and "[bytes=" in r for r in wheels)
 
 
 def test_newest_torch_for_the_rocm_with_its_own_triton(index, tmp_path):

@@ -1,0 +1,198 @@
+"""`pins check`, `lock`, `install --lock`, `lock --from-receipt` and the install preflight,
+against loopback stand-ins for TheRock, AMD's wheel index, PyPI and git."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from index_fixtures import request_log
+from installer.cli import cli
+from upstream_fixtures import upstreams
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@pytest.fixture(scope="module")
+def ups(tmp_path_factory):
+    with upstreams(tmp_path_factory.mktemp("upstreams")) as u:
+        yield u
+
+
+def run(runner, ups, tmp_path, *args, pins: dict | None = None):
+    pins_file = ups.write_pins(tmp_path / "pins.toml", **(pins or {}))
+    base = ["--pins", str(pins_file), "--cache-dir", str(tmp_path / "cache"), "--gpu-arch", "gfx1201",
+            "--prefix", str(tmp_path / "prefix")]
+    cmd = list(args)
+    # selection options go after the (sub)command name
+    at = 2 if cmd[0] == "pins" else 1
+    result = runner.invoke(cli, cmd[:at] + base + cmd[at:])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_check_all_present(runner, ups, tmp_path):
+    result = run(runner, ups, tmp_path, "pins", "check", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ok"] is True
+    names = {(a["recipe"], a["name"]) for a in data["artifacts"]}
+    assert ("therock", "therock-dist-linux-gfx120X-all-10.1.0.tar.gz") in names
+    assert ("vllm", "vllm-0.33.0.tar.gz") in names
+    assert {("torch", p) for p in ("rocm", "torch", "torchvision", "torchaudio", "triton")} <= names
+    assert ("flash-attention", "flash-attention") in names and ("triton-kernels", "triton") in names
+    for art in data["artifacts"]:
+        assert set(art) >= {"recipe", "name", "want", "status", "url", "nearest"}
+        assert art["status"] == "ok"
+    triton = next(a for a in data["artifacts"] if (a["recipe"], a["name"]) == ("torch", "triton"))
+    assert triton["want"] == "3.8.0+git669b31ac.rocm10.1.0"    # from torch 2.13.0's metadata
+    text = run(runner, ups, tmp_path, "pins", "check")
+    assert text.exit_code == 0 and "9 of 9 artifacts present" in text.output
+
+
+@pytest.mark.parametrize("pins, recipe, name, nearest", [
+    ({"torch": {"torch": "2.12.0"}}, "torch", "torch", ["2.14.0+rocm10.1.0", "2.13.0+rocm10.1.0"]),
+    ({"torch": {"torchvision": "0.27.0"}}, "torch", "torchvision",
+     ["0.29.0+rocm10.1.0", "0.28.0+rocm10.1.0"]),
+    ({"vllm": {"version": "0.33.5"}}, "vllm", "vllm-0.33.5.tar.gz", ["0.35.0", "0.34.0", "0.33.0"]),
+    ({"flash-attention": {"commit": "0" * 40}}, "flash-attention", "flash-attention", []),
+])
+def test_check_finds_each_kind_of_missing_artifact(runner, ups, tmp_path, pins, recipe, name, nearest):
+    result = run(runner, ups, tmp_path, "pins", "check", "--json", pins=pins)
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.output)
+    assert data["ok"] is False
+    bad = [a for a in data["artifacts"] if a["status"] != "ok"]
+    assert [(a["recipe"], a["name"], a["status"]) for a in bad] == [(recipe, name, "missing")]
+    assert bad[0]["nearest"] == nearest
+    # the rest was still checked
+    assert len(data["artifacts"]) >= 9
+    text = run(runner, ups, tmp_path, "pins", "check", pins=pins)
+    assert f"missing     {recipe}" in text.output and "rdna4-install pins update" in text.output
+
+
+def test_check_a_missing_tarball_and_the_wheels_of_its_rocm(runner, ups, tmp_path):
+    exact = {"torchvision": "0.28.0", "torchaudio": "2.11.0.3", "triton": "3.8.0+git669b31ac.rocm10.1.5"}
+    result = run(runner, ups, tmp_path, "pins", "check", "--json",
+                 pins={"therock": {"version": "10.1.5"}, "torch": exact})
+    assert result.exit_code == 1
+    bad = {(a["recipe"], a["name"]): a for a in json.loads(result.output)["artifacts"] if a["status"] != "ok"}
+    tarball = bad.pop(("therock", "therock-dist-linux-gfx120X-all-10.1.5.tar.gz"))
+    assert tarball["status"] == "missing" and tarball["nearest"] == ["10.2.0", "10.1.0", "10.0.0"]
+    assert set(bad) == {("torch", p) for p in ("rocm", "torch", "torchvision", "torchaudio", "triton")}
+    assert bad[("torch", "torch")]["nearest"] == ["2.15.0+rocm10.2.0", "2.14.0+rocm10.1.0", "2.13.0+rocm10.1.0"]
+    # with derived companions the torch resolver says which ROCm versions have torch
+    derived = run(runner, ups, tmp_path, "pins", "check", pins={"therock": {"version": "10.1.5"}})
+    assert "no torch wheel for ROCm 10.1.5" in derived.output
+    assert "ROCm versions with one: 10.2.0, 10.1.0" in derived.output
+
+
+def test_check_names_the_rocm_torch_builds_in_words(runner, ups, tmp_path):
+    result = run(runner, ups, tmp_path, "pins", "check", pins={"torch": {"torch": "2.12.0"}})
+    assert "torch 2.12.0+rocm10.1.0 is not on" in result.output
+    assert "for rocm10.1.0 it has 2.14.0+rocm10.1.0, 2.13.0+rocm10.1.0" in result.output
+
+
+def test_unreachable_and_bad_usage(runner, ups, tmp_path):
+    down = run(runner, ups, tmp_path, "pins", "check", "--json",
+               pins={"therock": {"index_url": "http://127.0.0.1:9/therock/"}})
+    assert down.exit_code == 1
+    statuses = {a["name"]: a["status"] for a in json.loads(down.output)["artifacts"]}
+    assert statuses["therock-dist-linux-gfx120X-all-10.1.0.tar.gz"] == "unreachable"
+    bad = run(runner, ups, tmp_path, "pins", "check", "--set", "vllm.colour=red")
+    assert bad.exit_code == 2 and "unknown pin 'vllm.colour'" in bad.output
+
+
+def test_lock_holds_exact_values_and_their_sources(runner, ups, tmp_path):
+    out = tmp_path / "stack.lock"
+    result = run(runner, ups, tmp_path, "lock", "-o", str(out),
+                 pins={"vllm": {"version": "latest"}, "torch": {"torch": "auto"}})
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "latest" not in text and '"auto"' not in text
+    lock = tomllib.loads(text)
+    assert lock["pins"]["vllm"]["version"] == "0.35.0"
+    assert lock["pins"]["torch"]["torch"] == "2.14.0+rocm10.1.0"
+    assert lock["pins"]["torch"]["triton"] == "3.9.0+gitabcdef12.rocm10.1.0"
+    sdist = next(a for a in lock["artifacts"] if a["recipe"] == "vllm")
+    assert sdist["url"].endswith("/vllm-0.35.0.tar.gz") and len(sdist["sha256"]) == 64
+    assert sdist["from"]["sha256"] == "derived vllm.sdist_sha256 (vllm resolver)"
+    tarball = next(a for a in lock["artifacts"] if a["recipe"] == "therock")
+    assert tarball["from"]["version"] == "pin therock.version"
+    assert tarball["from"]["sha256"].startswith("not published")
+    fa = next(a for a in lock["artifacts"] if a["recipe"] == "flash-attention")
+    assert fa["commit"] == ups.fa_commit and fa["from"]["commit"] == "pin flash-attention.commit"
+
+
+def test_lock_install_elsewhere_and_back_from_the_receipt(runner, ups, tmp_path):
+    lock_file = tmp_path / "stack.lock"
+    assert run(runner, ups, tmp_path, "lock", "-o", str(lock_file)).exit_code == 0
+    receipts = []
+    for name in ("a", "b"):
+        prefix = tmp_path / name
+        result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(prefix),
+                                     "--cache-dir", str(tmp_path / f"cache-{name}"), "--no-checks",
+                                     "--only", "therock"])
+        assert result.exit_code == 0, result.output
+        receipts.append(json.loads((prefix / "rdna4-manifest.json").read_text()))
+    a, b = receipts
+    assert a["pins"] == b["pins"] and a["archs"] == b["archs"] == ["gfx1201"]
+    assert a["components"]["therock"]["fingerprint"] == b["components"]["therock"]["fingerprint"]
+    assert a["lock"]["pins"] == b["lock"]["pins"] == tomllib.loads(lock_file.read_text())["pins"]
+    # and back: the receipt's lock, with the tarball hash recorded at install
+    back = tmp_path / "back.lock"
+    result = runner.invoke(cli, ["lock", "--from-receipt", str(tmp_path / "a"), "-o", str(back)])
+    assert result.exit_code == 0, result.output
+    original, again = tomllib.loads(lock_file.read_text()), tomllib.loads(back.read_text())
+    sha = a["components"]["therock"]["facts"]["sha256"]
+    assert again["pins"]["therock"]["sha256"] == sha
+    again["pins"]["therock"]["sha256"] = ""
+    assert again["pins"] == original["pins"] and again["archs"] == original["archs"]
+    tarball = next(x for x in again["artifacts"] if x["recipe"] == "therock")
+    assert tarball["sha256"] == sha
+
+
+def test_install_lock_refuses_changes(runner, ups, tmp_path):
+    lock_file = tmp_path / "stack.lock"
+    assert run(runner, ups, tmp_path, "lock", "-o", str(lock_file)).exit_code == 0
+    result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(tmp_path / "p"),
+                                 "--set", "vllm.version=0.34.0"])
+    assert result.exit_code == 2 and "--lock installs exactly the lock's pins" in result.output
+    bad = tmp_path / "bad.lock"
+    bad.write_text(lock_file.read_text().replace('"0.33.0"', '"latest"', 1))
+    result = runner.invoke(cli, ["install", "--lock", str(bad), "--prefix", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "a lock holds exact values" in result.output
+
+
+def test_preflight_fails_before_any_download(runner, ups, tmp_path):
+    pins = {"torch": {"torchvision": "0.27.0"}}
+    before = len(ups.http.log)
+    index_before = len(request_log(ups.index_url))
+    result = run(runner, ups, tmp_path, "install", "--no-checks", pins=pins)
+    assert result.exit_code == 1, result.output
+    assert "torch: torchvision 0.27.0+rocm10.1.0 is missing" in result.output
+    assert "0.29.0+rocm10.1.0, 0.28.0+rocm10.1.0" in result.output
+    assert "nothing was downloaded or built" in result.output
+    assert "rdna4-install pins update" in result.output
+    tarball_gets = [r for r in ups.http.log[before:] if r["method"] == "GET" and r["path"].endswith(".tar.gz")]
+    assert tarball_gets == []                                          # only HEADs
+    # the resolver read torch's metadata with Range requests; no wheel was downloaded whole
+    assert not any(r.endswith(".whl") for r in request_log(ups.index_url)[index_before:])
+    assert not (tmp_path / "cache" / "downloads").exists() or \
+        not any((tmp_path / "cache" / "downloads").rglob("*.tar.gz"))
+    assert not (tmp_path / "prefix" / "rocm").exists()
+
+
+def test_offline_preflight_checks_the_cache(runner, ups, tmp_path):
+    # online once for the resolvers' pages, then offline with nothing downloaded
+    assert run(runner, ups, tmp_path, "lock", "-o", str(tmp_path / "l")).exit_code == 0
+    result = run(runner, ups, tmp_path, "install", "--no-checks", "--offline", "--only", "therock")
+    assert result.exit_code == 1, result.output
+    assert "not in the download cache (--offline)" in result.output
+    assert "run once without --offline" in result.output
