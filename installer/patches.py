@@ -16,6 +16,7 @@ from . import proc
 from .errors import InstallerError
 
 APPLIED, ALREADY = "applied", "already applied"
+APPLIES, CONFLICTS = "applies", "conflicts"
 
 
 def _git_apply(src: Path, patch: Path, env: Mapping[str, str], *extra: str) -> proc.Captured:
@@ -42,20 +43,31 @@ def first_failing_hunk(patch: Path, error: str) -> str:
     return f"{path} at line {line}"
 
 
-def apply_one(src: Path, patch: Path, *, env: Mapping[str, str], what: str, version: str) -> str:
+def check_one(src: Path, patch: Path, *, env: Mapping[str, str]) -> tuple[str, str]:
+    """(APPLIES, ""), (ALREADY, "") when its reverse applies (it is in the source), or
+    (CONFLICTS, the first failing hunk). Changes nothing."""
     forward = _git_apply(src, patch, env, "--check")
     if forward.ok:
-        done = _git_apply(src, patch, env)
-        if not done.ok:
-            raise InstallerError(f"{what}: patch {patch.name} passed its check but failed to apply",
-                                 hint=done.stderr.strip()[-300:] or None)
-        return APPLIED
+        return APPLIES, ""
     if _git_apply(src, patch, env, "--check", "--reverse").ok:
+        return ALREADY, ""
+    return CONFLICTS, first_failing_hunk(patch, forward.stderr)
+
+
+def apply_one(src: Path, patch: Path, *, env: Mapping[str, str], what: str, version: str) -> str:
+    state, hunk = check_one(src, patch, env=env)
+    if state == ALREADY:
         return ALREADY
-    raise InstallerError(
-        f"{what}: patch {patch.name} does not apply to {version or 'this source'}: "
-        f"first failing hunk {first_failing_hunk(patch, forward.stderr)}",
-        hint=f"the source moved under the patch; refresh it or drop it per its header ({patch})")
+    if state == CONFLICTS:
+        raise InstallerError(
+            f"{what}: patch {patch.name} does not apply to {version or 'this source'}: "
+            f"first failing hunk {hunk}",
+            hint=f"the source moved under the patch; refresh it or drop it per its header ({patch})")
+    done = _git_apply(src, patch, env)
+    if not done.ok:
+        raise InstallerError(f"{what}: patch {patch.name} passed its check but failed to apply",
+                             hint=done.stderr.strip()[-300:] or None)
+    return APPLIED
 
 
 def apply_all(src: Path, patches: Sequence[Path], *, env: Mapping[str, str], what: str,

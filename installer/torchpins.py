@@ -142,11 +142,9 @@ def _wheels(index: str, project: str, v_rocm, py, *, cache_dir: Path, offline: b
     return sorted(out, reverse=True)
 
 
-def _rocms_with_torch(index: str, v_rocm, py, *, cache_dir: Path, offline: bool) -> list[str]:
-    """The ROCm versions nearest `v_rocm` that have a torch wheel for `py` on the index."""
+def rocms_with_torch(index: str, py, *, cache_dir: Path, offline: bool = False) -> set:
+    """The ROCm versions that have a torch wheel for CPython `py` on the index."""
     from packaging.version import InvalidVersion, Version
-
-    from . import pypi
 
     found = set()
     names = torchindex.index_links(index, "torch", cache_dir=cache_dir, offline=offline)
@@ -156,10 +154,10 @@ def _rocms_with_torch(index: str, v_rocm, py, *, cache_dir: Path, offline: bool)
                 found.add(Version(v.local[4:]))
             except InvalidVersion:
                 continue
-    return pypi.nearest(found, str(v_rocm))
+    return found
 
 
-def _py(text: str) -> tuple[int, int]:
+def python_version(text: str) -> tuple[int, int]:
     try:
         major, minor = (int(p) for p in text.split(".")[:2])
     except ValueError:
@@ -185,7 +183,7 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
     if mine.get("rocm") not in ("", *AUTO, None) and Version(mine["rocm"]) != v_rocm:
         raise UsageError(f"torch.rocm is pinned to {mine['rocm']} but therock.version is {v_rocm}",
                          hint="drop the torch.rocm pin: it follows therock.version")
-    index, py = mine.get("index_url", ""), _py(mine.get("python", "3.12"))
+    index, py = mine.get("index_url", ""), python_version(mine.get("python", "3.12"))
     wanted = {k: mine.get(k, "") for k in ("torch", "torchvision", "torchaudio", "triton")}
     if not any(v in AUTO for v in wanted.values()):
         # everything pinned: nothing to derive, no network
@@ -199,7 +197,9 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
 
     torches = wheels("torch")
     if not torches:
-        near = _rocms_with_torch(index, v_rocm, py, cache_dir=cache_dir, offline=offline)
+        from . import pypi
+
+        near = pypi.nearest(rocms_with_torch(index, py, cache_dir=cache_dir, offline=offline), str(v_rocm))
         raise NotFound(f"no torch wheel for ROCm {v_rocm} and cp{py[0]}{py[1]} on {index}"
                        + (f"; ROCm versions with one: {', '.join(near)}" if near else ""),
                        hint="run `rdna4-install pins update` for a ROCm version that has one",

@@ -196,3 +196,62 @@ def test_offline_preflight_checks_the_cache(runner, ups, tmp_path):
     assert result.exit_code == 1, result.output
     assert "not in the download cache (--offline)" in result.output
     assert "run once without --offline" in result.output
+
+
+PATCH = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+Subject: [PATCH] {subject}
+
+---
+diff --git a/vllm/platforms/rocm.py b/vllm/platforms/rocm.py
+--- a/vllm/platforms/rocm.py
++++ b/vllm/platforms/rocm.py
+@@ -{line},2 +{line},2 @@ def {func}():
+-    return {old}
++    return {new}
+ 
+"""
+
+
+def recipes_with_patches(root: Path) -> Path:
+    import shutil
+
+    from conftest import REPO
+
+    recipes = root / "tree" / "recipes"
+    shutil.copytree(REPO / "recipes", recipes)
+    folder = root / "tree" / "patches" / "vllm"
+    folder.mkdir(parents=True)
+    for name, subject, line, func, old, new in (
+            ("0001-gfx12.patch", "gfx12", 2, "on_gfx12", "False", "True"),
+            ("0002-wave32.patch", "wave32", 6, "wave32", "64", "32"),     # in 0.34.0 already
+            ("0003-gone.patch", "gone", 6, "wave32", "48", "16")):        # matches nothing
+        (folder / name).write_text(PATCH.format(subject=subject, line=line, func=func, old=old, new=new))
+    return recipes
+
+
+def test_update_proposes_the_newest_coherent_stack(runner, ups, tmp_path):
+    recipes = recipes_with_patches(tmp_path)
+    pins_file = ups.write_pins(tmp_path / "pins.toml")
+    before = pins_file.read_text()
+    result = run(runner, ups, tmp_path, "pins", "update", "--recipes-dir", str(recipes))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "therock.version  10.1.0 -> 10.2.0" in out and "skipped 10.3.0: no torch wheels" in out
+    assert "torch.torch      2.13.0 -> 2.15.0" in out
+    assert "vllm.version     0.33.0 -> 0.34.0" in out and "skipped 0.35.0: torch 2.16" in out
+    assert "torch.triton = 3.10.0+git12345678.rocm10.2.0" in out
+    assert "0001-gfx12.patch: applies" in out
+    assert "0002-wave32.patch: already upstream; drop it" in out
+    assert "0003-gone.patch: conflicts at vllm/platforms/rocm.py @@ -6,2 +6,2 @@" in out
+    assert pins_file.read_text() == before                     # nothing written without --write
+    # --write updates the file in place; the proposed stack then checks clean
+    result = run(runner, ups, tmp_path, "pins", "update", "--recipes-dir", str(recipes),
+                 "--write", str(pins_file))
+    assert result.exit_code == 0, result.output
+    runner_args = ["pins", "check", "--pins", str(pins_file), "--cache-dir", str(tmp_path / "cache"),
+                   "--gpu-arch", "gfx1201", "--json"]
+    check = runner.invoke(cli, runner_args)
+    assert check.exit_code == 0, check.output
+    assert {a["want"] for a in json.loads(check.output)["artifacts"]} >= {"10.2.0", "0.34.0",
+                                                                          "2.15.0+rocm10.2.0"}

@@ -28,7 +28,7 @@ VLLM_TORCH = {"0.32.0": "2.12.0", "0.33.0": "2.13.0", "0.34.0": "2.15.0", "0.35.
 DOCKERFILE = "ARG BASE_IMAGE=rocm/dev-ubuntu-24.04\nARG TORCH_VERSION={torch}+rocm10.0.0\n" \
              "ARG PYTHON_VERSION=3.12\n"
 # the file the test patches touch (a stand-in for vllm/platforms/rocm.py)
-ROCM_PY = "def on_gfx12():\n    return False\n\n\ndef wave32():\n    return {wave}\n"
+ROCM_PY = "def on_gfx12():\n    return False\n\n\ndef wave32():\n    return {wave}\n\n# end\n"
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Upstreams:
 
 def vllm_sdists(folder: Path) -> None:
     for version, torch in VLLM_TORCH.items():
-        wave = "True" if version >= "0.34.0" else "False"   # 0.34.0 ships our wave32 fix
+        wave = "32" if version >= "0.34.0" else "64"   # 0.34.0 ships our wave32 fix
         build_sdist(folder, "vllm", version, files={
             "docker/Dockerfile.rocm_base": DOCKERFILE.format(torch=torch),
             "vllm/platforms/rocm.py": ROCM_PY.format(wave=wave),
