@@ -205,6 +205,8 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
         mark = "will run" if item.action == "run" else "skip    "
         version = _short(item.vars.get("_version", ""))
         click.echo(f"  {mark}  {item.name:<{width}}  {version:<20}  {item.reason}")
+        for note in item.notes:
+            click.echo(f"      note: {note}")
         if verbose:
             for key, value in item.inputs.get("pins", {}).items():
                 click.echo(f"      pin {key} = {value if value != '' else '(empty)'}")

@@ -137,9 +137,15 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
         todo = plan.to_run
         if todo:
             # every artifact exists upstream (or in the cache) before the first download
-            from . import pincheck
+            from . import patches, pincheck
 
             pincheck.preflight(plan, [i.name for i in todo], ui)
+            # and every patch against its sdist, before the hour of builds in front of it
+            patches.precheck(todo, prefix=settings.prefix, cache_dir=settings.cache_dir,
+                             offline=settings.offline, ui=ui)
+            for item in todo:
+                for note in item.notes:
+                    ui.info(f"{item.name}: {note}")
         if todo and preflight is not None:
             preflight(todo)
         tools = tool_versions() if todo else {}

@@ -23,6 +23,7 @@ from . import proc
 from . import recipes as rcp
 from . import state
 from .errors import RecipeError, UsageError
+from .patches import for_version
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
@@ -57,6 +58,7 @@ class Item:
     inputs: dict[str, Any] = field(default_factory=dict)
     vars: dict[str, str] = field(default_factory=dict)
     patches: tuple[Path, ...] = ()
+    notes: list[str] = field(default_factory=list)   # shown with the plan
 
     @property
     def name(self) -> str:
@@ -71,6 +73,7 @@ class Item:
             out["source"] = self.inputs.get("source", {})
             out["patches"] = self.inputs.get("patches", {})
             out["env"] = self.inputs.get("env", {})
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -274,12 +277,13 @@ def make_plan(settings: Settings) -> Plan:
                 dep_fps[dep] = d.fingerprint
             else:
                 dep_fps[dep] = dstamp.get("fingerprint", "")
-        patches = _patch_files(recipe, settings)
-        inputs = _inputs(recipe, pin_values, settings, patches, dep_fps)
-        fp = _hash_json(inputs)
         variables = {**pin_values, **context_vars(settings, name)}
         variables["_version"] = rcp.interpolate(recipe.version, variables, str(recipe.path))
-        item = Item(recipe, SKIP, "", fp, inputs, variables, patches)
+        # a patch whose header names the releases it is for is left out of the others
+        patches, notes = for_version(_patch_files(recipe, settings), variables["_version"])
+        inputs = _inputs(recipe, pin_values, settings, tuple(patches), dep_fps)
+        fp = _hash_json(inputs)
+        item = Item(recipe, SKIP, "", fp, inputs, variables, tuple(patches), notes)
         items[name] = item
 
         done = stamp is not None and stamp.get("status") == state.DONE

@@ -87,6 +87,9 @@ def _metadata_from_zip(url: str) -> str:
         return zf.read(name).decode("utf-8", "replace")
 
 
+_NO_PEP658: set[str] = set()
+
+
 def wheel_metadata(url: str, *, cache_dir: Path, offline: bool = False) -> str:
     """The METADATA text of the wheel at `url` (recorded in the cache after the first read)."""
     from . import state, upstream
@@ -98,8 +101,13 @@ def wheel_metadata(url: str, *, cache_dir: Path, offline: bool = False) -> str:
     if offline:
         raise InstallerError(f"offline, and the metadata of {download.filename_of(url)} was never read",
                              hint="run once without --offline, or pin exact torch.* versions")
-    got = upstream.read(url + ".metadata", cache_dir=cache_dir)   # PEP 658
-    text = got["text"] if got["status"] == 200 else _metadata_from_zip(url)
+    host = url.split("/files/", 1)[0] if "/files/" in url else url.rsplit("/", 1)[0]
+    got = None
+    if host not in _NO_PEP658:
+        got = upstream.read(url + ".metadata", cache_dir=cache_dir)   # PEP 658
+        if got["status"] != 200:
+            _NO_PEP658.add(host)    # the index serves none: go straight to the zip next time
+    text = got["text"] if got and got["status"] == 200 else _metadata_from_zip(url)
     upstream.remember(key, text, cache_dir=cache_dir)
     return text
 
@@ -237,16 +245,21 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
             out[key] = wanted[key]
             continue
         candidates = wheels(key)
-        fits = [v for v, u in candidates
-                if (req := meta(u).get("torch")) is None or req.specifier.contains(torch_v, prereleases=True)]
-        if not fits:
+        if key == "torchvision":
+            # PyTorch's release matrix (torchvision minor = torch minor + 15) names the likely
+            # fit; try it first, the metadata still decides
+            candidates.sort(key=lambda c: c[0].release[:2] != (0, torch_v.minor + 15))
+        # newest first, and stop at the first fit: each candidate costs a metadata read
+        fit = next((v for v, u in candidates if (req := meta(u).get("torch")) is None
+                    or req.specifier.contains(torch_v, prereleases=True)), None)
+        if fit is None:
             near = [str(v) for v, _ in candidates[:3]]
             raise NotFound(f"no {key} for torch {torch_v} on {index} (for rocm{v_rocm} it has "
                            f"{', '.join(near) or 'none'})",
                            hint=f'set torch.{key} to "" to leave it out, or pin one exactly',
                            recipe="torch", name=key, want=f"one that accepts torch {torch_v}", url=index,
                            pin=f"torch.{key}", nearest=near)
-        out[key] = str(fits[0])
+        out[key] = str(fit)
     return _exact(out, out)
 
 

@@ -15,6 +15,11 @@ from typing import Any
 from .errors import InstallerError
 
 
+# pages this process read from upstream: a second look (the check after the resolver)
+# takes the answer just recorded instead of asking again
+_READ: set[tuple[str, str]] = set()
+
+
 def _cache_file(cache_dir: Path, url: str, accept: str) -> Path:
     key = hashlib.sha256(f"{accept} {url}".encode()).hexdigest()[:32]
     return Path(cache_dir) / "upstream" / f"{key}.json"
@@ -38,6 +43,8 @@ def read(url: str, *, cache_dir: Path, offline: bool = False, accept: str = "tex
     from . import download, state
 
     old = cached(url, cache_dir=cache_dir, accept=accept)
+    if old is not None and (url, accept) in _READ:
+        return {**old, "cached": False}   # read from upstream moments ago, by this process
     if offline or (old is not None and not fresh):
         if old is None:
             raise InstallerError(f"offline, and {url} was never read",
@@ -56,6 +63,7 @@ def read(url: str, *, cache_dir: Path, offline: bool = False, accept: str = "tex
     got = {"status": 200 if resp.status_code == 200 else 404, "text": resp.text if resp.status_code == 200 else "",
            "url": resp.url, "fetched": state.now()}
     state.write_json_atomic(_cache_file(cache_dir, url, accept), got)
+    _READ.add((url, accept))
     return {**got, "cached": False}
 
 

@@ -213,7 +213,12 @@ diff --git a/vllm/platforms/rocm.py b/vllm/platforms/rocm.py
 """
 
 
-def recipes_with_patches(root: Path) -> Path:
+GFX12 = ("0001-gfx12.patch", "gfx12", 2, "on_gfx12", "False", "True")
+WAVE32 = ("0002-wave32.patch", "wave32", 6, "wave32", "64", "32")     # in 0.34.0 already
+GONE = ("0003-gone.patch", "gone", 6, "wave32", "48", "16")           # matches nothing
+
+
+def recipes_with_patches(root: Path, rows=(GFX12, WAVE32, GONE), versions: str = "") -> Path:
     import shutil
 
     from conftest import REPO
@@ -222,11 +227,11 @@ def recipes_with_patches(root: Path) -> Path:
     shutil.copytree(REPO / "recipes", recipes)
     folder = root / "tree" / "patches" / "vllm"
     folder.mkdir(parents=True)
-    for name, subject, line, func, old, new in (
-            ("0001-gfx12.patch", "gfx12", 2, "on_gfx12", "False", "True"),
-            ("0002-wave32.patch", "wave32", 6, "wave32", "64", "32"),     # in 0.34.0 already
-            ("0003-gone.patch", "gone", 6, "wave32", "48", "16")):        # matches nothing
-        (folder / name).write_text(PATCH.format(subject=subject, line=line, func=func, old=old, new=new))
+    for name, subject, line, func, old, new in rows:
+        text = PATCH.format(subject=subject, line=line, func=func, old=old, new=new)
+        if versions and name.startswith("0003"):
+            text = text.replace("\n---\n", f"\nVersions: {versions}\n---\n", 1)
+        (folder / name).write_text(text)
     return recipes
 
 
@@ -255,3 +260,52 @@ def test_update_proposes_the_newest_coherent_stack(runner, ups, tmp_path):
     assert check.exit_code == 0, check.output
     assert {a["want"] for a in json.loads(check.output)["artifacts"]} >= {"10.2.0", "0.34.0",
                                                                           "2.15.0+rocm10.2.0"}
+
+
+def test_a_patch_for_other_releases_is_left_out_at_plan_time(runner, ups, tmp_path):
+    recipes = recipes_with_patches(tmp_path, versions="<0.33")
+    result = run(runner, ups, tmp_path, "plan", "--recipes-dir", str(recipes))
+    assert result.exit_code == 0, result.output
+    assert "note: patch 0003-gone.patch skipped: it is for <0.33, not 0.33.0" in result.output
+    on_old = run(runner, ups, tmp_path, "plan", "--json", "--recipes-dir", str(recipes),
+                 "--set", "vllm.version=0.32.0")
+    vllm = next(s for s in json.loads(on_old.output)["steps"] if s["recipe"] == "vllm")
+    assert sorted(vllm["patches"]) == ["0001-gfx12.patch", "0002-wave32.patch", "0003-gone.patch"]
+    assert vllm["notes"] == []
+
+
+def test_a_conflicting_patch_stops_the_install_before_any_build(runner, ups, tmp_path):
+    recipes = recipes_with_patches(tmp_path)
+    before = len(ups.http.log)
+    result = run(runner, ups, tmp_path, "install", "--no-checks", "--recipes-dir", str(recipes))
+    assert result.exit_code == 1, result.output
+    assert "vllm: patch 0003-gone.patch conflicts with vllm 0.33.0: first failing hunk " \
+           "vllm/platforms/rocm.py @@ -6,2 +6,2 @@" in result.output
+    assert "nothing was built" in result.output
+    assert not [r for r in ups.http.log[before:] if r["method"] == "GET" and "therock-dist" in r["path"]]
+    assert not (tmp_path / "prefix" / "rocm").exists()
+    assert not list((tmp_path / "prefix").glob(".patchcheck*"))
+
+
+def test_a_patch_already_in_the_release_is_noted(ups, tmp_path):
+    from installer import patches
+    from installer.cli import _settings
+    from installer.plan import make_plan
+    from installer.ui import UI
+
+    seen: list[str] = []
+
+    class Recorder(UI):
+        def info(self, msg: str) -> None:
+            seen.append(msg)
+
+    recipes = recipes_with_patches(tmp_path, rows=(GFX12, WAVE32))
+    opts = {"recipes_dir": recipes, "pins_file": ups.write_pins(tmp_path / "pins.toml"),
+            "sets": ("vllm.version=0.34.0",), "gpu_arch": "gfx1201", "cache_dir": tmp_path / "cache",
+            "prefix": tmp_path / "prefix"}
+    plan = make_plan(_settings(opts, Recorder(), need_gpu=False))
+    (tmp_path / "prefix").mkdir()
+    patches.precheck([i for i in plan.items if i.name == "vllm"], prefix=tmp_path / "prefix",
+                     cache_dir=tmp_path / "cache", offline=False, ui=Recorder())
+    assert seen == ["vllm: patch 0002-wave32.patch is already in vllm 0.34.0; it is skipped "
+                    "(drop it per its header)"]

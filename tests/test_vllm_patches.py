@@ -144,6 +144,14 @@ def test_patch_header_explains_itself(patch: Path):
     assert re.search(r"^Subject: \S.*", header, re.M), "no Subject"
     assert re.search(r"^(Drop|Remove) when\b.+", header, re.M | re.I), "no 'Drop when' line"
     assert re.search(r"https://github\.com/\S+/(issues|pull)/\d+", header), "no upstream link"
+    if patch.parent == VLLM_PATCHES:
+        # the releases it is for (installer/patches.py:for_version reads it) and the upstream thread
+        from packaging.specifiers import SpecifierSet
+
+        versions = re.search(r"^Versions: (.+)$", header, re.M)
+        assert versions, "no 'Versions:' line"
+        assert SpecifierSet(versions.group(1)).contains(load_pins()["vllm"]["version"])
+        assert re.search(r"^Upstream: https://github\.com/vllm-project/vllm/(issues|pull)/\d+", header, re.M)
     body = header.split("\n\n", 1)[1] if "\n\n" in header else ""
     assert len(body.split()) >= 20, "the body must say why the patch exists"
 
