@@ -204,6 +204,10 @@ def check_settings(settings: Any, tries: int = 8) -> Report:
             if not exc.nearest or table not in pins:
                 return Report(found)
             pins[table][key] = exc.nearest[0]
+        except InstallerError as exc:
+            # an upstream a resolver needs cannot be read: nothing further can be derived
+            return Report(found + [Result("(resolve)", "derived pins", "", UNREACHABLE,
+                                          detail=exc.message + (f"; {exc.hint}" if exc.hint else ""))])
     else:
         return Report(found)
     arts = lock.artifacts(plan)

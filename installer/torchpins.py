@@ -197,11 +197,22 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
         # everything pinned: nothing to derive, no network
         return _exact(out, wanted)
 
+    derived = ", ".join(f"torch.{k}" for k, v in wanted.items() if v in AUTO)
+    why = f"{derived} are derived from {index}; pin them exactly (--set torch.KEY=VERSION) to plan without it"
+
     def wheels(project: str) -> list[tuple[Any, str]]:
-        return _wheels(index, project, v_rocm, py, cache_dir=cache_dir, offline=offline)
+        try:
+            return _wheels(index, project, v_rocm, py, cache_dir=cache_dir, offline=offline)
+        except NotFound:
+            raise
+        except InstallerError as exc:
+            raise InstallerError(exc.message, hint=why) from None
 
     def meta(url: str) -> dict[str, Any]:
-        return requirements(wheel_metadata(url, cache_dir=cache_dir, offline=offline))
+        try:
+            return requirements(wheel_metadata(url, cache_dir=cache_dir, offline=offline))
+        except InstallerError as exc:
+            raise InstallerError(exc.message, hint=why) from None
 
     torches = wheels("torch")
     if not torches:

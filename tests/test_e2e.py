@@ -293,3 +293,33 @@ def test_vllm_from_its_git_tag(world, tmp_path, home):
     assert facts["source"]["tag"] == "v0.33.0"
     assert facts["patches"] == {"0001-test.patch": "applied"}
     assert facts["code_objects"]
+
+
+def test_a_new_vllm_version_rederives_its_sdist_and_builds_it(world, tmp_path, home):
+    """The README's `run vllm --set vllm.version=X`: URL, sha256 and tag follow X, and X is built
+    (it used to keep the old sdist and only relabel it)."""
+    import hashlib
+
+    from e2e_fixtures import VLLM_NEXT
+
+    prefix = tmp_path / "p"
+    sel = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", *world.derive_vllm]
+    first = run_cli(world, home, "install", "--no-checks", *sel)
+    assert first.returncode == 0, first.stderr[-3000:]
+    receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
+    assert receipt["components"]["vllm"]["facts"]["source"]["url"].endswith("/vllm-0.33.0.tar.gz")
+    again = run_cli(world, home, "run", "vllm", *sel, "--set", f"vllm.version={VLLM_NEXT}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
+    source = receipt["components"]["vllm"]["facts"]["source"]
+    sdist = world.root / "pypi" / f"vllm-{VLLM_NEXT}.tar.gz"
+    assert source["url"].endswith(f"/vllm-{VLLM_NEXT}.tar.gz")
+    assert source["sha256"] == hashlib.sha256(sdist.read_bytes()).hexdigest()
+    pins = receipt["pins"]["vllm"]
+    assert pins["version"] == VLLM_NEXT and pins["tag"] == f"v{VLLM_NEXT}"
+    assert pins["sdist_sha256"] == source["sha256"]
+    assert receipt["lock"]["pins"]["vllm"]["version"] == VLLM_NEXT
+    installed = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c",
+                                "import importlib.metadata as m, vllm; print(m.version('vllm'), vllm.__version__)"],
+                               capture_output=True, text=True)
+    assert installed.stdout.split() == [VLLM_NEXT, VLLM_NEXT], installed.stderr

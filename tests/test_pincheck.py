@@ -105,6 +105,12 @@ def test_unreachable_and_bad_usage(runner, ups, tmp_path):
     assert down.exit_code == 1
     statuses = {a["name"]: a["status"] for a in json.loads(down.output)["artifacts"]}
     assert statuses["therock-dist-linux-gfx120X-all-10.1.0.tar.gz"] == "unreachable"
+    no_index = run(runner, ups, tmp_path, "pins", "check", "--json",
+                   pins={"torch": {"index_url": "http://127.0.0.1:9/simple/"}})
+    assert no_index.exit_code == 1
+    [only] = json.loads(no_index.output)["artifacts"]
+    assert only["status"] == "unreachable"
+    assert "torch.torchvision, torch.torchaudio, torch.triton are derived from" in only["detail"]
     bad = run(runner, ups, tmp_path, "pins", "check", "--set", "vllm.colour=red")
     assert bad.exit_code == 2 and "unknown pin 'vllm.colour'" in bad.output
 
