@@ -9,11 +9,12 @@ there, so a changed version changes them, and the tag follows the version.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urljoin
 
-from .errors import InstallerError, NotFound, UsageError
+from .errors import InstallerError, NotFound, RecipeError, UsageError
 
 JSON_API = "application/vnd.pypi.simple.v1+json"
 PYPI = "https://pypi.org/simple"
@@ -169,8 +170,13 @@ def resolve(pins: Mapping[str, Mapping[str, Any]], archs: tuple[str, ...], *, of
         raise UsageError(f"vllm.tag is pinned to {tag} but vllm.version {version} is tagged v{version}",
                          hint="drop the vllm.tag pin (it follows the version)")
     out.update(version=version, tag=f"v{version}", index_url=index)
-    if source == "git" and not str(mine.get("commit", "") or ""):
+    commit = str(mine.get("commit", "") or "")
+    if source == "git" and not commit:
         out["commit"] = _tag_commit(str(mine.get("git_url", "") or ""), out["tag"], offline)
+    elif source == "git" and not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise RecipeError(f"vllm.commit must be a full 40-character SHA, not {commit!r}",
+                          hint=f"pin the exact commit (git rev-parse {out['tag']}^{{commit}}), "
+                               "or leave vllm.commit empty to look it up")
     return out
 
 

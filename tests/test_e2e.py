@@ -198,7 +198,11 @@ def test_bad_input(world, tmp_path, home, case):
         bad = world.root / "files" / "therock" / "therock-dist-linux-gfx120X-all-10.1.1.tar.gz"
         make_toolchain_tarball(bad, "10.1.1", truncate=True)
         try:
-            r = run_cli(world, home, *base, "--set", "therock.version=10.1.1")
+            # the world pins torch for 10.1.0 exactly; let it follow 10.1.1, which has no torch
+            # wheels, and install only the toolchain, so the preflight passes and the unpack fails
+            follow = ["--set", "torch.rocm=", "--set", "torch.torch=2.13.0", "--set", "torch.torchvision=0.28.0",
+                      "--set", "torch.torchaudio=2.11.0.3", "--set", "torch.triton="]
+            r = run_cli(world, home, *base, "--set", "therock.version=10.1.1", *follow, "--only", "therock")
         finally:
             bad.unlink()
         one_line_error(r, 1)

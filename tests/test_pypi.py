@@ -131,3 +131,10 @@ def test_fetch_sdist_refuses_an_sdist_of_another_version(index, tmp_path):
     (tmp_path / "again").mkdir()
     dest = sources.fetch_sdist(_ctx(tmp_path / "again"), url=str(ok), sha256=_sha(ok), version="0.33.1")
     assert sources.sdist_version(dest) == "0.33.1"
+
+
+def test_a_short_git_commit_stops_the_plan(tmp_path):
+    pins = _pins("http://127.0.0.1:9/simple", source="git", commit="4ba787ec9")
+    with pytest.raises(UsageError) as exc:
+        pypi.resolve(pins, (), offline=False, cache_dir=tmp_path / "c")
+    assert "full 40-character SHA" in exc.value.message and "git rev-parse v0.33.0" in exc.value.hint
