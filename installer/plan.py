@@ -167,6 +167,11 @@ def _resolve(recipe: rcp.Recipe, pins: rcp.Pins, settings: Settings) -> None:
     pins.setdefault(recipe.name, {}).update({k: str(v) for k, v in found.items()})
 
 
+def _unresolved(value: Any) -> bool:
+    text = str(value)
+    return text in ("", "auto") or text.startswith("latest")
+
+
 def _patch_files(recipe: rcp.Recipe, settings: Settings) -> tuple[Path, ...]:
     folder = rcp.patches_dir_for(settings.recipes_dir) / recipe.name
     if "patches" not in recipe.raw.get("recipe", {}):
@@ -259,8 +264,11 @@ def make_plan(settings: Settings) -> Plan:
             # resolving again could need the network (version = "latest")
             for key, value in recorded.items():
                 table, _, pin = key.partition(".")
-                if table == name:
-                    pins.setdefault(name, {}).setdefault(pin, value)
+                mine = pins.setdefault(name, {})
+                # an unresolved intent ("latest", "auto", "" = derive) takes the recorded
+                # value, so the receipt and a lock say what is installed
+                if table == name and (pin not in mine or _unresolved(mine[pin])):
+                    mine[pin] = value
         else:
             _resolve(recipes[name], pins, settings)
     pin_values = rcp.pin_vars(pins)

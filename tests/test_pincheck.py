@@ -315,3 +315,38 @@ def test_a_patch_already_in_the_release_is_noted(ups, tmp_path):
                      cache_dir=tmp_path / "cache", offline=False, ui=Recorder())
     assert seen == ["vllm: patch 0002-wave32.patch is already in vllm 0.34.0; it is skipped "
                     "(drop it per its header)"]
+
+
+def test_a_recipe_not_rerun_keeps_what_it_resolved_to(tmp_path):
+    """`therock.version = latest` and a run of another recipe: the plan (and so the receipt
+    and the lock) holds the installed version, not "latest", and reads no listing."""
+    from installer import lock, recipes as rcp, state
+    from installer.plan import Settings, make_plan
+
+    prefix = tmp_path / "p"
+    recorded = {"therock.version": "10.1.0", "therock.url": "https://example.invalid/t-10.1.0.tar.gz",
+                "therock.channel": "stable", "therock.family": "gfx120X-all"}
+    state.write_stamp(prefix, "therock", {"status": state.DONE, "fingerprint": "f",
+                                          "inputs": {"pins": recorded}})
+    folder = rcp.default_recipes_dir()
+    pins = rcp.apply_overrides(rcp.load_pins(folder / rcp.PINS_FILE), sets=(
+        "therock.version=latest", "torch.torchvision=0.28.0", "torch.torchaudio=2.11.0.3",
+        "torch.triton=3.8.0+git669b31ac.rocm10.1.0",
+        "vllm.sdist_url=https://example.invalid/vllm-0.33.0.tar.gz", "vllm.sdist_sha256=" + "a" * 64))
+    plan = make_plan(Settings(prefix=prefix, cache_dir=tmp_path / "c", recipes_dir=folder,
+                              archs=("gfx1201",), pins=pins, only=("triton-kernels",)))
+    assert plan.pins["therock"]["version"] == "10.1.0"
+    assert plan.pins["torch"]["rocm"] == "10.1.0"
+    assert "latest" not in lock.dumps(lock.build(plan))
+
+
+def test_a_lock_refuses_an_unresolved_pin():
+    from types import SimpleNamespace
+
+    from installer import lock
+    from installer.errors import InstallerError
+
+    plan = SimpleNamespace(pins={"therock": {"version": "latest"}}, items=[],
+                           settings=SimpleNamespace(archs=("gfx1201",), pins={}, skip=()))
+    with pytest.raises(InstallerError, match="not resolved: therock.version"):
+        lock.build(plan)
