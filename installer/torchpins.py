@@ -92,7 +92,7 @@ _NO_PEP658: set[str] = set()
 
 def wheel_metadata(url: str, *, cache_dir: Path, offline: bool = False) -> str:
     """The METADATA text of the wheel at `url` (recorded in the cache after the first read)."""
-    from . import state, upstream
+    from . import upstream
 
     key = url + "#METADATA"
     old = upstream.cached(key, cache_dir=cache_dir)
