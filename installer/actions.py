@@ -20,6 +20,8 @@ LAST_COMMAND = "last-command.sh"
 RESOLVERS: dict[str, str] = {
     # recipe name -> "module:function"; see docs/design.md "Resolvers"
     "therock": "installer.therock:resolve",
+    "torch": "installer.torchpins:resolve",
+    "vllm": "installer.pypi:resolve",
 }
 
 ACTIONS: dict[str, str] = {

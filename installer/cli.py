@@ -224,8 +224,13 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
     if "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
         sets += ("ray.enabled=true",)
     origins: dict[str, str] = {}
-    pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                               pins_file=opts.get("pins_file"), sets=sets, origins=origins)
+    if opts.get("lock_file"):
+        from . import lock
+
+        pins, opts = lock.settings_from(opts, sets)
+    else:
+        pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
+                                   pins_file=opts.get("pins_file"), sets=sets, origins=origins)
     archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
     jobs, too_many = buildenv.capped_jobs(opts.get("jobs"))
     if too_many:
@@ -301,6 +306,8 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
         mark = "will run" if item.action == "run" else "skip    "
         version = _short(item.vars.get("_version", ""))
         click.echo(f"  {mark}  {item.name:<{width}}  {version:<20}  {item.reason}")
+        for note in item.notes:
+            click.echo(f"      note: {note}")
         if verbose:
             for key, value in item.inputs.get("pins", {}).items():
                 table, _, name = key.partition(".")
@@ -341,9 +348,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 @cli.command(epilog=examples("rdna4-install install --prefix ~/rdna4 --with ray",
-                             "rdna4-install install --prefix ~/rdna4 --mirror /mnt/usb/mirror/mirror.toml",
+                             "rdna4-install install --lock stack.lock --prefix ~/rdna4",
                              "rdna4-install install --from-bundle rdna4.bundle --prefix ~/rdna4"))
 @selection_options
+@click.option("--lock", "lock_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Install exactly the stack in FILE (from `rdna4-install lock`).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--no-checks", is_flag=True, envvar="RDNA4_NO_CHECKS", show_envvar=True,
               help="Skip doctor's blocking host checks (disk, tools, GPU access) before installing.")
@@ -400,7 +409,74 @@ def plan(obj: Obj, as_json: bool, **opts: Any) -> None:
         _print_plan(result, obj.ui, obj.ui.verbosity >= 1)
 
 
-@cli.command(epilog=examples("rdna4-install run vllm --prefix ~/rdna4 --set vllm.version=0.33.1",
+@cli.command("lock", epilog=examples("rdna4-install lock --gpu-arch gfx1201 -o stack.lock",
+                                     "rdna4-install lock --set vllm.version=latest -o stack.lock",
+                                     "rdna4-install lock --from-receipt ~/rdna4 -o stack.lock"))
+@selection_options
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Write the lock to FILE [default: print it].")
+@click.option("--from-receipt", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="PREFIX", help="The lock of what is installed in PREFIX (same stack elsewhere).")
+@pass_obj
+def lock_cmd(obj: Obj, output: Path | None, from_receipt: Path | None, **opts: Any) -> None:
+    """Resolve the pins into exact artifacts (URL, sha256, version, commit) and write a lock."""
+    from . import lock
+    from .plan import make_plan
+
+    if from_receipt is not None:
+        data = lock.from_receipt(_path(from_receipt))
+    else:
+        data = lock.build(make_plan(_settings(opts, obj.ui, need_gpu=False)))
+    if output is None:
+        click.echo(lock.dumps(data))
+        return
+    lock.write(data, _path(output))
+    obj.ui.success(f"wrote {output} ({len(data['artifacts'])} artifacts); "
+                   f"install it with: rdna4-install install --lock {output}")
+
+
+@cli.group(epilog=examples("rdna4-install pins check", "rdna4-install pins update",
+                           "rdna4-install pins update --write my-pins.toml"))
+def pins() -> None:
+    """Check the pins against the live upstreams, or propose the newest coherent stack."""
+
+
+@pins.command("check", epilog=examples("rdna4-install pins check --gpu-arch gfx1201",
+                                       "rdna4-install pins check --json",
+                                       "rdna4-install pins check --set vllm.version=latest"))
+@selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_obj
+def pins_check(obj: Obj, as_json: bool, **opts: Any) -> None:
+    """Ask each upstream whether every artifact of the plan exists (exit 1 if one is missing)."""
+    from . import pincheck
+
+    report = pincheck.check_settings(_settings(opts, obj.ui, need_gpu=False))
+    click.echo(pincheck.to_json(report) if as_json else pincheck.format_table(report))
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@pins.command("update", epilog=examples("rdna4-install pins update",
+                                        "rdna4-install pins update --write recipes/pins.toml",
+                                        "rdna4-install pins update --set therock.channel=nightly"))
+@selection_options
+@click.option("--write", "write_to", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Write the proposed pins to FILE (a --pins file) instead of only printing.")
+@pass_obj
+def pins_update(obj: Obj, write_to: Path | None, **opts: Any) -> None:
+    """Propose the newest coherent stack and show how it differs from the current pins."""
+    from . import pinupdate
+
+    settings = _settings(opts, obj.ui, need_gpu=False)
+    proposal = pinupdate.propose(settings, ui=obj.ui)
+    click.echo(pinupdate.format_diff(proposal))
+    if write_to is not None:
+        pinupdate.write(proposal, _path(write_to))
+        obj.ui.success(f"wrote {write_to}; use it with --pins {write_to}")
+
+
+@cli.command(epilog=examples("rdna4-install run vllm --prefix ~/rdna4 --set vllm.version=latest",
                              "rdna4-install run flash-attention --force --dry-run --prefix ~/rdna4",
                              "rdna4-install run therock --force --only therock --prefix ~/rdna4"))
 @click.argument("recipes", nargs=-1, required=True)

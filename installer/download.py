@@ -298,9 +298,9 @@ def _proxy_for(url: str) -> str | None:
     return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
 
 
-def get(url: str, *, ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
+def get(url: str, *, method: str = "GET", ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
         budget: float = RETRY_BUDGET, **kw):
-    """GET through the shared session with the https policy, timeouts and retries.
+    """GET (or `method`, e.g. HEAD) through the shared session with the https policy, timeouts and retries.
 
     A name that does not resolve or a TLS failure is not retried (it will not
     fix itself); timeouts, resets and 429/5xx are, while the retries fit in
@@ -311,13 +311,15 @@ def get(url: str, *, ui: Any = None, timeout: tuple[float, float] = TIMEOUT,
     import requests
 
     check_url(url)
+    if method == "HEAD":
+        kw.setdefault("allow_redirects", True)   # requests does not follow a HEAD's redirect by default
     started = time.monotonic()
     tries = 0
     while True:
         tries += 1
         wait = BACKOFF * 2 ** (tries - 1)
         try:
-            resp = session().get(url, timeout=timeout, proxies=_proxies(url), **kw)
+            resp = session().request(method, url, timeout=timeout, proxies=_proxies(url), **kw)
         except requests.RequestException as exc:
             reason, final = _classify(exc)
             if final or not _may_retry(tries, started, wait, timeout[0], budget):

@@ -150,6 +150,17 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
         download.sweep(settings.cache_dir)
         plan = make_plan(settings)
         todo = plan.to_run
+        if todo:
+            # every artifact exists upstream (or in the cache) before the first download
+            from . import patches, pincheck
+
+            pincheck.preflight(plan, [i.name for i in todo], ui)
+            # and every patch against its sdist, before the hour of builds in front of it
+            patches.precheck(todo, prefix=settings.prefix, cache_dir=settings.cache_dir,
+                             offline=settings.offline, ui=ui)
+            for item in todo:
+                for note in item.notes:
+                    ui.info(f"{item.name}: {note}")
         if todo and preflight is not None:
             preflight(todo)
         tools = tool_versions() if todo else {}
@@ -161,8 +172,19 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
             # no tools measured (nothing ran): write_receipt keeps the recorded ones
             state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins, tools=tools,
                                 installer_version=__version__,
-                                visible_devices=str(settings.options.get("visible_devices", "")))
+                                visible_devices=str(settings.options.get("visible_devices", "")),
+                                lock=_lock_of(plan))
     return plan, ran
+
+
+def _lock_of(plan: Plan) -> dict[str, Any] | None:
+    """The lock the receipt embeds; None (keep the old one) when a pin is unresolved."""
+    from . import lock
+
+    try:
+        return lock.build(plan)
+    except InstallerError:
+        return None
 
 
 def status(prefix: Path, recipe_names: list[str]) -> list[dict[str, Any]]:

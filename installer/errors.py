@@ -42,3 +42,14 @@ def command(prefix: object, *args: str) -> str:
     import shlex
 
     return "rdna4-install " + " ".join(shlex.quote(str(a)) for a in (*args, "--prefix", prefix))
+
+
+class NotFound(InstallerError):
+    """An artifact a pin names is not on its upstream. `pin` is the pin to change and
+    `nearest` what the upstream has instead (newest first), for `pins check` and hints."""
+
+    def __init__(self, message: str, hint: str | None = None, *, recipe: str = "", name: str = "",
+                 want: str = "", url: str = "", pin: str = "", nearest: list[str] | None = None):
+        super().__init__(message, hint)
+        self.recipe, self.name, self.want, self.url, self.pin = recipe, name, want, url, pin
+        self.nearest = list(nearest or [])

@@ -241,7 +241,7 @@ def _find(indexes: list[str], name: str, version: str, py: tuple[int, int]) -> t
         if not links:
             continue
         wheels, sdists = [], []
-        for fname, url in links:
+        for fname, url in links.items():
             try:
                 if fname.endswith(".whl"):
                     if _same_version(str(parse_wheel_filename(fname)[1]), version) and wheel_fits(fname, py):

@@ -23,6 +23,7 @@ from . import outputs, proc
 from . import recipes as rcp
 from . import state
 from .errors import RecipeError, UsageError, command
+from .patches import for_version
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
@@ -62,6 +63,7 @@ class Item:
     vars: dict[str, str] = field(default_factory=dict)
     patches: tuple[Path, ...] = ()
     outputs: dict[str, list[str]] = field(default_factory=dict)   # prefix-relative, for the stamp
+    notes: list[str] = field(default_factory=list)   # shown with the plan
 
     @property
     def name(self) -> str:
@@ -76,6 +78,7 @@ class Item:
             out["source"] = self.inputs.get("source", {})
             out["patches"] = self.inputs.get("patches", {})
             out["env"] = self.inputs.get("env", {})
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -178,6 +181,11 @@ def _resolve(recipe: rcp.Recipe, pins: rcp.Pins, settings: Settings) -> None:
     fn = getattr(importlib.import_module(module), func)
     found = fn(pins, settings.archs, offline=settings.offline, cache_dir=settings.cache_dir)
     pins.setdefault(recipe.name, {}).update({k: str(v) for k, v in found.items()})
+
+
+def _unresolved(value: Any) -> bool:
+    text = str(value)
+    return text in ("", "auto") or text.startswith("latest")
 
 
 def _patch_files(recipe: rcp.Recipe, settings: Settings) -> tuple[Path, ...]:
@@ -294,8 +302,11 @@ def make_plan(settings: Settings) -> Plan:
             # resolving again could need the network (version = "latest")
             for key, value in recorded.items():
                 table, _, pin = key.partition(".")
-                if table == name:
-                    pins.setdefault(name, {}).setdefault(pin, value)
+                mine = pins.setdefault(name, {})
+                # an unresolved intent ("latest", "auto", "" = derive) takes the recorded
+                # value, so the receipt and a lock say what is installed
+                if table == name and (pin not in mine or _unresolved(mine[pin])):
+                    mine[pin] = value
         else:
             _resolve(recipes[name], pins, settings)
     pin_values = rcp.pin_vars(pins)
@@ -313,13 +324,14 @@ def make_plan(settings: Settings) -> Plan:
                 dep_fps[dep] = d.fingerprint
             else:
                 dep_fps[dep] = dstamp.get("fingerprint", "")
-        patches = _patch_files(recipe, settings)
-        inputs = _inputs(recipe, pin_values, settings, patches, dep_fps)
-        fp = _hash_json(inputs)
         variables = {**pin_values, **context_vars(settings, name)}
         variables["_version"] = rcp.interpolate(recipe.version, variables, str(recipe.path))
+        # a patch whose header names the releases it is for is left out of the others
+        patches, notes = for_version(_patch_files(recipe, settings), variables["_version"])
+        inputs = _inputs(recipe, pin_values, settings, tuple(patches), dep_fps)
+        fp = _hash_json(inputs)
         claim = outputs.declared(recipe.outputs, variables, settings.prefix, str(recipe.path))
-        item = Item(recipe, SKIP, "", fp, inputs, variables, patches, claim)
+        item = Item(recipe, SKIP, "", fp, inputs, variables, tuple(patches), claim, notes)
         items[name] = item
 
         done = stamp is not None and stamp.get("status") == state.DONE

@@ -98,6 +98,28 @@ def _clear_stale_locks(mirror: Path) -> None:
             junk.unlink(missing_ok=True)
 
 
+def ls_remote(url: str, *patterns: str, timeout: float = 60) -> dict[str, str] | None:
+    """ref -> commit as `git ls-remote` lists them (an annotated tag also as ref^{},
+    its commit); None when the repository cannot be reached."""
+    check_url(url)
+    env = proc.base_env({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"})
+    got = proc.capture(["git", "ls-remote", url, *patterns], env=env, timeout=timeout)
+    if not got.ok:
+        return None
+    refs = {}
+    for line in got.stdout.splitlines():
+        sha, _, ref = line.partition("\t")
+        if FULL_SHA.fullmatch(sha):
+            refs[ref] = sha
+    return refs
+
+
+def tag_commit(refs: dict[str, str], tag: str) -> str:
+    """The commit tag `tag` points at in ls_remote's answer ("" when absent)."""
+    ref = f"refs/tags/{tag}"
+    return refs.get(ref + "^{}") or refs.get(ref, "")
+
+
 def _checkout(ctx, mirror: Path, commit: str, dest: Path, *, git_dir: Path | None = None,
               sparse: Iterable[str] = ()) -> None:
     argv = ["git", "init", "-q"]
@@ -195,8 +217,37 @@ def fetch_git(ctx, url: str = "", commit: str = "", tag: str = "",
     return dest
 
 
-def fetch_sdist(ctx, url: str = "", sha256: str = "") -> Path:
-    """Action "fetch-sdist": download (cached, verified) and unpack into ctx.src_dir, top dir stripped."""
+def sdist_version(src: Path) -> str:
+    """The Version field of an unpacked sdist's PKG-INFO ("" when there is none)."""
+    try:
+        text = (src / "PKG-INFO").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    m = re.search(r"^Version:\s*(\S+)", text.split("\n\n", 1)[0], re.M)
+    return m.group(1) if m else ""
+
+
+def _check_sdist_version(ctx, src: Path, url: str, version: str) -> None:
+    """The sdist must be the version asked for: a URL left over from another
+    version would otherwise build old code under the new version's name."""
+    from packaging.version import InvalidVersion, Version
+
+    found = sdist_version(src)
+    try:
+        same = bool(found) and Version(found) == Version(version)
+    except InvalidVersion:
+        same = False
+    if not same:
+        raise InstallerError(f"{ctx.name}: {url} holds version {found or '(no PKG-INFO)'}, "
+                             f"not the {version} asked for",
+                             hint=f"drop the explicit {ctx.name}.sdist_url/sdist_sha256 pins so they "
+                                  f"follow {ctx.name}.version, or set the version to match")
+
+
+def fetch_sdist(ctx, url: str = "", sha256: str = "", version: str = "") -> Path:
+    """Action "fetch-sdist": download (cached, verified) and unpack into ctx.src_dir, top dir stripped.
+
+    With `version`, the sdist's PKG-INFO must carry that version."""
     from .download import fetch
     from .unpack import extract_tarball
 
@@ -209,6 +260,8 @@ def fetch_sdist(ctx, url: str = "", sha256: str = "") -> Path:
                 what=f"{ctx.name} source")
     # extract_tarball replaces an old tree (a rerun's) atomically
     dest = extract_tarball(got.path, ctx.src_dir, strip_components=1)
+    if version:
+        _check_sdist_version(ctx, dest, url, version)
     ctx.facts["source"] = {"kind": "url", "url": url, "sha256": got.sha256, "size": got.size,
                            "from_cache": got.from_cache}
     return dest

@@ -282,7 +282,8 @@ def kill_holders(path: Path) -> list[int]:
 # --- the receipt -----------------------------------------------------------------
 
 def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
-                  installer_version: str, visible_devices: str = "") -> dict[str, Any]:
+                  installer_version: str, visible_devices: str = "",
+                  lock: dict | None = None) -> dict[str, Any]:
     old = read_receipt(prefix) or {}
     stamps = all_stamps(prefix)
     receipt = {
@@ -294,6 +295,8 @@ def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: di
         "updated": now(),
         "tools": tools or old.get("tools", {}),
         "pins": pins,
+        # the lock of what this run planned (installer/lock.py); `lock --from-receipt` reads it
+        "lock": lock if lock is not None else old.get("lock"),
         "components": {
             name: {k: stamp.get(k) for k in (
                 "status", "version", "fingerprint", "facts", "source", "patches", "env",

@@ -14,7 +14,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
@@ -135,44 +135,53 @@ def stack_requirements(pins: Mapping[str, str | None], archs: Iterable[str]) -> 
 # --- the index: PEP 503 pages and resolution -----------------------------------------
 
 class _Links(HTMLParser):
-    def __init__(self) -> None:
+    def __init__(self, base: str = "") -> None:
         super().__init__()
-        self.links: list[tuple[str, str]] = []
+        self.base = base
+        self.files: list[str] = []
+        self.urls: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         href = dict(attrs).get("href") if tag == "a" else None
         if href:
-            self.links.append((unquote(urlsplit(href).path.rsplit("/", 1)[-1]), href))
+            self.files.append(unquote(urlsplit(href).path.rsplit("/", 1)[-1]))
+            self.urls.append(urljoin(self.base, href.split("#", 1)[0]))
 
 
-def index_files(index_url: str, project: str) -> list[str]:
-    """File names on the PEP 503 page `<index>/<project>/` ([] when the project is absent)."""
-    return [name for name, _ in index_links(index_url, project)]
+def index_links(index_url: str, project: str, *, cache_dir: Path | None = None,
+                offline: bool = False, fresh: bool = True) -> dict[str, str]:
+    """file name -> absolute URL on the PEP 503 page `<index>/<project>/` ({} when absent).
 
-
-def index_links(index_url: str, project: str) -> list[tuple[str, str]]:
-    """(file name, absolute URL with its #sha256= fragment) for each file on the PEP 503
-    page `<index>/<project>/`; relative links resolve against where the page was read
-    (a mirror's copy), as uv resolves them."""
-    from urllib.parse import urljoin
-
+    With `cache_dir` the page is read through upstream (recorded for reruns and --offline)."""
     from . import mirror
 
     url = index_url.rstrip("/") + "/" + canonicalize_name(project) + "/"
     # download.get: the https policy, retries, the user's CA bundle and no proxy for loopback
     try:
-        resp = download.get(page := mirror.rewrite(url), headers={"Accept": "text/html"})
+        if cache_dir is not None:
+            from . import upstream
+
+            got = upstream.read(url, cache_dir=cache_dir, offline=offline, fresh=fresh)
+            status, text, final = got["status"], got["text"], got["url"]
+        else:
+            resp = download.get(mirror.rewrite(url), headers={"Accept": "text/html"})
+            status, text, final = resp.status_code, resp.text, resp.url
     except download.DownloadError as exc:
         raise InstallerError(exc.message, hint="check the network, or pin exact versions in "
                                                "recipes/pins.toml") from None
-    if resp.status_code == 404:
-        return []
-    if resp.status_code != 200:
-        raise InstallerError(f"cannot read {url}: HTTP {resp.status_code}",
+    if status == 404:
+        return {}
+    if status != 200:
+        raise InstallerError(f"cannot read {url}: HTTP {status}",
                              hint="check torch.index_url, or pin exact versions")
-    parser = _Links()
-    parser.feed(resp.text)
-    return [(name, urljoin(page, href)) for name, href in parser.links]
+    parser = _Links(final)
+    parser.feed(text)
+    return dict(zip(parser.files, parser.urls))
+
+
+def index_files(index_url: str, project: str) -> list[str]:
+    """File names on the PEP 503 page `<index>/<project>/` ([] when the project is absent)."""
+    return list(index_links(index_url, project))
 
 
 def wheel_fits(filename: str, py: tuple[int, int]) -> bool:

@@ -164,6 +164,7 @@ def vllm_like_sdist(dest_dir: Path, version: str = "0.33.0") -> Path:
         "CMakeLists.txt": CMAKELISTS,
         **SOURCES,
         "vllm/__init__.py": f"__version__ = {version!r}\n",
+        "PKG-INFO": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n\nA fake vLLM.\n",
         "requirements/common.txt": "# nothing needed for the fake\n",
         "requirements/build/rocm.txt": "-r ../common.txt\n--extra-index-url https://repo.amd.com/x/\n"
                                        "torch==2.12.0+rocm7.14.0\ntriton==3.7.1+git0263a6a6\namdsmi==7.0.2\n",

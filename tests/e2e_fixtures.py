@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROCM = "10.1.0"
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 VLLM_VERSION = "0.33.0"
+VLLM_NEXT = "0.33.1"      # only on World.vllm_index
 # what the fake sdist's build needs from PyPI, like vLLM's requirements/build/rocm.txt
 VLLM_BUILD_REQS = "cmake>=3.26.1,<4\nninja\nsetuptools>=78.1.1,<80.0.0\nwheel\n"
 
@@ -82,14 +83,20 @@ def toolchain_tarball(path: Path, version: str = ROCM, pad_bytes: int = 0) -> Pa
     return path
 
 
-def _vllm_sdist(root: Path) -> Path:
-    archive = vllm_like_sdist(root, VLLM_VERSION)
-    tree = root / "sdist-tree" / f"vllm-{VLLM_VERSION}"
+def _vllm_release(root: Path, version: str) -> tuple[Path, Path]:
+    """(archive, tree) of a vLLM-shaped release sdist with the build requirements added."""
+    archive = vllm_like_sdist(root, version)
+    tree = root / "sdist-tree" / f"vllm-{version}"
     req = tree / "requirements" / "build" / "rocm.txt"
     req.write_text(req.read_text() + VLLM_BUILD_REQS)
     archive.unlink()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree, arcname=tree.name)
+    return archive, tree
+
+
+def _vllm_sdist(root: Path) -> Path:
+    archive, tree = _vllm_release(root, VLLM_VERSION)
     # the same tree as a git repository with the release tag, for vllm.source = "git"
     repo = root.parent / "git" / "vllm"
     shutil.move(str(tree), str(repo))
@@ -114,6 +121,14 @@ class World:
     # upstream URLs (only versions, commits and hashes differ), `rewrite` maps them
     upstream_pins: dict[str, dict[str, str]] = field(default_factory=dict)
     rewrite: dict[str, str] = field(default_factory=dict)
+    # a PEP 691 (PyPI JSON) index with vLLM releases VLLM_VERSION and VLLM_NEXT
+    vllm_index: str = ""
+
+    @property
+    def derive_vllm(self) -> list[str]:
+        """--set options that make the vllm resolver derive the sdist from vllm_index."""
+        return ["--set", "vllm.sdist_url=", "--set", "vllm.sdist_sha256=",
+                "--set", f"vllm.index_url={self.vllm_index}"]
 
     @property
     def pins_file(self) -> Path:
@@ -170,6 +185,12 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
         toolchain_tarball(files / "therock" / f"therock-dist-linux-gfx120X-all-{ROCM}.tar.gz",
                           pad_bytes=pad_bytes)
         sdist = _vllm_sdist(files)
+        releases = root / "pypi"
+        releases.mkdir()
+        shutil.copy(sdist, releases / sdist.name)
+        nxt, _ = _vllm_release(root / "next", VLLM_NEXT)
+        shutil.move(str(nxt), str(releases / nxt.name))
+        shutil.rmtree(root / "next")
         wheels, decoy = root / "wheels", root / "decoy"
         wheels.mkdir()
         decoy.mkdir()
@@ -185,7 +206,8 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
 
         with serve(files) as http:
             world = World(root=root, http=http, index_url=serve_index(wheels),
-                          pypi_url=serve_index(decoy), recipes=recipes, vllm_git=root / "git" / "vllm")
+                          pypi_url=serve_index(decoy), recipes=recipes, vllm_git=root / "git" / "vllm",
+                          vllm_index=serve_index(releases))
             world.pins = {
                 "therock": {"version": ROCM, "index_url": http.url + "therock/"},
                 "torch": {"python": PY, "index_url": world.index_url, "pypi_url": world.pypi_url,

@@ -2,7 +2,10 @@
 
 `build_wheel` writes a valid wheel by hand (zipfile + METADATA/WHEEL/RECORD),
 `serve_index` serves a directory of wheels as a simple index from a thread, and
-`build_torch_stack` fills a directory with a fake TheRock stack (rocm, rocm-sdk-*,
+`serve_index` also answers PyPI's JSON simple API (PEP 691) when asked with
+`Accept: application/vnd.pypi.simple.v1+json`, with each file's sha256, and
+serves a wheel's METADATA at `<file>.metadata` (PEP 658) when `pep658` is set;
+files honour `Range: bytes=...`. `build_torch_stack` fills a directory with a fake TheRock stack (rocm, rocm-sdk-*,
 torch with a +rocm local version, device packages, triton, torchvision,
 torchaudio) whose modules and `rocm-sdk` script behave enough like the real
 ones for the installer's checks to run against them.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import re
 import sys
 import threading
@@ -76,12 +80,31 @@ def _project_of(filename: str) -> str:
     return normalize(re.sub(r"-[0-9][^-]*\.(tar\.gz|zip)$", "", filename))
 
 
-def serve_index(wheels_dir: Path) -> str:
+JSON_API = "application/vnd.pypi.simple.v1+json"
+
+
+def _wheel_metadata(path: Path) -> bytes | None:
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".dist-info/METADATA"):
+                return zf.read(name)
+    return None
+
+
+def _version_of(filename: str) -> str:
+    from packaging.utils import parse_sdist_filename, parse_wheel_filename
+
+    if filename.endswith(".whl"):
+        return str(parse_wheel_filename(filename)[1])
+    return str(parse_sdist_filename(filename)[1])
+
+
+def serve_index(wheels_dir: Path, *, yanked: tuple[str, ...] = (), pep658: bool = False) -> str:
     """Serve `wheels_dir` as a PEP 503 index on 127.0.0.1; return the index URL.
 
     The directory is listed on every request, so wheels added later show up.
     The server runs in a daemon thread until the test process exits;
-    `request_log(url)` lists the paths it was asked for.
+    `request_log(url)` lists the paths it was asked for ("GET /path [bytes=...]" for a Range read).
     """
     root = Path(wheels_dir)
     log: list[str] = []
@@ -103,7 +126,9 @@ def serve_index(wheels_dir: Path) -> str:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             path = unquote(self.path.split("?", 1)[0])
-            log.append(f"{self.command} {path}")
+            # a Range read (e.g. of a wheel's zip directory) is logged as such
+            rng = self.headers.get("Range")
+            log.append(f"{self.command} {path}" + (f" [{rng}]" if rng else ""))
             files = sorted(p.name for p in root.iterdir() if p.is_file())
             parts = [p for p in path.split("/") if p]
             if parts == ["simple"]:
@@ -112,12 +137,34 @@ def serve_index(wheels_dir: Path) -> str:
                 return self._send(f"<html><body>{links}</body></html>".encode(), "text/html")
             if len(parts) == 2 and parts[0] == "simple":
                 mine = [f for f in files if _project_of(f) == normalize(parts[1])]
+                if mine and JSON_API in (self.headers.get("Accept") or ""):
+                    entries = [{"filename": f, "url": f"../../files/{quote(f)}",
+                                "hashes": {"sha256": hashlib.sha256((root / f).read_bytes()).hexdigest()},
+                                "yanked": f in yanked} for f in mine]
+                    body = {"meta": {"api-version": "1.1"}, "name": normalize(parts[1]), "files": entries,
+                            "versions": sorted({_version_of(f) for f in mine})}
+                    return self._send(json.dumps(body).encode(), JSON_API)
                 if mine:
                     links = "".join(f'<a href="../../files/{quote(f)}">{html.escape(f)}</a>\n'
                                     for f in mine)
                     return self._send(f"<html><body>{links}</body></html>".encode(), "text/html")
+            if len(parts) == 2 and parts[0] == "files" and pep658 and parts[1].endswith(".whl.metadata") \
+                    and (root / parts[1][:-9]).is_file():
+                return self._send(_wheel_metadata(root / parts[1][:-9]) or b"", "text/plain")
             if len(parts) == 2 and parts[0] == "files" and (root / parts[1]).is_file():
-                return self._send((root / parts[1]).read_bytes(), "application/octet-stream")
+                data = (root / parts[1]).read_bytes()
+                m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+                if m and data:
+                    start = int(m[1]) if m[1] else max(0, len(data) - int(m[2]))
+                    end = min(int(m[2]), len(data) - 1) if m[1] and m[2] else len(data) - 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                    self.send_header("Content-Length", str(end - start + 1))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data[start:end + 1])
+                    return
+                return self._send(data, "application/octet-stream")
             self.send_error(404)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -253,3 +300,25 @@ def build_nightly_gap(dir: Path) -> None:
         build_torch_stack(dir, rocm=day, torch="2.15.0a0", torchvision="0.30.0a0")
     for day in ("10.2.0a20260928", "10.2.0a20260929"):  # tarballs/SDK but no torch that day
         build_wheel(dir, "rocm", day)
+
+
+def build_sdist(dir: Path, name: str, version: str, *, says: str | None = None,
+                files: dict[str, str] | None = None) -> Path:
+    """`<name>-<version>.tar.gz` with a top dir and a PKG-INFO whose Version is `says`
+    (default: `version`), like a PyPI release sdist."""
+    import io
+    import tarfile
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    top = f"{name}-{version}"
+    content = {"PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {says or version}\n\nbody\n",
+               **(files or {})}
+    path = dir / f"{top}.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for rel, text in content.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.size, info.mtime = len(data), 1_780_000_000
+            tf.addfile(info, io.BytesIO(data))
+    return path

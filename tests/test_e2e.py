@@ -178,7 +178,8 @@ def test_bad_input(world, tmp_path, home, case):
     if case == "sha256-mismatch":
         r = run_cli(world, home, *base, "--set", "therock.sha256=" + "0" * 64)
         one_line_error(r, 1, "0" * 16)
-        assert not list(cache.rglob("*.tar.gz")), "a mismatched download is deleted"
+        # (the vLLM sdist is there: the preflight checked the patches against it first)
+        assert not list(cache.rglob("therock-dist-*.tar.gz")), "a mismatched download is deleted"
         return
     if case == "offline-miss":
         r = run_cli(world, home, *base, "--offline")
@@ -187,7 +188,11 @@ def test_bad_input(world, tmp_path, home, case):
         bad = world.root / "files" / "therock" / "therock-dist-linux-gfx120X-all-10.1.1.tar.gz"
         make_toolchain_tarball(bad, "10.1.1", truncate=True)
         try:
-            r = run_cli(world, home, *base, "--set", "therock.version=10.1.1")
+            # the world pins torch for 10.1.0 exactly; let it follow 10.1.1, which has no torch
+            # wheels, and install only the toolchain, so the preflight passes and the unpack fails
+            follow = ["--set", "torch.rocm=", "--set", "torch.torch=2.13.0", "--set", "torch.torchvision=0.28.0",
+                      "--set", "torch.torchaudio=2.11.0.3", "--set", "torch.triton="]
+            r = run_cli(world, home, *base, "--set", "therock.version=10.1.1", *follow, "--only", "therock")
         finally:
             bad.unlink()
         one_line_error(r, 1)
@@ -282,3 +287,33 @@ def test_vllm_from_its_git_tag(world, tmp_path, home):
     assert facts["source"]["tag"] == "v0.33.0"
     assert facts["patches"] == {"0001-test.patch": "applied"}
     assert facts["code_objects"]
+
+
+def test_a_new_vllm_version_rederives_its_sdist_and_builds_it(world, tmp_path, home):
+    """The README's `run vllm --set vllm.version=X`: URL, sha256 and tag follow X, and X is built
+    (it used to keep the old sdist and only relabel it)."""
+    import hashlib
+
+    from e2e_fixtures import VLLM_NEXT
+
+    prefix = tmp_path / "p"
+    sel = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", *world.derive_vllm]
+    first = run_cli(world, home, "install", "--no-checks", *sel)
+    assert first.returncode == 0, first.stderr[-3000:]
+    receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
+    assert receipt["components"]["vllm"]["facts"]["source"]["url"].endswith("/vllm-0.33.0.tar.gz")
+    again = run_cli(world, home, "run", "vllm", *sel, "--set", f"vllm.version={VLLM_NEXT}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    receipt = json.loads((prefix / "rdna4-manifest.json").read_text())
+    source = receipt["components"]["vllm"]["facts"]["source"]
+    sdist = world.root / "pypi" / f"vllm-{VLLM_NEXT}.tar.gz"
+    assert source["url"].endswith(f"/vllm-{VLLM_NEXT}.tar.gz")
+    assert source["sha256"] == hashlib.sha256(sdist.read_bytes()).hexdigest()
+    pins = receipt["pins"]["vllm"]
+    assert pins["version"] == VLLM_NEXT and pins["tag"] == f"v{VLLM_NEXT}"
+    assert pins["sdist_sha256"] == source["sha256"]
+    assert receipt["lock"]["pins"]["vllm"]["version"] == VLLM_NEXT
+    installed = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c",
+                                "import importlib.metadata as m, vllm; print(m.version('vllm'), vllm.__version__)"],
+                               capture_output=True, text=True)
+    assert installed.stdout.split() == [VLLM_NEXT, VLLM_NEXT], installed.stderr
