@@ -230,11 +230,18 @@ def preflight(plan: Any, names: list[str], ui: Any = None) -> None:
         first = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         instead = f"; it has {', '.join(first.nearest)} instead" if first.nearest else ""
+        if not s.offline:
+            hint = f"`{FIX}` proposes a stack that exists; `rdna4-install pins check` lists every artifact"
+        elif first.url.startswith(("https://", "http://")) and not first.url.endswith(".git"):
+            from . import download
+
+            hint = (f"run once without --offline, or download {first.url} elsewhere and run: "
+                    f"{download.add_command(first.url, s.cache_dir)}")
+        else:
+            hint = "run once without --offline to fill the cache"
         raise InstallerError(
             f"{first.recipe}: {first.name} {first.want} is missing ({first.detail}){instead}{more}; "
-            "nothing was downloaded or built",
-            hint=(f"`{FIX}` proposes a stack that exists; `rdna4-install pins check` lists every artifact"
-                  if not s.offline else "run once without --offline to fill the cache"))
+            "nothing was downloaded or built", hint=hint)
 
 
 # --- output ------------------------------------------------------------------------------

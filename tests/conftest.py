@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from pins_fixtures import exact_pins  # noqa: F401 (a fixture for every test module)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

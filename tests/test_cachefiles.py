@@ -18,7 +18,7 @@ def _only_therock(cache, prefix, *extra):
             "--prefix", str(prefix), "--cache-dir", str(cache), *extra]
 
 
-def test_the_offline_hint_is_a_cache_add_command_that_works(runner, tmp_path, monkeypatch):
+def test_the_offline_hint_is_a_cache_add_command_that_works(runner, tmp_path, monkeypatch, exact_pins):
     cache, prefix = tmp_path / "cache", tmp_path / "prefix"
     miss = runner.invoke(cli, _only_therock(cache, prefix, "--offline"))
     assert miss.exit_code == 1
@@ -42,7 +42,7 @@ def test_the_offline_hint_is_a_cache_add_command_that_works(runner, tmp_path, mo
     assert (prefix / "rocm" / "lib/llvm/bin/clang").exists()
 
 
-def test_a_file_is_matched_to_the_planned_download_by_name(runner, tmp_path):
+def test_a_file_is_matched_to_the_planned_download_by_name(runner, tmp_path, exact_pins):
     cache = tmp_path / "cache"
     make_toolchain_tarball(tmp_path / NAME, "10.1.0")
     out = runner.invoke(cli, ["cache", "add", str(tmp_path / NAME), "--cache-dir", str(cache)])
@@ -64,7 +64,7 @@ def test_a_file_is_matched_to_the_planned_download_by_name(runner, tmp_path):
     assert NAME in out.output and "--url URL" in out.output
 
 
-def test_a_pinned_hash_is_enforced(runner, tmp_path):
+def test_a_pinned_hash_is_enforced(runner, tmp_path, exact_pins):
     cache = tmp_path / "cache"
     fake = tmp_path / "vllm-0.33.0.tar.gz"
     fake.write_bytes(b"not the vllm sdist")
@@ -75,7 +75,7 @@ def test_a_pinned_hash_is_enforced(runner, tmp_path):
     assert download.cached_urls(cache) == {}
 
 
-def test_every_key_plan_v_shows_is_settable_or_marked_derived(runner, tmp_path):
+def test_every_key_plan_v_shows_is_settable_or_marked_derived(runner, tmp_path, exact_pins):
     base = ["plan", "-v", "--gpu-arch", "gfx1201", "--prefix", str(tmp_path / "p")]
     shown = runner.invoke(cli, base)
     assert shown.exit_code == 0, shown.output

@@ -53,17 +53,21 @@ def test_v_and_q_are_accepted_after_every_command(runner, path):
         assert out.exit_code == 0, out.output
 
 
-def test_v_and_q_after_the_command_change_what_is_shown(runner, tmp_path):
+def test_v_and_q_after_the_command_change_what_is_shown(runner, tmp_path, exact_pins):
     base = ["plan", "--gpu-arch", "gfx1201", "--prefix", str(tmp_path / "p")]
     assert "pin therock.version" not in runner.invoke(cli, base).output
     assert "pin therock.version" in runner.invoke(cli, [*base, "-v"]).output
     assert "pin therock.version" in runner.invoke(cli, ["-v", *base]).output
-    quiet = runner.invoke(cli, ["install", "--only", "therock", "--gpu-arch", "gfx1201", "--offline",
-                                "--no-checks", "--prefix", str(tmp_path / "p"), "-q"])
-    loud = runner.invoke(cli, ["install", "--only", "therock", "--gpu-arch", "gfx1201", "--offline",
-                               "--no-checks", "--prefix", str(tmp_path / "p")])
-    assert "==> [1/1] therock" in loud.output and "==> " not in quiet.output
-    assert "error: therock: offline" in quiet.output  # errors still show at -q
+    hand = tmp_path / "by-hand.tar.gz"
+    hand.write_bytes(b"a file fetched by hand")
+    add = ["cache", "add", str(hand), "--url", "https://example.com/by-hand.tar.gz",
+           "--cache-dir", str(tmp_path / "c")]
+    loud, quiet = runner.invoke(cli, add), runner.invoke(cli, [*add, "-q"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output
+    assert "cached as" in loud.output and quiet.output == ""
+    failed = runner.invoke(cli, ["install", "--only", "therock", "--gpu-arch", "gfx1201", "--offline",
+                                 "--no-checks", "--prefix", str(tmp_path / "p"), "-q"])
+    assert failed.exit_code == 1 and "error: therock: " in failed.output  # errors still show at -q
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: " ".join(p) or "rdna4-install")

@@ -76,7 +76,7 @@ def _ray_step(runner, prefix: Path, *extra: str) -> dict:
     return {s["recipe"]: s for s in json.loads(result.output)["steps"]}["ray"]
 
 
-def test_with_ray_is_kept_by_reruns_until_set_off(tmp_path, runner):
+def test_with_ray_is_kept_by_reruns_until_set_off(tmp_path, runner, exact_pins):
     prefix = tmp_path / "p"
     assert _ray_step(runner, prefix)["reason"].startswith("not needed: ray.enabled is false")
     assert _ray_step(runner, prefix, "--with", "ray")["action"] == "run"

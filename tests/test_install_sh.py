@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pins_fixtures import write_exact_pins
 from therock_fixtures import serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -480,23 +481,9 @@ def test_bootstrap_installs_from_checkout_and_passes_arguments(tmp_path):
     assert profile.count(f'export PATH="{tool.parent}:$PATH"') == 1
 
 
-# the dry run plans offline: every value the resolvers would derive from AMD's index
-# or PyPI is pinned exactly here
-EXACT_PINS = """\
-[torch]
-torchvision = "0.28.0"
-torchaudio = "2.11.0.3"
-triton = "3.8.0+git669b31ac.rocm10.1.0"
-[vllm]
-sdist_url = "https://files.pythonhosted.org/packages/f7/25/aa5684e9c59d6fc75f78926b7f15e8d9adc7de2d9e6e7575b80776ad8169/vllm-0.33.0.tar.gz"
-sdist_sha256 = "f4c33c2503d52bb411146afa9618a4f48bed68912f617e6803ac8d76e4c74112"
-"""
-
-
 @real_uv_run
 def test_bootstrap_dry_run_install(tmp_path):
-    pins = tmp_path / "exact-pins.toml"
-    pins.write_text(EXACT_PINS)
+    pins = write_exact_pins(tmp_path)   # the dry run plans offline
     env = _run_env(tmp_path, str(REPO), RDNA4_NO_MODIFY_PATH="1", RDNA4_PINS=str(pins))
     prefix = tmp_path / "prefix"
     args = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", "--dry-run"]

@@ -116,7 +116,7 @@ def test_a_local_only_mirror_never_reaches_past_itself(tmp_path):
         assert err.value.hint and srv.log == [], "refused before any request"
 
 
-def test_plan_verbose_shows_where_each_url_is_read_from(tmp_path):
+def test_plan_verbose_shows_where_each_url_is_read_from(tmp_path, exact_pins):
     path = write(tmp_path, '[rewrite]\n"https://github.com/" = "https://git.lab.example/gh/"\n'
                            '"https://stable.repo.amd.com/" = "/srv/amd/"\n')
     result = CliRunner().invoke(cli, ["plan", "-v", "--gpu-arch", "gfx1201", "--prefix", str(tmp_path / "p"),

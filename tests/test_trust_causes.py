@@ -185,7 +185,7 @@ def test_an_emptied_pin_fails_at_plan_time_naming_it(recipes, tmp_path, how):
     assert not (tmp_path / "p").exists() and order(tmp_path / "p") == []
 
 
-def test_a_bad_commit_is_blamed_on_the_override_not_the_recipe(tmp_path):
+def test_a_bad_commit_is_blamed_on_the_override_not_the_recipe(tmp_path, exact_pins):
     result = run_installer(REPO / "recipes", "plan", *GPU, "--offline", "--prefix", str(tmp_path / "p"),
                            "--set", "flash-attention.commit=zzzz")
     one_line(result, 2, "--set flash-attention.commit=zzzz", "'zzzz' is not a full 40-hex SHA")
