@@ -24,6 +24,14 @@ RESOLVERS: dict[str, str] = {
     "vllm": "installer.pypi:resolve",
 }
 
+# the pins each resolver fills in when they are empty: emptying one with --set/--pins asks
+# for the derived value, so it is not the mistake an emptied hand-set pin is
+DERIVED: dict[str, tuple[str, ...]] = {
+    "therock": ("url", "sha256", "family", "index_url"),
+    "torch": ("rocm", "torchvision", "torchaudio", "triton"),
+    "vllm": ("sdist_url", "sdist_sha256", "tag", "commit"),
+}
+
 ACTIONS: dict[str, str] = {
     # filled in by the stage modules' issues; one line per action
     "install-toolchain": "installer.therock:install_step",

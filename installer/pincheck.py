@@ -52,10 +52,11 @@ class Report:
 # --- one artifact each ---------------------------------------------------------------
 
 def _file(art: dict[str, Any], ctx: dict[str, Any]) -> Result:
-    from . import download
+    from . import download, mirror
 
     res = Result(art["recipe"], art["name"], art.get("version") or art.get("sha256", ""), OK, art["url"])
-    local = download.local_path(art["url"])
+    where = mirror.rewrite(art["url"])   # asked where the bytes would come from
+    local = download.local_path(where)
     if local is not None:
         if not local.is_file():
             res.status, res.detail = MISSING, f"no such file {local}"
@@ -67,7 +68,7 @@ def _file(art: dict[str, Any], ctx: dict[str, Any]) -> Result:
         res.status, res.detail = MISSING, "not in the download cache (--offline)"
         return res
     try:
-        resp = download.get(art["url"], method="HEAD")
+        resp = download.get(where, method="HEAD")
     except download.DownloadError as exc:
         res.status, res.detail = UNREACHABLE, exc.message
         return res
@@ -134,24 +135,25 @@ def _wheel(art: dict[str, Any], ctx: dict[str, Any]) -> Result:
 
 
 def _git(art: dict[str, Any], ctx: dict[str, Any]) -> Result:
-    from . import download, proc, sources
+    from . import download, mirror, proc, sources
 
     res = Result(art["recipe"], art["name"], art.get("version") or art["commit"], OK, art["url"])
     commit, tag = art.get("commit", ""), (art.get("version") if art.get("version") != art.get("commit") else "")
-    mirror = sources.mirror_dir(ctx["cache_dir"], art["url"])
-    if commit and mirror.is_dir() and proc.capture(
-            ["git", "-C", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], env=proc.base_env()).ok:
+    cached = sources.mirror_dir(ctx["cache_dir"], art["url"])
+    if commit and cached.is_dir() and proc.capture(
+            ["git", "-C", str(cached), "cat-file", "-e", f"{commit}^{{commit}}"], env=proc.base_env()).ok:
         res.detail = "in the git cache"
         return res
     if ctx["offline"]:
         res.status, res.detail = MISSING, "not in the git cache (--offline)"
         return res
-    local = download.local_path(art["url"])
+    where = mirror.rewrite(art["url"])
+    local = download.local_path(where)
     if commit and local is not None and local.is_dir() and not proc.capture(
             ["git", "-C", str(local), "cat-file", "-e", f"{commit}^{{commit}}"], env=proc.base_env()).ok:
         res.status, res.detail = MISSING, f"{local} has no commit {commit}"
         return res
-    refs = sources.ls_remote(art["url"])
+    refs = sources.ls_remote(where)
     if refs is None:
         res.status, res.detail = UNREACHABLE, "git ls-remote failed"
         return res

@@ -252,14 +252,21 @@ def load_pins(path: Path) -> Pins:
     return data
 
 
+def _derivable(table: str, name: str) -> bool:
+    from .actions import DERIVED
+
+    return name in DERIVED.get(table, ())
+
+
 def _set_pin(pins: Pins, key: str, value: Any, origin: str) -> None:
     table, _, name = key.partition(".")
     if not name or table not in pins or name not in pins[table]:
         known = ", ".join(f"{t}.{k}" for t in sorted(pins) for k in pins[t])
         raise UsageError(f"{origin}: unknown pin {key!r}",
                          hint=f"pins are RECIPE.KEY, one of: {known}")
-    if value == "" and pins[table][name] != "":
-        # only pins that are empty by default mean something when empty (e.g. therock.sha256)
+    if value == "" and pins[table][name] != "" and not _derivable(table, name):
+        # only pins that are empty by default, or that a resolver derives, mean something
+        # when empty (e.g. therock.sha256, vllm.sdist_url)
         raise UsageError(f"{origin}: pin {key} is empty; it needs a value",
                          hint=f"drop the override, or use the default: --set {key}={pins[table][name]}")
     pins[table][name] = value

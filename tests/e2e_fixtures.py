@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 ROCM = "10.1.0"
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 VLLM_VERSION = "0.33.0"
+# where PyPI would serve the fake sdist (vllm.sdist_url is derived upstream, so the mirror
+# world names a file URL of the same shape; only the mirror knows where it really is)
+UPSTREAM_SDIST = f"https://files.pythonhosted.org/packages/00/00/vllm-{VLLM_VERSION}.tar.gz"
 VLLM_NEXT = "0.33.1"      # only on World.vllm_index
 # what the fake sdist's build needs from PyPI, like vLLM's requirements/build/rocm.txt
 VLLM_BUILD_REQS = "cmake>=3.26.1,<4\nninja\nsetuptools>=78.1.1,<80.0.0\nwheel\n"
@@ -221,7 +224,7 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
             world.upstream_pins = {
                 "therock": {"version": ROCM}, "torch": {"python": PY, **stack_pins},
                 "triton-kernels": {"commit": tk_sha}, "flash-attention": {"commit": fa_sha},
-                "vllm": {"sdist_sha256": sha256_of(sdist)},
+                "vllm": {"sdist_url": UPSTREAM_SDIST, "sdist_sha256": sha256_of(sdist)},
             }
             # served under other paths than upstream's: the mirror, not the layout, finds them
             upstream = load_pins(recipes / PINS_FILE)
@@ -232,7 +235,7 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
                 upstream["flash-attention"]["git_url"]: str(fa_repo),
                 # its submodules: ../composable_kernel etc. resolve under the same owner
                 upstream["flash-attention"]["git_url"].rsplit("/", 1)[0] + "/": str(fa_repo.parent) + "/",
-                upstream["vllm"]["sdist_url"]: http.url + sdist.name,
+                UPSTREAM_SDIST: http.url + sdist.name,
             }
             yield world
     return cm()
