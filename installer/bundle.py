@@ -142,6 +142,7 @@ def _own_wheel(dest: Path, log: Path) -> Path | None:
 def _check_recipes(stage: Path, prefix: Path, cache_dir: Path, receipt: dict[str, Any]) -> None:
     """The staged recipes and pins must plan nothing for the source prefix: then the
     target computes the same fingerprints, and the receipt comes out the same."""
+    from . import multigpu
     from . import recipes as rcp
     from .plan import Settings, make_plan
 
@@ -149,7 +150,8 @@ def _check_recipes(stage: Path, prefix: Path, cache_dir: Path, receipt: dict[str
     settings = Settings(prefix=prefix, cache_dir=cache_dir, recipes_dir=recipes_dir,
                         archs=tuple(receipt.get("archs") or ()),
                         pins=rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                        options={"editable": False, "visible_devices": str(receipt.get("visible_devices", ""))})
+                        options={"editable": False, "visible_devices": str(receipt.get("visible_devices", "")),
+                                 **multigpu.recorded(receipt)})
     todo = make_plan(settings).to_run
     if todo:
         raise InstallerError(f"{prefix} was not installed from these recipes: "
