@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, Refused, UsageError
 
 CHUNK = 1 << 20
 TIMEOUT = (15, 60)          # connect, read (seconds without a byte)
@@ -36,6 +36,7 @@ RESUMES = 3                 # Range resumes after the body broke off mid-way
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 Sink = Callable[[bytes], None]
+Accept = Callable[[Path], Any]
 
 
 @dataclass(frozen=True)
@@ -178,36 +179,68 @@ def forget(url: str, *, cache_dir: Path, sha256: str | None = None) -> None:
 # --- fetching --------------------------------------------------------------
 
 def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool = False,
-          ui: Any = None, what: str | None = None, sink: Sink | None = None) -> Fetched:
-    """Return the verified file for `url`, downloading it only when not cached."""
+          ui: Any = None, what: str | None = None, sink: Sink | None = None,
+          accept: Accept | None = None, trusted: str | None = None,
+          ignore_recorded: bool = False) -> Fetched:
+    """Return the verified file for `url`, downloading it only when not cached.
+
+    The expected sha256 is the pin, else `trusted` (what the caller's prefix
+    recorded for this URL), else what the cache recorded on the first download
+    (unless `ignore_recorded`: the user accepted a changed file).
+    `accept(path)` runs once the bytes match it and before they are kept: a
+    Refused from it (or from `sink`) drops the file from the cache and its URL
+    from the index, so a refused file is never found or trusted again.
+    """
     check_url(url)
     cache_dir = Path(cache_dir)
     name = filename_of(url)
     what = what or name
-    pinned = sha256.strip().lower() if sha256 else None
-    if pinned and not re.fullmatch(r"[0-9a-f]{64}", pinned):
-        raise UsageError(f"sha256 pin for {what} is not 64 hex digits: {sha256!r}")
-    recorded = recorded_sha256(url, cache_dir)
-    expect = pinned or recorded
+    pinned = _digest(sha256, what, "pin")
+    trusted = _digest(trusted, what, "recorded hash")
+    recorded = None if ignore_recorded else recorded_sha256(url, cache_dir)
+    expect = pinned or trusted or recorded
 
     hit = _cached_file(cache_dir, expect, name) if expect else None
     if hit is None and not offline:
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
         with locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
             # another installer may have finished it while we waited
-            recorded = recorded_sha256(url, cache_dir)
-            expect = pinned or recorded
+            recorded = None if ignore_recorded else recorded_sha256(url, cache_dir)
+            expect = pinned or trusted or recorded
             hit = _cached_file(cache_dir, expect, name) if expect else None
             if hit is None:
-                return _download(url, cache_dir, name, key, what, pinned, recorded, ui, sink)
+                return _download(url, cache_dir, name, key, what, pinned or trusted, recorded,
+                                 ui, sink, accept, "pinned" if pinned else "recorded in this prefix")
     if hit is None:
         raise InstallerError(f"offline, and {what} is not in the cache ({url})",
                              hint=f"run once without --offline, or put the file in {_downloads(cache_dir)}")
     size = hit.stat().st_size
-    if sink is not None:
-        with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
-            _pump(_chunks(f), None, None, sink, bar)
+    try:
+        if sink is not None:
+            with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
+                _pump(_chunks(f), None, None, sink, bar)
+        if accept is not None:
+            accept(hit)
+    except Refused:
+        forget(url, cache_dir=cache_dir, sha256=expect)
+        raise
     return Fetched(hit, expect, size, True)
+
+
+def _digest(value: str | None, what: str, kind: str) -> str | None:
+    digest = value.strip().lower() if value else None
+    if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UsageError(f"sha256 {kind} for {what} is not 64 hex digits: {value!r}")
+    return digest
+
+
+class HashMismatch(Refused):
+    """The bytes are not the ones expected; `got` is their sha256, `which` says
+    where the expected one came from (pinned / recorded in this prefix / the cache)."""
+
+    def __init__(self, message: str, hint: str, *, got: str, which: str):
+        super().__init__(message, hint)
+        self.got, self.which = got, which
 
 
 @contextlib.contextmanager
@@ -311,7 +344,8 @@ def _no_space(where: Path, what: str, need: int | None) -> InstallerError:
 
 
 def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
-              pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None) -> Fetched:
+              pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None,
+              accept: Accept | None, source: str) -> Fetched:
     partial = _downloads(cache_dir) / "partial"
     partial.mkdir(parents=True, exist_ok=True)
     part = partial / f"{key}-{name}.part"
@@ -322,18 +356,24 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
             digest, size = _copy_local(src, part, what, ui, sink)
         else:
             digest, size = _get_resumable(url, part, meta, what, ui, sink)
+        expect = pinned or recorded
+        if expect and digest != expect:
+            which = source if pinned else "recorded on the first download"
+            raise HashMismatch(f"sha256 mismatch for {what}: expected {expect} ({which}), got {digest}",
+                               hint="the file changed upstream or was corrupted; the download was "
+                                    "deleted. If the change is expected, update the pin",
+                               got=digest, which=which)
+        if accept is not None:
+            accept(part)
+    except Refused:
+        # a refused file is not kept for a resume either: the rerun starts afresh
+        _unlink(part, meta)
+        raise
     except OSError as exc:
         if exc.errno in NO_SPACE:
             _unlink(part, meta)
             raise _no_space(partial, what, None) from None
         raise
-    expect = pinned or recorded
-    if expect and digest != expect:
-        _unlink(part, meta)
-        which = "pinned" if pinned else "recorded on the first download"
-        raise InstallerError(f"sha256 mismatch for {what}: expected {expect} ({which}), got {digest}",
-                             hint="the file changed upstream or was corrupted; the download was deleted. "
-                                  "If the change is expected, update the pin")
     dest = _downloads(cache_dir) / digest / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, dest)

@@ -35,3 +35,9 @@ class RecipeError(UsageError):
 
 class StepFailed(InstallerError):
     """A recipe step's command failed; its log stays on disk."""
+
+
+class Refused(InstallerError):
+    """The bytes of a download are refused: wrong sha256, an unsafe or corrupt
+    archive, a tree without the expected layout. download.fetch drops such a file
+    from the cache and never records its hash, so a rerun downloads it afresh."""

@@ -89,6 +89,32 @@ def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def recorded_downloads(prefix: Path) -> dict[str, str]:
+    """url -> sha256 of every download this prefix's stamps (else its receipt)
+    say it installed: facts of the shape {"url": ..., "sha256": ...} at any depth."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            url, digest = value.get("url"), value.get("sha256")
+            if isinstance(url, str) and isinstance(digest, str) and len(digest) == 64:
+                found[url] = digest.lower()
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    receipt = read_receipt(prefix)
+    components = receipt.get("components") if isinstance(receipt, dict) else None
+    if isinstance(components, dict):
+        for component in components.values():
+            walk(component.get("facts") if isinstance(component, dict) else None)
+    for stamp in all_stamps(prefix).values():    # newer than the receipt after a kill
+        walk(stamp.get("facts"))
+    return found
+
+
 # --- the prefix lock -------------------------------------------------------------
 
 class PrefixLock:

@@ -97,7 +97,9 @@ def test_streaming_gives_the_same_tree_and_stale_temp_dirs_go(tmp_path):
     with unpack.StreamExtract(dest) as sx:
         for i in range(0, len(data), 65536):
             sx.write(data[i:i + 65536])
-        assert sx.finish() == dest
+        staged = sx.finish()
+        assert staged != dest and not dest.exists() and (staged / "bin/rocminfo").is_file()
+        assert sx.publish() == dest
     assert (dest / "lib/librocblas-pad.so").stat().st_size == 2 << 20
     assert os.readlink(dest / "llvm") == "lib/llvm"
     assert _leftovers(dest.parent) == []
@@ -148,3 +150,35 @@ def test_disk_full_while_unpacking_removes_the_partial_tree(tmp_path):
     assert out.returncode == 3, out.stderr
     assert "disk full while unpacking" in out.stdout
     assert not dest.exists() and _leftovers(dest.parent) == []
+
+
+def test_a_finished_stream_is_not_published_until_asked(tmp_path):
+    """The hash is known only after the last byte: a tree unpacked and verified
+    but refused afterwards must never reach dest, and an old dest stays."""
+    data = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0").read_bytes()
+    dest = tmp_path / "p" / "rocm-10.1.0"
+    (dest / "bin").mkdir(parents=True)
+    (dest / "bin" / "old").write_text("old tree")
+    with pytest.raises(InstallerError, match="sha256 mismatch"):
+        with unpack.StreamExtract(dest) as sx:
+            sx.write(data)
+            staged = sx.finish()
+            assert (staged / "bin/rocminfo").is_file()
+            raise InstallerError("sha256 mismatch")
+    assert (dest / "bin" / "old").read_text() == "old tree" and not (dest / "bin/rocminfo").exists()
+    assert _leftovers(dest.parent) == []
+
+
+def test_a_recorded_tree_is_replaced_only_when_all_of_it_is_ours(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0")
+    dest = tmp_path / "p" / "rocm-10.1.0"
+    unpack.extract_tarball(archive, dest, record=True)
+    assert unpack.foreign_path(dest) is None
+    unpack.extract_tarball(archive, dest, record=True)          # ours: replaced
+    (dest / "lib" / "mine.so").write_text("user")
+    with pytest.raises(unpack.NotOurs) as err:
+        unpack.extract_tarball(archive, dest, record=True)
+    assert err.value.path == dest / "lib" / "mine.so" and (dest / "lib" / "mine.so").exists()
+    assert _leftovers(dest.parent) == []
+    unpack.extract_tarball(archive, dest, record=True, force=True)
+    assert not (dest / "lib" / "mine.so").exists()
