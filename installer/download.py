@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from .errors import InstallerError, Refused, UsageError
 
@@ -272,7 +272,17 @@ def session():
                       backoff_factor=BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
                       allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False,
                       respect_retry_after_header=True)
-        s = requests.Session()
+
+        class Session(requests.Session):
+            def get_redirect_target(self, resp):
+                # every hop obeys the https rule before it is followed: a loopback
+                # mirror must not send us on to plain http elsewhere
+                target = super().get_redirect_target(resp)
+                if target:
+                    check_url(urljoin(resp.url, target))
+                return target
+
+        s = Session()
         s.headers["User-Agent"] = "rdna4-install"
         s.verify = ca_bundle()
         adapter = HTTPAdapter(max_retries=retry)
@@ -311,7 +321,6 @@ def get(url: str, **kw):
     except requests.RequestException as exc:
         raise DownloadError(f"cannot download {url}: {_reason(exc)}",
                             hint="check the network or proxy settings and rerun") from None
-    check_url(resp.url)  # a redirect must obey the same rules
     return resp
 
 

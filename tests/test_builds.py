@@ -192,3 +192,23 @@ def test_jobs_come_from_the_option_else_from_memory(tmp_path):
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == str(buildenv.max_jobs("flash-attention"))
     ctx.jobs = 7  # --jobs 7
     assert builds.arch_env(ctx, "flash-attention")["MAX_JOBS"] == "7"
+
+
+@needs_elf
+@pytest.mark.parametrize("carried, words", [
+    (("gfx1201", "gfx1100"), "unexpected gfx1100"),          # the target plus an extra arch
+    (("gfx1100",), "missing gfx1201; unexpected gfx1100"),
+])
+def test_check_code_objects_wants_exactly_the_target(tmp_path, carried, words):
+    venv = tmp_path / "p" / "venv"
+    site = venv / "lib" / "python3.12" / "site-packages"
+    make_so(site / "vllm" / "_C.abi3.so", bundle(ids_for("gfx1201")), tmp_path)
+    make_so(site / "vllm" / "_moe_C.abi3.so", ccob(bundle(ids_for(*carried))), tmp_path)
+    ctx = make_ctx(tmp_path, "vllm", prefix=tmp_path / "p", rocm=tmp_path / "rocm", venv=venv,
+                   cache=tmp_path / "cache")
+    with pytest.raises(InstallerError, match=words) as err:
+        builds.check_code_objects(ctx, required=["vllm/_C*.so"], scan="vllm")
+    assert "_moe_C.abi3.so" in err.value.message
+    make_so(site / "vllm" / "_moe_C.abi3.so", ccob(bundle(ids_for("gfx1201"))), tmp_path)
+    assert builds.check_code_objects(ctx, required=["vllm/_C*.so"], scan="vllm") == {
+        "vllm/_C.abi3.so": ["gfx1201"], "vllm/_moe_C.abi3.so": ["gfx1201"]}

@@ -304,3 +304,66 @@ def test_the_ca_in_ssl_cert_file_is_trusted(https_server, tmp_path, monkeypatch)
     monkeypatch.setattr(download, "_SESSION", None)
     got = download.fetch(url, cache_dir=tmp_path / "c2")
     assert got.size == 4096
+
+
+def test_a_new_pin_wins_over_the_hash_recorded_unpinned(tmp_path, tarball):
+    """Fetched unpinned (its hash recorded), then pinned to another hash: the pin
+    decides, so the cached file that matches only the old record is refused."""
+    cache = tmp_path / "cache"
+    other = "ab" * 32
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.HashMismatch, match="pinned") as err:
+            download.fetch(srv.url + NAME, cache_dir=cache, sha256=other)
+        assert other in err.value.message and err.value.got == first.sha256
+        assert len(srv.downloads(NAME)) == 2      # not served from the cache
+    # nor offline: a cached file with the old hash is no answer to the new pin
+    with pytest.raises(InstallerError, match="offline"):
+        download.fetch(srv.url + NAME, cache_dir=cache, sha256=other, offline=True)
+
+
+def test_a_prefix_record_wins_over_the_caches_record(tmp_path, tarball):
+    """`trusted` (what a prefix installed) holds even when the cache recorded
+    another hash for the URL, and is what a fresh cache checks against."""
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.HashMismatch, match="recorded in this prefix"):
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "fresh", trusted="cd" * 32)
+        assert download.recorded_sha256(srv.url + NAME, tmp_path / "fresh") is None
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "fresh", trusted=first.sha256)
+        assert got.sha256 == first.sha256
+
+
+def test_a_refused_accept_drops_the_file_and_the_record(tmp_path, tarball):
+    cache = tmp_path / "cache"
+
+    def refuse(path):
+        assert path.is_file()
+        raise download.Refused("bad layout")
+
+    with serve(tarball.parent) as srv:
+        with pytest.raises(download.Refused):
+            download.fetch(srv.url + NAME, cache_dir=cache, accept=refuse)
+        assert download.recorded_sha256(srv.url + NAME, cache) is None
+        assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".gz", ".part")]
+        # the same refusal of a file that was already cached drops it too
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.Refused):
+            download.fetch(srv.url + NAME, cache_dir=cache, accept=refuse)
+        assert not got.path.exists() and download.recorded_sha256(srv.url + NAME, cache) is None
+
+
+def test_a_loopback_redirect_to_plain_http_elsewhere_is_refused(tmp_path, tarball):
+    """0.0.0.0 is not loopback by name but reaches this host: without the check
+    on each redirect hop the download would succeed."""
+    with serve(tarball.parent) as srv:
+        port = srv.server_address[1]
+        srv.redirects["moved/" + NAME] = f"http://0.0.0.0:{port}/{NAME}"
+        with pytest.raises(UsageError, match=f"refusing to download http://0.0.0.0:{port}/"):
+            download.fetch(srv.url + "moved/" + NAME, cache_dir=tmp_path / "cache")
+        assert srv.downloads(NAME) == [r for r in srv.downloads(NAME) if r["path"].startswith("moved/")]
+        # a redirect that stays on loopback is followed
+        srv.redirects["ok/" + NAME] = f"http://127.0.0.1:{port}/{NAME}"
+        got = download.fetch(srv.url + "ok/" + NAME, cache_dir=tmp_path / "cache")
+        assert got.sha256 == sha256_of(tarball)

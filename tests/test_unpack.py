@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -46,10 +47,13 @@ def test_replaces_an_existing_tree_atomically(tmp_path):
 def test_refuses_unsafe_members_and_installs_nothing(tmp_path, evil):
     archive = make_toolchain_tarball(tmp_path / "evil.tar.gz", "10.1.0", evil=evil)
     dest = tmp_path / "prefix" / "rocm"
+    dest.parent.mkdir()
+    dest.parent.chmod(0o755)
     with pytest.raises(unpack.UnsafeArchive) as err:
         unpack.extract_tarball(archive, dest)
     assert "refusing member" in err.value.message and err.value.hint
     assert not dest.exists()
+    assert stat.S_IMODE(dest.parent.stat().st_mode) == 0o755      # "..": the parent's mode is not touched
     assert _leftovers(dest.parent) == []
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "prefix/outside.txt").exists()
     assert not Path("/tmp/rdna4-absolute-member.txt").exists()
@@ -182,3 +186,19 @@ def test_a_recorded_tree_is_replaced_only_when_all_of_it_is_ours(tmp_path):
     assert _leftovers(dest.parent) == []
     unpack.extract_tarball(archive, dest, record=True, force=True)
     assert not (dest / "lib" / "mine.so").exists()
+
+
+def test_a_sibling_that_shares_the_roots_name_is_outside(tmp_path):
+    """tree-sib starts with the name of tree: inside() must compare whole path parts."""
+    root, sibling = tmp_path / "tree", tmp_path / "tree-sib"
+    root.mkdir()
+    sibling.mkdir()
+    archive = tmp_path / "sib.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, link in (("./l", "."), ("./s", "l/../tree-sib/x")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tf.addfile(info)
+    with tarfile.open(archive) as tf, pytest.raises(unpack.UnsafeArchive, match="leads outside"):
+        unpack._Writer(root, 0, "sib.tar.gz").extract_all(tf)
+    assert not os.path.lexists(root / "s")
