@@ -269,9 +269,14 @@ def plan(obj: Obj, as_json: bool, verbose: int, **opts: Any) -> None:
         _print_plan(result, obj.ui, obj.ui.verbosity + verbose >= 1)
 
 
-@cli.command()
+@cli.command(epilog="Examples:\n\n  rdna4-install run vllm --prefix ~/rdna4\n\n"
+                     "  rdna4-install run therock --force --prefix ~/rdna4\n\n"
+                     "  rdna4-install run therock --set therock.sha256=<new sha256> --prefix ~/rdna4")
 @click.argument("recipes", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed.")
+@click.option("--force", is_flag=True,
+              help="Redo the named recipes even when nothing changed; also accept a download whose "
+                   "sha256 differs from the one this prefix recorded, and replace what the installer "
+                   "did not make (a file in PREFIX/rocm-<version>, a PREFIX/rocm link elsewhere).")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @pass_obj
