@@ -57,11 +57,15 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / name, follow_symlinks=False)
 
 
-def run_module(name: str, max_children: int) -> dict:
+def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
     mutate, tests, names = MODULES[name]
     mutmut = Path(sys.executable).parent / "mutmut"
     with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
-        root = Path(tmp)
+        # --keep: a directory that stays, for `mutmut show NAME` / `mutmut browse` in it
+        root = keep / name if keep else Path(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
         _copy_repo(root)
         with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
             fh.write("\n[tool.mutmut]\n"
@@ -91,12 +95,14 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", choices=[[], *MODULES], default=[])
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR/MODULE and leave it there (to look at survivors)")
     args = parser.parse_args()
     results = {}
     print(f"{'module':<12} {'killed':>7} {'total':>6} {'score':>6} {'survived':>8} {'no tests':>8} "
           f"{'timeout':>7} {'seconds':>7}")
     for name in args.modules or list(MODULES):
-        s = results[name] = run_module(name, args.max_children)
+        s = results[name] = run_module(name, args.max_children, args.keep.resolve() if args.keep else None)
         score = 100.0 * s["killed"] / s["total"] if s["total"] else 0.0
         print(f"{name:<12} {s['killed']:>7} {s['total']:>6} {score:>5.1f}% {s['survived']:>8} "
               f"{s['no_tests']:>8} {s['timeout']:>7} {s['seconds']:>7}", flush=True)
