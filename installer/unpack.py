@@ -331,11 +331,18 @@ class _Writer:
             full = os.path.join(self.root, parent)
             if not self.inside(full):
                 raise self.refuse(name, "its directory is a link that leads outside the tree")
-            os.makedirs(full, exist_ok=True)
+            self.mkdirs(name, full)
             if not self.inside(full):
                 raise self.refuse(name, "its directory is a link that leads outside the tree")
             self.safe_dirs.add(parent)
         return os.path.join(self.root, rel)
+
+    def mkdirs(self, name: str, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # an earlier member (a file, or a link to one) stands where a directory must go
+            raise self.refuse(name, "a file of the archive is in the way of its directory") from None
 
     def clear(self, name: str, target: str) -> None:
         if os.path.lexists(target):
@@ -355,7 +362,7 @@ class _Writer:
                 target = self.parent_ok(m.name, rel)
                 if os.path.islink(target):
                     raise self.refuse(m.name, "directory over a link")
-                os.makedirs(target, exist_ok=True)
+                self.mkdirs(m.name, target)
                 self.dirs.append((target, m.mode))
             elif m.isreg():
                 target = self.parent_ok(m.name, rel)

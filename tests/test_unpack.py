@@ -202,3 +202,85 @@ def test_a_sibling_that_shares_the_roots_name_is_outside(tmp_path):
     with tarfile.open(archive) as tf, pytest.raises(unpack.UnsafeArchive, match="leads outside"):
         unpack._Writer(root, 0, "sib.tar.gz").extract_all(tf)
     assert not os.path.lexists(root / "s")
+
+
+def _archive(path: Path, rows: list[tuple]) -> Path:
+    """A .tar.gz of (name, type, data-or-linkname, mode) rows, in order."""
+    import io
+
+    with tarfile.open(path, "w:gz") as tf:
+        for name, kind, payload, mode in rows:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = kind, mode, 1_780_000_000
+            if kind == tarfile.REGTYPE:
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+            else:
+                info.linkname = payload
+                tf.addfile(info)
+    return path
+
+
+REG, DIR, SYM, LNK = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+
+
+@pytest.mark.parametrize("rows, why", [
+    ([("./d", DIR, "", 0o755), ("./d", REG, b"x", 0o644)], "replaces a directory"),
+    ([("./d", REG, b"x", 0o644), ("./l", SYM, "d", 0o777), ("./l", DIR, "", 0o755)], "directory over a link"),
+    ([("a\\..\\..\\x", REG, b"x", 0o644)], "'..'"),
+    ([("C:/x", REG, b"x", 0o644)], "absolute path"),
+    ([("./d", DIR, "", 0o755), ("./h", LNK, "./d", 0o644)], "not a file in the tree"),
+    ([("./h", LNK, "./missing", 0o644)], "not a file in the tree"),
+    ([("./f", REG, b"x", 0o644), ("./d/l", SYM, "../f", 0o777), ("./d/l/x", REG, b"x", 0o644)],
+     "refusing member './d/l/x'"),
+    ([("./f", REG, b"x", 0o644), ("./f", DIR, "", 0o755)], "in the way"),
+])
+def test_members_that_would_clobber_or_escape(tmp_path, rows, why):
+    archive = _archive(tmp_path / "a.tar.gz", rows)
+    with pytest.raises(unpack.UnsafeArchive, match=why):
+        unpack.extract_tarball(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_later_member_replaces_an_earlier_one_without_writing_through_a_link(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [
+        ("./f", REG, b"first", 0o644), ("./f", REG, b"second", 0o644),
+        ("./t", REG, b"target", 0o644), ("./l", SYM, "t", 0o777), ("./l", REG, b"plain", 0o644),
+        ("./h", LNK, "./t", 0o644)])
+    out = unpack.extract_tarball(archive, tmp_path / "out")
+    assert (out / "f").read_text() == "second"
+    assert not (out / "l").is_symlink() and (out / "l").read_text() == "plain"
+    assert (out / "t").read_text() == "target"
+    assert (out / "h").stat().st_ino == (out / "t").stat().st_ino
+
+
+def test_modes_times_and_no_setuid(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [
+        (".", DIR, "", 0o750), ("./ro", DIR, "", 0o555), ("./ro/tool", REG, b"#!/bin/sh\n", 0o4755),
+        ("./data", REG, b"d", 0o400)])
+    out = unpack.extract_tarball(archive, tmp_path / "out")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)   # noqa: E731
+    assert mode(out) == 0o750 and mode(out / "ro") == 0o755       # dirs stay writable by us
+    assert mode(out / "ro" / "tool") == 0o755                      # setuid dropped
+    assert mode(out / "data") == 0o600                             # always owner-writable
+    assert int((out / "ro" / "tool").stat().st_mtime) == 1_780_000_000
+
+
+def test_strip_drops_the_top_dir_and_its_mode(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [
+        ("pkg", DIR, "", 0o700), ("pkg/a", REG, b"a", 0o644), ("pkg/h", LNK, "pkg/a", 0o644)])
+    out = unpack.extract_tarball(archive, tmp_path / "out", strip_components=1)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and (out / "a").read_text() == "a"
+    assert (out / "h").stat().st_ino == (out / "a").stat().st_ino
+    with pytest.raises(unpack.UnsafeArchive, match="outside the stripped tree"):
+        unpack.extract_tarball(_archive(tmp_path / "b.tar.gz", [("pkg/h", LNK, "pkg", 0o644)]),
+                               tmp_path / "out2", strip_components=1)
+
+
+def test_temps_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    dest = tmp_path / "p" / "rocm"
+    (dest.parent / ".rocm.tmp-k1ll3d" / "bin").mkdir(parents=True)
+    (dest.parent / ".rocm.old-k1ll3d" / "tree").mkdir(parents=True)
+    (dest.parent / ".other.tmp-keep").mkdir()
+    unpack.extract_tarball(make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0"), dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".other.tmp-keep", "rocm"]
