@@ -367,3 +367,133 @@ def test_a_loopback_redirect_to_plain_http_elsewhere_is_refused(tmp_path, tarbal
         srv.redirects["ok/" + NAME] = f"http://127.0.0.1:{port}/{NAME}"
         got = download.fetch(srv.url + "ok/" + NAME, cache_dir=tmp_path / "cache")
         assert got.sha256 == sha256_of(tarball)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    # every test builds the shared session itself, so its settings are what it tests
+    download._SESSION = None
+    yield
+    download._SESSION = None
+
+
+def test_a_local_mirror_is_copied_whole_and_a_missing_one_is_named(tmp_path, tarball):
+    got = download.fetch(str(tarball), cache_dir=tmp_path / "c", ui=Recorder())
+    assert got.path.read_bytes() == tarball.read_bytes() and got.size == tarball.stat().st_size
+    fed = bytearray()
+    download.fetch(str(tarball), cache_dir=tmp_path / "c2", sink=fed.extend)
+    assert bytes(fed) == tarball.read_bytes()
+    with pytest.raises(InstallerError, match=f"no such file {tmp_path / 'gone.tar.gz'}") as err:
+        download.fetch(str(tmp_path / "gone.tar.gz"), cache_dir=tmp_path / "c")
+    assert err.value.hint == "check the mirror path"
+
+
+def test_a_pinned_hash_finds_the_bytes_under_another_name(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    first = download.fetch(str(tarball), cache_dir=cache, sha256=digest)
+    got = download.fetch("https://mirror.example.org/renamed.tar.gz", cache_dir=cache, sha256=digest.upper())
+    assert got.from_cache and got.path == first.path and got.sha256 == digest
+    assert download.cached_urls(cache) == {str(tarball): digest}
+
+
+def test_forget_without_a_hash_uses_the_recorded_one(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        other = download.fetch(str(tarball), cache_dir=cache)       # same bytes, another URL
+        download.forget(srv.url + NAME, cache_dir=cache)
+        assert not got.path.exists() and download.recorded_sha256(srv.url + NAME, cache) is None
+        assert download.recorded_sha256(str(tarball), cache) == other.sha256
+        download.forget(srv.url + NAME, cache_dir=cache)          # twice is harmless
+        assert download.cached_urls(cache) == {}                   # the other URL's file went too
+        index = (cache / "downloads" / "urls.json").read_text()
+        assert json.loads(index) == {str(tarball): other.sha256}
+
+
+def test_sweep_removes_index_temps_only(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    download.sweep(cache)                                  # no cache yet: nothing to do
+    download.fetch(str(tarball), cache_dir=cache)
+    (cache / "downloads" / "urls.tmp4242").write_text("{")
+    download.sweep(cache)
+    assert sorted(p.name for p in (cache / "downloads").iterdir() if p.is_file()) == ["urls.json", "urls.lock"]
+
+
+@pytest.mark.parametrize("exc, say", [
+    (ConnectionRefusedError(111, "[Errno 111] Connection refused"), "connection refused"),
+    (OSError("Failed to resolve: [Errno -2] Name or service not known"), "host name not found"),
+    (TimeoutError("Read timed out. (read timeout=60)"), "timed out"),
+    (OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS certificate not trusted"),
+    (ConnectionResetError("Connection reset by peer"), "connection reset by the server"),
+    (OSError("something odd\nsecond line"), "something odd"),
+    (OSError(), "OSError"),
+])
+def test_reason_gives_a_short_cause(exc, say):
+    assert download._reason(exc) == say
+
+
+def test_reason_looks_through_an_empty_wrapper():
+    try:
+        try:
+            raise ConnectionRefusedError("Connection refused")
+        except ConnectionRefusedError:
+            raise OSError()
+    except OSError as wrapper:
+        assert download._reason(wrapper) == "connection refused"
+
+
+def test_a_closed_port_is_a_one_line_download_error(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "RETRIES", 0)        # no backoff sleeps
+    with pytest.raises(download.DownloadError, match="connection refused") as err:
+        download.fetch(f"http://127.0.0.1:{port}/{NAME}", cache_dir=tmp_path)
+    assert "proxy" in err.value.hint and err.value.status is None
+
+
+@pytest.mark.parametrize("status, words", [(403, "not public"), (404, "does not exist"),
+                                           (500, "resumes")])
+def test_status_errors_say_what_to_do(status, words):
+    err = download.status_error("https://x.example/f", status, "TheRock")
+    assert err.message == f"TheRock: HTTP {status} for https://x.example/f" and err.status == status
+    assert words in err.hint
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("bytes 100-199/1000", (100, 1000)), ("bytes 100-199/*", (100, None)), (None, None),
+    ("items 1-2/3", None), ("bytes x-1/2", None), ("", None)])
+def test_content_range(value, parsed):
+    assert download._content_range(value) == parsed
+
+
+def test_the_ca_variables_in_order(tmp_path, monkeypatch):
+    files = {}
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+        files[var] = tmp_path / var
+        files[var].write_text("pem")
+    assert download.ca_bundle() is True
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "missing"))
+    assert download.ca_bundle() is True                   # a path that is not there does not count
+    for var in ("SSL_CERT_DIR", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.setenv(var, str(files[var]))
+        assert download.ca_bundle() == str(files[var])
+    assert download.session().verify == str(files["REQUESTS_CA_BUNDLE"])
+
+
+def test_disk_full_names_the_place_and_the_size():
+    err = download._no_space(Path("/c/partial"), "TheRock", 3_200_000_000)
+    assert err.message == "disk full while downloading TheRock into /c/partial"
+    assert err.hint.startswith("free 3.2 GB there") and "RDNA4_CACHE_DIR" in err.hint
+    assert download._no_space(Path("/c"), "x", None).hint.startswith("free more space there")
+
+
+def test_a_hash_mismatch_says_which_hash_and_keeps_its_hint(tmp_path, tarball):
+    with pytest.raises(download.HashMismatch) as err:
+        download.fetch(str(tarball), cache_dir=tmp_path, sha256="0" * 64)
+    assert err.value.which == "pinned" and err.value.got == sha256_of(tarball)
+    assert "update the pin" in err.value.hint
