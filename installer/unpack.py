@@ -269,7 +269,8 @@ def refuse_foreign(dest: Path) -> None:
         return
     stranger = foreign_path(dest)
     if stranger is not None:
-        what = ("was not made by rdna4-install" if stranger == dest
+        what = (f"was not made by rdna4-install (it has no {OWNED_LIST}; an rdna4-install older "
+                "than that list did not write one)" if stranger == dest
                 else f"holds {stranger}, which rdna4-install did not put there")
         raise NotOurs(f"{dest} {what}; refusing to replace it", stranger,
                       hint=f"move {stranger} elsewhere and rerun, or rerun with --force to delete it")
