@@ -409,7 +409,10 @@ class _Writer:
         self.safe_dirs = {"."}
 
     def hardlink(self, m, rel: str) -> None:
-        src_rel = self.rel(m.linkname)
+        try:
+            src_rel = self.rel(m.linkname)
+        except UnsafeArchive:
+            raise self.refuse(m.name, f"hard link to {m.linkname!r} outside the tree") from None
         if src_rel is None:
             raise self.refuse(m.name, f"hard link to {m.linkname!r} outside the stripped tree")
         src = os.path.join(self.root, src_rel)
