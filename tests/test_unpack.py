@@ -199,6 +199,10 @@ def test_a_recorded_tree_is_replaced_only_when_all_of_it_is_ours(tmp_path):
     with pytest.raises(unpack.NotOurs) as err:
         unpack.extract_tarball(archive, dest, record=True)
     assert err.value.path == dest / "lib" / "mine.so" and (dest / "lib" / "mine.so").exists()
+    assert err.value.message == (f"{dest} holds {dest / 'lib' / 'mine.so'}, which rdna4-install did not "
+                                 "put there; refusing to replace it")
+    assert err.value.hint == (f"move {dest / 'lib' / 'mine.so'} elsewhere and rerun, or rerun with "
+                              "--force to delete it")
     assert _leftovers(dest.parent) == []
     unpack.extract_tarball(archive, dest, record=True, force=True)
     assert not (dest / "lib" / "mine.so").exists()
@@ -307,3 +311,50 @@ def test_temps_of_a_killed_run_are_removed_by_the_next(tmp_path):
     (dest.parent / ".other.tmp-keep").mkdir()
     unpack.extract_tarball(make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0"), dest)
     assert sorted(p.name for p in dest.parent.iterdir()) == [".other.tmp-keep", "rocm"]
+
+
+@pytest.mark.parametrize("how", ["no list", "a link"])
+def test_a_dest_without_our_list_is_not_ours(tmp_path, how):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0")
+    dest = tmp_path / "p" / "rocm"
+    if how == "no list":
+        unpack.extract_tarball(archive, dest)                # unrecorded: no list
+    else:
+        theirs = tmp_path / "opt-rocm"
+        unpack.extract_tarball(archive, theirs, record=True)  # even a listed tree behind a link
+        dest.parent.mkdir()
+        os.symlink(theirs, dest)
+    with pytest.raises(unpack.NotOurs) as err:
+        unpack.extract_tarball(archive, dest, record=True)
+    assert err.value.path == dest and err.value.message.startswith(
+        f"{dest} was not made by rdna4-install (it has no {unpack.OWNED_LIST};")
+    assert os.path.lexists(dest) and _leftovers(dest.parent) == []
+
+
+def test_a_truncated_archive_says_so_with_a_hint(tmp_path):
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=1 << 20, truncate=True)
+    with pytest.raises(unpack.CorruptArchive) as err:
+        unpack.extract_tarball(archive, tmp_path / "out")
+    assert err.value.message.startswith("t.tar.gz is truncated or not a valid tarball (")
+    assert err.value.hint == "delete the file and rerun to download it again"
+
+
+def test_disk_full_in_process_names_the_place(tmp_path):
+    """The file size limit makes write() fail with EFBIG, as a full disk would."""
+    import resource
+    import signal
+
+    archive = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=3 << 20)
+    dest = tmp_path / "p" / "rocm"
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+    try:
+        with pytest.raises(InstallerError) as err:
+            unpack.extract_tarball(archive, dest)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert err.value.message == f"disk full while unpacking t.tar.gz into {dest.parent}"
+    assert err.value.hint == "free space there and rerun; the partial tree was removed"
+    assert not dest.exists() and _leftovers(dest.parent) == []
