@@ -358,3 +358,46 @@ def test_disk_full_in_process_names_the_place(tmp_path):
     assert err.value.message == f"disk full while unpacking t.tar.gz into {dest.parent}"
     assert err.value.hint == "free space there and rerun; the partial tree was removed"
     assert not dest.exists() and _leftovers(dest.parent) == []
+
+
+def test_streaming_strips_verifies_records_and_guards_like_a_file(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [("pkg", DIR, "", 0o755), ("pkg/bin", DIR, "", 0o755),
+                                               ("pkg/bin/tool", REG, b"t", 0o755)])
+    dest = tmp_path / "p" / "tree"
+    seen = []
+
+    def stream(**kw) -> unpack.StreamExtract:
+        sx = unpack.StreamExtract(dest, strip_components=1, verify=seen.append, record=True, what="a", **kw)
+        for i in range(0, archive.stat().st_size, 100):
+            sx.write(archive.read_bytes()[i:i + 100])
+        sx.write(b"")                                     # an empty chunk is no end of data
+        return sx
+
+    with stream() as sx:
+        with pytest.raises(InstallerError, match="publish before finish"):
+            sx.publish()
+        staged = sx.finish()
+        assert seen == [staged] and (staged / "bin/tool").read_text() == "t"
+        sx.publish()
+    assert (dest / unpack.OWNED_LIST).read_text().splitlines() == ["bin", "bin/tool"]
+    (dest / "mine").write_text("x")
+    with stream() as sx:
+        sx.finish()
+        with pytest.raises(unpack.NotOurs):
+            sx.publish()
+        assert (dest / "mine").exists()
+        sx.publish(force=True)
+    assert not (dest / "mine").exists() and _leftovers(dest.parent) == []
+
+
+def test_streaming_reports_a_verify_failure_at_finish(tmp_path):
+    data = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0").read_bytes()
+
+    def verify(root: Path) -> None:
+        raise InstallerError("layout wrong")
+
+    with pytest.raises(InstallerError, match="layout wrong"):
+        with unpack.StreamExtract(tmp_path / "rocm", verify=verify) as sx:
+            sx.write(data)
+            sx.finish()
+    assert not (tmp_path / "rocm").exists() and _leftovers(tmp_path) == []
