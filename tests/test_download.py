@@ -497,3 +497,15 @@ def test_a_hash_mismatch_says_which_hash_and_keeps_its_hint(tmp_path, tarball):
         download.fetch(str(tarball), cache_dir=tmp_path, sha256="0" * 64)
     assert err.value.which == "pinned" and err.value.got == sha256_of(tarball)
     assert "update the pin" in err.value.hint
+
+
+def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, monkeypatch):
+    """A dead proxy in the environment: loopback mirrors (and these tests) still work."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    assert download._proxies("https://repo.amd.com/x") is None       # remote: the proxy applies
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+    assert got.sha256 == sha256_of(tarball)
