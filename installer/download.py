@@ -308,7 +308,9 @@ def ca_bundle() -> str | bool:
 
 def _proxies(url: str) -> dict | None:
     # never send loopback traffic (tests, local mirrors) through a proxy
-    return {"http": None, "https": None} if is_loopback(urlsplit(url).hostname) else None
+    # "" rather than None: requests drops None entries and then takes the proxy
+    # from the environment anyway; an empty proxy means a direct connection
+    return dict.fromkeys(("http", "https", "all"), "") if is_loopback(urlsplit(url).hostname) else None
 
 
 def get(url: str, **kw):
