@@ -80,53 +80,50 @@ time.sleep(60)
 """
 
 
-def test_a_user_process_holding_the_children_lock_is_never_signalled(tmp_path):
-    prefix = tmp_path / "prefix"
-    (prefix / ".rdna4").mkdir(parents=True)
-    user = subprocess.Popen([sys.executable, "-c", USER_HOLDER, str(prefix / ".rdna4" / "children.lock")],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+@contextlib.contextmanager
+def user_holder(lock: Path):
+    """USER_HOLDER running in a session of its own; yields (its PID, its "shell"'s PID)
+    and kills its group afterwards."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    user = subprocess.Popen([sys.executable, "-c", USER_HOLDER, str(lock)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        shell = int(user.stdout.readline())
-        started = time.monotonic()
-        with pytest.raises(InstallerError) as err:
-            state.PrefixLock(prefix).acquire()
-        assert f"PID {user.pid}" in err.value.message and "did not start" in err.value.message
-        assert f"kill {user.pid}" in err.value.hint
-        assert time.monotonic() - started < state.PrefixLock.ORPHAN_WAIT   # told at once
-        time.sleep(0.2)
-        assert _alive(user.pid) and _alive(shell)
-        # the prefix lock was given back: once the user's process is gone, it is free
-        os.killpg(user.pid, signal.SIGKILL)
-        user.wait()
-        state.PrefixLock(prefix).acquire().release()
+        yield user.pid, int(user.stdout.readline())
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(user.pid, signal.SIGKILL)
         user.wait()
         user.stdout.close()
+
+
+def test_a_user_process_holding_the_children_lock_is_never_signalled(tmp_path):
+    prefix = tmp_path / "prefix"
+    with user_holder(prefix / ".rdna4" / "children.lock") as (pid, shell):
+        started = time.monotonic()
+        with pytest.raises(InstallerError) as err:
+            state.PrefixLock(prefix).acquire()
+        assert f"PID {pid}" in err.value.message and "did not start" in err.value.message
+        assert f"kill {pid}" in err.value.hint
+        assert time.monotonic() - started < state.PrefixLock.ORPHAN_WAIT   # told at once
+        time.sleep(0.2)
+        assert _alive(pid) and _alive(shell)
+    # the prefix lock was given back: once the user's process is gone, it is free
+    state.PrefixLock(prefix).acquire().release()
 
 
 def test_a_noted_group_whose_pid_was_reused_is_not_ours(tmp_path):
     """The record holds the start time: the same PID in a later process is someone else's."""
-    prefix = tmp_path / "prefix"
-    (prefix / ".rdna4").mkdir(parents=True)
-    lock = prefix / ".rdna4" / "children.lock"
-    user = subprocess.Popen([sys.executable, "-c", USER_HOLDER, str(lock)], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        shell = int(user.stdout.readline())
-        (prefix / ".rdna4" / "children").write_text(f"{user.pid} 1\n")     # an older process's start
-        killed, strangers = state.kill_holders(lock, prefix / ".rdna4" / "children")
-        assert (killed, strangers) == ([], [user.pid]) and _alive(user.pid) and _alive(shell)
-        (prefix / ".rdna4" / "children").write_text(f"{user.pid} {proc.start_time(user.pid)}\n")
-        killed, strangers = state.kill_holders(lock, prefix / ".rdna4" / "children")
-        assert (killed, strangers) == ([user.pid], [])
-        user.wait(timeout=10)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(user.pid, signal.SIGKILL)
-        user.wait()
-        user.stdout.close()
+    lock, record = tmp_path / ".rdna4" / "children.lock", tmp_path / ".rdna4" / "children"
+    with user_holder(lock) as (pid, shell):
+        record.write_text(f"{pid} 1\n")     # an older process's start time
+        assert state.kill_holders(lock, record) == ([], [pid]) and _alive(pid) and _alive(shell)
+        record.write_text(f"{pid} {proc.start_time(pid)}\n")
+        assert state.kill_holders(lock, record) == ([pid], [])
+        for _ in range(200):
+            if not _alive(pid):
+                break
+            time.sleep(0.02)
+        assert not _alive(pid) and not _alive(shell)
 
 
 def test_a_live_installer_still_blocks_the_prefix(tmp_path):
