@@ -15,6 +15,7 @@ Not part of .ci/run: the whole set takes about an hour on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -70,12 +71,14 @@ def _copy_repo(dest: Path) -> None:
 def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
     mutate, tests, names = MODULES[name]
     mutmut = Path(sys.executable).parent / "mutmut"
-    with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
-        # --keep: a directory that stays, for `mutmut show NAME` / `mutmut browse` in it
-        root = keep / name if keep else Path(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
+    # --keep: a directory that stays, for `mutmut show NAME` / `mutmut browse` in it
+    place = contextlib.nullcontext(str(keep / name)) if keep else tempfile.TemporaryDirectory(
+        prefix=f"mutmut-{name}-")
+    with place as tmp:
+        root = Path(tmp)
+        if keep:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
         _copy_repo(root)
         with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
             fh.write("\n[tool.mutmut]\n"
