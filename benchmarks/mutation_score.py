@@ -125,12 +125,15 @@ def verdict(code: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", choices=[[], *MODULES], default=[])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"one of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="run in DIR/MODULE and leave it there (to look at survivors)")
     args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r}; modules: {', '.join(MODULES)}")
     results = {}
     # score = (killed + timed out) / mutants run: a mutant that hangs the tests fails CI too
     print(f"{'module':<12} {'killed':>7} {'timeout':>7} {'total':>6} {'score':>6} {'survived':>8} "
