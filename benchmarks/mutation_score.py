@@ -125,7 +125,8 @@ def verdict(code: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"one of {', '.join(MODULES)} (default: all)")
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"one of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
     parser.add_argument("--keep", type=Path, metavar="DIR",
