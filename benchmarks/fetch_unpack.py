@@ -100,8 +100,8 @@ if mode == "cached":
     got = download.fetch(url, cache_dir=Path(cache))
 else:
     with unpack.StreamExtract(Path(dest)) as sx:
-        got = download.fetch(url, cache_dir=Path(cache), sink=sx.write)
-        sx.finish()
+        got = download.fetch(url, cache_dir=Path(cache), sink=sx.write, accept=sx.finish)
+        sx.publish()
 print(json.dumps({{"seconds": time.monotonic() - t, "from_cache": got.from_cache,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

@@ -67,6 +67,45 @@ class StepContext:
     source: Any = None             # the recipe's interpolated recipes.Source, or None
     patches: tuple[Path, ...] = ()  # patches/<name>/*.patch in apply order
     keep_work: bool = False        # an action sets it when the work dir must outlive the run
+    force: bool = False            # --force names this recipe: accept a changed download,
+                                   # replace what the installer did not make
+
+    def fetch(self, url: str, *, sha256: str = "", what: str | None = None,
+              sink: Any = None, accept: Any = None) -> Any:
+        """download.fetch held to the sha256 this prefix recorded for `url` when
+        there is no pin (a fresh cache must not make a swapped file acceptable);
+        --force accepts whatever the server serves now. A refused file gets a
+        hint with the command that recovers."""
+        from . import download, state
+        from .errors import Refused
+
+        trusted = None if sha256 or self.force else state.recorded_downloads(self.prefix).get(url)
+        try:
+            return download.fetch(url, cache_dir=self.cache_dir, sha256=sha256 or None,
+                                  offline=self.offline, ui=self.ui, what=what, sink=sink,
+                                  accept=accept, trusted=trusted, ignore_recorded=self.force)
+        except Refused as exc:
+            exc.hint = self._refused_hint(exc, sha256)
+            raise
+
+    def _refused_hint(self, exc: Any, pinned: str) -> str:
+        kept = f"the file was removed from the cache and {self.prefix} is unchanged"
+        got = getattr(exc, "got", None)
+        if got:
+            # pinning the new hash is what accepts it, whichever record it broke
+            keys = [k for k, v in self.vars.items() if k.startswith(f"{self.name}.") and "sha256" in k]
+            key = next((k for k in keys if pinned and str(self.vars[k]).lower() == pinned.lower()),
+                       keys[0] if keys else f"{self.name}.sha256")
+            return f"{kept}; if the new file is expected, pin it: {self.rerun_command(f'--set {key}={got}')}"
+        return (f"{kept}; rerun to download it again: {self.rerun_command()} "
+                "(if the server still serves it, pin another version with --set)")
+
+    def rerun_command(self, *flags: str) -> str:
+        """The command that reruns this recipe in this prefix and cache."""
+        import shlex
+
+        return " ".join(["rdna4-install", "run", self.name, *flags, "--prefix", shlex.quote(str(self.prefix)),
+                         "--cache-dir", shlex.quote(str(self.cache_dir))])
 
     @property
     def src_dir(self) -> Path:

@@ -279,7 +279,7 @@ def check_code_objects(ctx, required: Sequence[str] = (), scan: str = "") -> dic
                                  hint=f"check the file's permissions: {path}") from None
         except (codeobjects.Malformed, codeobjects.Unreadable) as exc:
             raise InstallerError(f"{ctx.name}: {exc.message}", hint=exc.hint or
-                                 f"a damaged file? reinstall it: rdna4-install run --force {ctx.name}") from None
+                                 f"a damaged file? reinstall it: {ctx.rerun_command('--force')}") from None
         if not archs and not must:
             continue  # host-only helper library
         if archs != want:

@@ -480,8 +480,11 @@ def pins_update(obj: Obj, write_to: Path | None, **opts: Any) -> None:
                              "rdna4-install run flash-attention --force --dry-run --prefix ~/rdna4",
                              "rdna4-install run therock --force --only therock --prefix ~/rdna4"))
 @click.argument("recipes", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Redo the named recipes even when nothing changed "
-              "(and accept a non-empty prefix that rdna4-install did not create).")
+@click.option("--force", is_flag=True,
+              help="Redo the named recipes even when nothing changed; also accept a download whose "
+                   "sha256 differs from the one this prefix recorded, replace what the installer "
+                   "did not make (a file in PREFIX/rocm-<version>, a PREFIX/rocm link elsewhere) "
+                   "and accept a non-empty prefix that rdna4-install did not create.")
 @selection_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @pass_obj

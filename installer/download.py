@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, Refused, UsageError
 
 CHUNK = 1 << 20
 # connect (a silent proxy's CONNECT also ends here), read (seconds without a byte)
@@ -42,6 +42,7 @@ RESUMES = 3                 # Range resumes after the body broke off mid-way
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 Sink = Callable[[bytes], None]
+Accept = Callable[[Path], Any]
 
 
 @dataclass(frozen=True)
@@ -184,36 +185,52 @@ def forget(url: str, *, cache_dir: Path, sha256: str | None = None) -> None:
 # --- fetching --------------------------------------------------------------
 
 def fetch(url: str, *, cache_dir: Path, sha256: str | None = None, offline: bool = False,
-          ui: Any = None, what: str | None = None, sink: Sink | None = None) -> Fetched:
-    """Return the verified file for `url`, downloading it only when not cached."""
+          ui: Any = None, what: str | None = None, sink: Sink | None = None,
+          accept: Accept | None = None, trusted: str | None = None,
+          ignore_recorded: bool = False) -> Fetched:
+    """Return the verified file for `url`, downloading it only when not cached.
+
+    The expected sha256 is the pin, else `trusted` (what the caller's prefix
+    recorded for this URL), else what the cache recorded on the first download
+    (unless `ignore_recorded`: the user accepted a changed file).
+    `accept(path)` runs once the bytes match it and before they are kept: a
+    Refused from it (or from `sink`) drops the file from the cache and its URL
+    from the index, so a refused file is never found or trusted again.
+    """
     check_url(url)
     cache_dir = Path(cache_dir)
     name = filename_of(url)
     what = what or name
-    pinned = sha256.strip().lower() if sha256 else None
-    if pinned and not re.fullmatch(r"[0-9a-f]{64}", pinned):
-        raise UsageError(f"sha256 pin for {what} is not 64 hex digits: {sha256!r}")
-    recorded = recorded_sha256(url, cache_dir)
-    expect = pinned or recorded
+    pinned = _digest(sha256, what, "pin")
+    trusted = _digest(trusted, what, "recorded hash")
+    recorded = None if ignore_recorded else recorded_sha256(url, cache_dir)
+    expect = pinned or trusted or recorded
 
     hit = _cached_file(cache_dir, expect, name) if expect else None
     if hit is None and not offline:
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
         with locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
             # another installer may have finished it while we waited
-            recorded = recorded_sha256(url, cache_dir)
-            expect = pinned or recorded
+            recorded = None if ignore_recorded else recorded_sha256(url, cache_dir)
+            expect = pinned or trusted or recorded
             hit = _cached_file(cache_dir, expect, name) if expect else None
             if hit is None:
-                return _download(url, cache_dir, name, key, what, pinned, recorded, ui, sink)
+                return _download(url, cache_dir, name, key, what, pinned or trusted, recorded,
+                                 ui, sink, accept, "pinned" if pinned else "recorded in this prefix")
     if hit is None:
         raise InstallerError(f"offline, and {what} is not in the cache ({url})",
                              hint=f"run once without --offline, or download {url} elsewhere and run: "
                                   f"{add_command(url, cache_dir)}")
     size = hit.stat().st_size
-    if sink is not None:
-        with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
-            _pump(_chunks(f), None, None, sink, bar)
+    try:
+        if sink is not None:
+            with open(hit, "rb") as f, _progress(ui, size, f"{what} (cached)") as bar:
+                _pump(_chunks(f), None, None, sink, bar)
+        if accept is not None:
+            accept(hit)
+    except Refused:
+        forget(url, cache_dir=cache_dir, sha256=expect)
+        raise
     return Fetched(hit, expect, size, True)
 
 
@@ -238,6 +255,20 @@ def add_file(src: Path, url: str, *, cache_dir: Path, sha256: str | None = None,
     with locked(_downloads(cache_dir) / "partial" / f"{key}.lock"):
         return _download(url, cache_dir, filename_of(url), key, str(src), pinned,
                          recorded_sha256(url, cache_dir), ui, None, src=Path(src))
+def _digest(value: str | None, what: str, kind: str) -> str | None:
+    digest = value.strip().lower() if value else None
+    if digest and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UsageError(f"sha256 {kind} for {what} is not 64 hex digits: {value!r}")
+    return digest
+
+
+class HashMismatch(Refused):
+    """The bytes are not the ones expected; `got` is their sha256, `which` says
+    where the expected one came from (pinned / recorded in this prefix / the cache)."""
+
+    def __init__(self, message: str, hint: str, *, got: str, which: str):
+        super().__init__(message, hint)
+        self.got, self.which = got, which
 
 
 @contextlib.contextmanager
@@ -263,7 +294,16 @@ def session():
     if _SESSION is None:
         import requests
 
-        s = requests.Session()
+        class Session(requests.Session):
+            def get_redirect_target(self, resp):
+                # every hop obeys the https rule before it is followed: a loopback
+                # mirror must not send us on to plain http elsewhere
+                target = super().get_redirect_target(resp)
+                if target:
+                    check_url(urljoin(resp.url, target))
+                return target
+
+        s = Session()
         s.headers["User-Agent"] = "rdna4-install"
         s.verify = ca_bundle()
         _SESSION = s
@@ -286,7 +326,9 @@ def ca_bundle() -> str | bool:
 
 def _proxies(url: str) -> dict | None:
     # never send loopback traffic (tests, local mirrors) through a proxy
-    return {"http": None, "https": None} if is_loopback(urlsplit(url).hostname) else None
+    # "" rather than None: requests drops None entries and then takes the proxy
+    # from the environment anyway; an empty proxy means a direct connection
+    return dict.fromkeys(("http", "https", "all"), "") if is_loopback(urlsplit(url).hostname) else None
 
 
 def _proxy_for(url: str) -> str | None:
@@ -418,8 +460,9 @@ def _no_space(where: Path, what: str, need: int | None) -> InstallerError:
 
 def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
               pinned: str | None, recorded: str | None, ui: Any, sink: Sink | None,
+              accept: Accept | None = None, expected_from: str = "pinned",
               src: Path | None = None) -> Fetched:
-    """Get `url` (or copy `src`, a file that stands for it), check it, publish it."""
+    """Get `url` (or copy `src`, a file that stands for it), check it, then publish it."""
     partial = _downloads(cache_dir) / "partial"
     partial.mkdir(parents=True, exist_ok=True)
     part = partial / f"{key}-{name}.part"
@@ -433,18 +476,24 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
             digest, size = _copy_local(src, part, what, ui, sink)
         else:
             digest, size = _get_resumable(source, part, meta, what, ui, sink)
+        expect = pinned or recorded
+        if expect and digest != expect:
+            which = expected_from if pinned else "recorded on the first download"
+            raise HashMismatch(f"sha256 mismatch for {what}: expected {expect} ({which}), got {digest}",
+                               hint="the file changed upstream or was corrupted; the download was "
+                                    "deleted. If the change is expected, update the pin",
+                               got=digest, which=which)
+        if accept is not None:
+            accept(part)
+    except Refused:
+        # a refused file is not kept for a resume either: the rerun starts afresh
+        _unlink(part, meta)
+        raise
     except OSError as exc:
         if exc.errno in NO_SPACE:
             _unlink(part, meta)
             raise _no_space(partial, what, None) from None
         raise
-    expect = pinned or recorded
-    if expect and digest != expect:
-        _unlink(part, meta)
-        which = "pinned" if pinned else "recorded on the first download"
-        raise InstallerError(f"sha256 mismatch for {what}: expected {expect} ({which}), got {digest}",
-                             hint="the file changed upstream or was corrupted; the download was deleted. "
-                                  "If the change is expected, update the pin")
     dest = _downloads(cache_dir) / digest / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, dest)

@@ -40,6 +40,7 @@ def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> act
         env=env, vars=item.vars, archs=settings.archs, jobs=settings.jobs or 0,
         offline=settings.offline, options=settings.options, ui=ui,
         source=source, patches=item.patches,
+        force=settings.force and (not settings.targets or item.name in settings.targets),
     )
 
 
@@ -107,7 +108,7 @@ def run_recipe(item: Item, settings: Settings, ui: UI, index: int, total: int) -
             exc.hint = f"log: {ctx.log}; work dir kept at {ctx.work_dir}"
         if isinstance(exc, StepFailed) and (ctx.work_dir / actions.LAST_COMMAND).exists():
             exc.hint += f"; rerun the failed command with: sh '{ctx.work_dir / actions.LAST_COMMAND}'"
-        exc.message = f"{name}: {exc.message}" if not exc.message.startswith(name) else exc.message
+        exc.message = exc.message if exc.message.startswith(f"{name}: ") else f"{name}: {exc.message}"
         raise
     finally:
         ui.log = None

@@ -53,3 +53,7 @@ class NotFound(InstallerError):
         super().__init__(message, hint)
         self.recipe, self.name, self.want, self.url, self.pin = recipe, name, want, url, pin
         self.nearest = list(nearest or [])
+class Refused(InstallerError):
+    """The bytes of a download are refused: wrong sha256, an unsafe or corrupt
+    archive, a tree without the expected layout. download.fetch drops such a file
+    from the cache and never records its hash, so a rerun downloads it afresh."""

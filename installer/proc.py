@@ -51,6 +51,36 @@ def inherit_fd(fd: int, keep: bool = True) -> None:
         _INHERITED.discard(fd)
 
 
+# Where every run/spawn child's PID (= its process group: each starts a session)
+# is noted, with its start time, so the next installer signals only groups this
+# one created (state.kill_holders); None = not noted (no prefix lock held).
+_CHILDREN_RECORD: Path | None = None
+
+
+def record_children(path: Path | None) -> None:
+    """Note every child started from now on in `path` (None stops it)."""
+    global _CHILDREN_RECORD
+    _CHILDREN_RECORD = path
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22):
+    with the PID it names one process, even after the PID is reused. None = gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ")"
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _note_child(pid: int) -> None:
+    if _CHILDREN_RECORD is not None:
+        with open(_CHILDREN_RECORD, "a", encoding="ascii") as fh:
+            fh.write(f"{pid} {start_time(pid) or '?'}\n")
+
+
 def base_env(extra: Mapping[str, str] | None = None, allow: Iterable[str] = ENV_ALLOW,
              drop: Iterable[str] = ()) -> dict[str, str]:
     """The caller's allow-listed variables, overlaid with `extra`, minus `drop`."""
@@ -104,8 +134,10 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 def _start(argv: Sequence[str], **kw) -> subprocess.Popen:
     try:
-        return subprocess.Popen([str(a) for a in argv], start_new_session=True,
-                                pass_fds=tuple(sorted(_INHERITED)), **kw)
+        child = subprocess.Popen([str(a) for a in argv], start_new_session=True,
+                                 pass_fds=tuple(sorted(_INHERITED)), **kw)
+        _note_child(child.pid)
+        return child
     except FileNotFoundError:
         raise InstallerError(f"command not found: {argv[0]}",
                              hint="install it or check PATH") from None

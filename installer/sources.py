@@ -248,7 +248,6 @@ def fetch_sdist(ctx, url: str = "", sha256: str = "", version: str = "") -> Path
     """Action "fetch-sdist": download (cached, verified) and unpack into ctx.src_dir, top dir stripped.
 
     With `version`, the sdist's PKG-INFO must carry that version."""
-    from .download import fetch
     from .unpack import extract_tarball
 
     url = url or getattr(ctx.source, "url", "")
@@ -256,10 +255,12 @@ def fetch_sdist(ctx, url: str = "", sha256: str = "", version: str = "") -> Path
     if not url or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256 or ""):
         raise RecipeError(f"{ctx.name}: fetch-sdist needs a url and its sha256",
                           hint="take both from PyPI's simple index (the file's #sha256=)")
-    got = fetch(url, cache_dir=ctx.cache_dir, sha256=sha256, offline=ctx.offline, ui=ctx.ui,
-                what=f"{ctx.name} source")
-    # extract_tarball replaces an old tree (a rerun's) atomically
-    dest = extract_tarball(got.path, ctx.src_dir, strip_components=1)
+    dest = ctx.src_dir
+    # unpacked as part of the verification: an unsafe or broken sdist is dropped
+    # from the cache (and refused) like a wrong hash; extract_tarball replaces an
+    # old tree (a rerun's) atomically
+    got = ctx.fetch(url, sha256=sha256, what=f"{ctx.name} source",
+                    accept=lambda path: extract_tarball(path, dest, strip_components=1))
     if version:
         _check_sdist_version(ctx, dest, url, version)
     ctx.facts["source"] = {"kind": "url", "url": url, "sha256": got.sha256, "size": got.size,

@@ -120,6 +120,32 @@ def all_stamps(prefix: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def recorded_downloads(prefix: Path) -> dict[str, str]:
+    """url -> sha256 of every download this prefix's stamps (else its receipt)
+    say it installed: facts of the shape {"url": ..., "sha256": ...} at any depth."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            url, digest = value.get("url"), value.get("sha256")
+            if isinstance(url, str) and isinstance(digest, str) and len(digest) == 64:
+                found[url] = digest.lower()
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    receipt = read_receipt(prefix)
+    components = receipt.get("components") if isinstance(receipt, dict) else None
+    if isinstance(components, dict):
+        for component in components.values():
+            walk(component.get("facts") if isinstance(component, dict) else None)
+    for stamp in all_stamps(prefix).values():    # newer than the receipt after a kill
+        walk(stamp.get("facts"))
+    return found
+
+
 # --- the prefix lock -------------------------------------------------------------
 
 class PrefixLock:
@@ -139,6 +165,7 @@ class PrefixLock:
     def __init__(self, prefix: Path):
         self.path = meta_dir(prefix) / "lock"
         self.children_path = meta_dir(prefix) / "children.lock"
+        self.record_path = meta_dir(prefix) / "children"     # proc notes each child's group here
         self._fd: int | None = None
         self._children_fd: int | None = None
 
@@ -186,7 +213,13 @@ class PrefixLock:
             # we hold the prefix lock, so no live installer has children here
             if deadline is None:
                 deadline = time.monotonic() + self.ORPHAN_WAIT
-            left = kill_holders(self.children_path)
+            left, strangers = kill_holders(self.children_path, self.record_path)
+            if strangers:
+                os.close(fd)
+                raise InstallerError(
+                    f"{self.children_path} is held by PID {', '.join(map(str, strangers))}, which "
+                    "rdna4-install did not start; it signals only processes it started",
+                    hint=f"stop that process (kill {' '.join(map(str, strangers))}) and rerun")
             if time.monotonic() > deadline:
                 os.close(fd)
                 raise InstallerError(
@@ -194,6 +227,10 @@ class PrefixLock:
                     f" (PIDs {', '.join(map(str, left)) or 'unknown'})",
                     hint="stop them (kill -9 PID) and rerun")
             time.sleep(0.05)
+        # every process the last run started has let go of the lock: a new record
+        with open(self.record_path, "w", encoding="ascii"):
+            pass
+        proc.record_children(self.record_path)
         proc.inherit_fd(fd)
         return fd
 
@@ -202,6 +239,7 @@ class PrefixLock:
             from . import proc
 
             proc.inherit_fd(self._children_fd, keep=False)
+            proc.record_children(None)
             os.close(self._children_fd)
             self._children_fd = None
         if self._fd is not None:
@@ -243,11 +281,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def kill_holders(path: Path) -> list[int]:
-    """SIGKILL the process group of every other process that has `path` open
-    (read from /proc, so only this user's processes); returns their PIDs."""
-    import signal
-
+def lock_holders(path: Path) -> list[int]:
+    """Every other process that has `path` open (read from /proc, so only this
+    user's processes)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -268,15 +304,50 @@ def kill_holders(path: Path) -> list[int]:
             if (link.st_dev, link.st_ino) == (st.st_dev, st.st_ino):
                 found.append(int(entry.name))
                 break
-    for pid in found:
+    return found
+
+
+def started_groups(record: Path) -> dict[int, str]:
+    """pgid -> start time of its leader, as proc noted them in `record`."""
+    try:
+        text = record.read_text(encoding="ascii", errors="replace")[:1 << 20]
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        pid, _, started = line.partition(" ")
+        if pid.isdigit():
+            out[int(pid)] = started.strip()
+    return out
+
+
+def kill_holders(path: Path, record: Path) -> tuple[list[int], list[int]]:
+    """SIGKILL the process group of every holder of `path` that an installer
+    started (its group is noted in `record`, and its leader, if alive, is the
+    process noted). Returns (the holders killed, the holders left alone)."""
+    import signal
+
+    from . import proc
+
+    ours = started_groups(record)
+    killed, strangers = [], []
+    for pid in lock_holders(path):
         try:
             group = os.getpgid(pid)
-            if group != os.getpgrp():  # never our own group (a shell's, a test runner's)
-                os.killpg(group, signal.SIGKILL)
-            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        leader = proc.start_time(group)
+        # a dead leader's PID is not reused while its group lives on, so a noted
+        # group with no leader is still the one the installer made
+        if group not in ours or group == os.getpgrp() or leader not in (None, ours[group]):
+            strangers.append(pid)
+            continue
+        try:
+            os.killpg(group, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return found
+        killed.append(pid)
+    return killed, strangers
 
 
 # --- the receipt -----------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import quote, unquote, urljoin
 
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, Refused, UsageError
 
 FAMILIES = {"gfx1200": "gfx120X-all", "gfx1201": "gfx120X-all"}
 CHANNELS = ("stable", "rc", "nightly", "dev", "bkc")
@@ -318,9 +318,8 @@ def missing_files(root: Path) -> list[str]:
 def verify_layout(root: Path) -> None:
     missing = missing_files(root)
     if missing:
-        raise InstallerError(f"the TheRock tarball lacks {', '.join(missing)}",
-                             hint="it is not a Linux TheRock dist tarball; "
-                                  "check therock.url and therock.family")
+        raise Refused(f"the TheRock tarball lacks {', '.join(missing)}: it is not a Linux TheRock "
+                      "dist tarball (check therock.url and therock.family)")
 
 
 def read_metadata(root: Path) -> dict[str, str]:
@@ -344,12 +343,39 @@ def read_metadata(root: Path) -> dict[str, str]:
     return out
 
 
-def link_rocm(prefix: Path, target: str) -> None:
-    """Point PREFIX/rocm at `target` (relative) by renaming a new link over it."""
+def check_link(prefix: Path, target: str, *, force: bool = False,
+               force_cmd: str = "rdna4-install run therock --force") -> None:
+    """Refuse to repoint PREFIX/rocm unless it is the installer's: a link to a
+    rocm-<version> tree the installer unpacked (or recorded). Checked before the
+    download, so a refusal costs nothing."""
+    from . import state, unpack
+
     link = prefix / "rocm"
-    if link.is_dir() and not link.is_symlink():
-        raise InstallerError(f"{link} is a directory, not a link",
-                             hint="move it away; the installer manages PREFIX/rocm as a link")
+    if not os.path.lexists(link):
+        return
+    if not link.is_symlink():
+        kind = "a directory" if link.is_dir() else "a file"
+        raise InstallerError(f"{link} is {kind}, not a link; refusing to replace it",
+                             hint=f"move it away and rerun; the installer manages {link} as a link")
+    current = os.readlink(link)
+    if current == target or force:
+        return
+    stamp = state.read_stamp(prefix, "therock")
+    facts = stamp.get("facts") if isinstance(stamp, dict) else None
+    recorded = Path(str(facts.get("rocm_path", ""))).name if isinstance(facts, dict) else ""
+    ours = ("/" not in current and current.startswith("rocm-")
+            and ((prefix / current / unpack.OWNED_LIST).is_file() or current == recorded))
+    if not ours:
+        raise InstallerError(f"{link} points to {current}, which rdna4-install did not put there; "
+                             "refusing to repoint it",
+                             hint=f"remove the link (rm '{link}') and rerun, or repoint it with: {force_cmd}")
+
+
+def link_rocm(prefix: Path, target: str, *, force: bool = False,
+              force_cmd: str = "rdna4-install run therock --force") -> None:
+    """Point PREFIX/rocm at `target` (relative) by renaming a new link over it."""
+    check_link(prefix, target, force=force, force_cmd=force_cmd)
+    link = prefix / "rocm"
     tmp = prefix / f".rocm.link-{os.getpid()}"
     if os.path.lexists(tmp):
         tmp.unlink()
@@ -358,27 +384,33 @@ def link_rocm(prefix: Path, target: str) -> None:
 
 
 def install_step(ctx: Any, *, url: str, version: str, sha256: str = "") -> None:
-    """Download (or take from the cache) and unpack TheRock into PREFIX/rocm-<version>."""
+    """Download (or take from the cache) TheRock into a staging tree beside
+    PREFIX/rocm-<version>; rename it into place and point PREFIX/rocm at it only
+    after the sha256 and the layout check passed."""
     from . import download, unpack
 
     ctx.prefix.mkdir(parents=True, exist_ok=True)
     dest = ctx.prefix / f"rocm-{version}"
     what = f"TheRock {version}"
+    force_cmd = ctx.rerun_command("--force")
     try:
-        with unpack.StreamExtract(dest, verify=verify_layout, what=download.filename_of(url)) as sx:
-            got = download.fetch(url, cache_dir=ctx.cache_dir, sha256=sha256 or None,
-                                 offline=ctx.offline, ui=ctx.ui, what=what, sink=sx.write)
-            sx.finish()
+        # what the installer did not make is refused before a byte is downloaded
+        check_link(ctx.prefix, dest.name, force=ctx.force, force_cmd=force_cmd)
+        if not ctx.force:
+            unpack.refuse_foreign(dest)
+        with unpack.StreamExtract(dest, verify=verify_layout, what=download.filename_of(url),
+                                  record=True) as sx:
+            got = ctx.fetch(url, sha256=sha256, what=what, sink=sx.write, accept=sx.finish)
+            # verified: only now does the tree become visible
+            sx.publish(force=ctx.force)
+        link_rocm(ctx.prefix, dest.name, force=ctx.force, force_cmd=force_cmd)
     except download.DownloadError as exc:
         if exc.status in (403, 404):
             raise _not_found(url, version, exc) from None
         raise
-    except unpack.CorruptArchive as exc:
-        # a cached file that does not unpack is useless; fetch it again next time
-        download.forget(url, cache_dir=ctx.cache_dir, sha256=sha256 or None)
-        raise InstallerError(exc.message,
-                             hint="the cached copy was removed; rerun to download it again") from None
-    link_rocm(ctx.prefix, dest.name)
+    except unpack.NotOurs as exc:
+        exc.hint = f"move {exc.path} elsewhere and rerun, or delete it with: {force_cmd}"
+        raise
     meta = read_metadata(dest)
     found = meta.get("toolchain_version")
     if found and found != version and ctx.ui is not None:

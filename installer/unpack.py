@@ -7,9 +7,14 @@ chain of in-tree links cannot escape either), never chowns to the archive's
 uids when run as root, and strips setuid bits. Relative links inside the tree
 (TheRock's llvm -> lib/llvm) are kept.
 
-Everything goes into a temp dir beside `dest`, is optionally verified, and is
-then renamed onto `dest`, so a failed or killed run never leaves half a tree
-at `dest`.
+Everything goes into a temp dir beside `dest` and is optionally verified; a
+whole-file extraction is then renamed onto `dest`, a streamed one only when the
+caller calls publish() (after the download's sha256 matched), so neither a
+failed, killed nor refused run ever leaves its tree at `dest`.
+
+With `record=True` the tree carries a list of every path it unpacked
+(OWNED_LIST); replacing such a tree later refuses when it holds anything else
+(a user's file), unless forced, and refuses a `dest` without the list at all.
 """
 
 from __future__ import annotations
@@ -25,28 +30,44 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import InstallerError
+from .errors import InstallerError, Refused
 
+OWNED_LIST = ".rdna4-files"    # in a recorded tree: the paths the installer unpacked
 CHUNK = 1 << 20
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 Verify = Optional[Callable[[Path], None]]
 
 
-class UnsafeArchive(InstallerError):
+class UnsafeArchive(Refused):
     pass
 
 
-class CorruptArchive(InstallerError):
+class CorruptArchive(Refused):
     pass
+
+
+class NotOurs(InstallerError):
+    """`dest` holds a path the installer did not unpack; `path` names it."""
+
+    def __init__(self, message: str, path: Path, hint: str | None = None):
+        super().__init__(message, hint)
+        self.path = path
 
 
 def extract_tarball(archive: Path, dest: Path, *, strip_components: int = 0,
-                    verify: Verify = None) -> Path:
+                    verify: Verify = None, record: bool = False, force: bool = False) -> Path:
     """Extract `archive` (any compression tarfile reads) atomically to `dest`."""
     archive = Path(archive)
     with open(archive, "rb") as f:
-        return _extract_atomic(f, Path(dest), strip_components, verify, archive.name, mode="r|*")
+        tmp = _extract_staged(f, Path(dest), strip_components, verify, archive.name, mode="r|*",
+                              record=record)
+    try:
+        _place(tmp, Path(dest), record=record, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(dest)
 
 
 def zstd_module():
@@ -70,7 +91,9 @@ def extract_stream(fileobj, dest: Path, *, verify: Verify = None, what: str) -> 
 
 
 class StreamExtract:
-    """Feed a .tar.gz chunk by chunk (`write`) while a thread unpacks it.
+    """Feed a .tar.gz chunk by chunk (`write`) while a thread unpacks it into a
+    staging dir; `finish` waits for it (and `verify`), `publish` renames it onto
+    `dest`. Leaving the `with` block without publish removes the staging dir.
 
     The queue is bounded, so memory stays flat and a slow disk slows the
     download instead of buffering the file in RAM.
@@ -79,11 +102,12 @@ class StreamExtract:
     _EOF = b""
 
     def __init__(self, dest: Path, *, strip_components: int = 0, verify: Verify = None,
-                 what: str = "archive", depth: int = 16):
+                 what: str = "archive", depth: int = 16, record: bool = False):
         self.dest = Path(dest)
+        self.record = record
         self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._result: Path | None = None
+        self._staged: Path | None = None
         self._pipe = _QueueReader(self._q)
         self._thread = threading.Thread(target=self._run, name="unpack", daemon=True,
                                         args=(strip_components, verify, what))
@@ -91,8 +115,8 @@ class StreamExtract:
 
     def _run(self, strip: int, verify: Verify, what: str) -> None:
         try:
-            self._result = _extract_atomic(self._pipe, self.dest, strip, verify, what,
-                                           mode="r|gz", on_done=self._pipe.drain)
+            self._staged = _extract_staged(self._pipe, self.dest, strip, verify, what,
+                                           mode="r|gz", on_done=self._pipe.drain, record=self.record)
         except BaseException as exc:  # handed to the writer's thread
             self._error = exc
             self._pipe.drain()
@@ -112,14 +136,24 @@ class StreamExtract:
                 if not self._thread.is_alive():
                     raise self._error or InstallerError("the unpack thread stopped")
 
-    def finish(self) -> Path:
-        """Signal the end of the data and wait for the tree to be in place."""
+    def finish(self, *_: object) -> Path:
+        """Signal the end of the data and wait for the verified staging tree
+        (it is not at `dest` yet). Extra arguments are ignored, so it can be
+        download.fetch's `accept`."""
         self._put(self._EOF)
         self._thread.join()
         if self._error is not None:
             raise self._error
-        assert self._result is not None
-        return self._result
+        assert self._staged is not None
+        return self._staged
+
+    def publish(self, force: bool = False) -> Path:
+        """Rename the finished tree onto `dest`: call only once the bytes are trusted."""
+        if self._staged is None:
+            raise InstallerError("publish before finish")
+        _place(self._staged, self.dest, record=self.record, force=force)
+        self._staged = None
+        return self.dest
 
     def abort(self) -> None:
         self._pipe.cancelled = True
@@ -131,8 +165,11 @@ class StreamExtract:
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is not None and self._thread.is_alive():
+        if self._thread.is_alive():
             self.abort()
+        if self._staged is not None:    # finished but never published: refused or failed
+            shutil.rmtree(self._staged, ignore_errors=True)
+            self._staged = None
 
 
 class _Cancelled(Exception):
@@ -186,8 +223,10 @@ def _clean_stale(dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _extract_atomic(fileobj, dest: Path, strip: int, verify: Verify, what: str, *,
-                    mode: str, on_done: Callable[[], None] | None = None) -> Path:
+def _extract_staged(fileobj, dest: Path, strip: int, verify: Verify, what: str, *,
+                    mode: str, on_done: Callable[[], None] | None = None,
+                    record: bool = False) -> Path:
+    """Unpack into a new temp dir beside `dest` and verify it; returns the temp dir."""
     import tarfile
     import zlib
 
@@ -197,7 +236,8 @@ def _extract_atomic(fileobj, dest: Path, strip: int, verify: Verify, what: str, 
     try:
         try:
             with tarfile.open(fileobj=fileobj, mode=mode) as tf:
-                _Writer(tmp, strip, what).extract_all(tf)
+                writer = _Writer(tmp, strip, what)
+                writer.extract_all(tf)
             if on_done:
                 on_done()
         except (tarfile.TarError, EOFError, zlib.error) as exc:
@@ -211,17 +251,58 @@ def _extract_atomic(fileobj, dest: Path, strip: int, verify: Verify, what: str, 
             raise
         if verify is not None:
             verify(tmp)
-        _place(tmp, dest)
+        if record:
+            _write_owned(tmp, writer.made)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
+    return tmp
 
 
-def _place(tmp: Path, dest: Path) -> None:
-    """Rename tmp onto dest; an old dest is moved aside first, then removed."""
+def _write_owned(tree: Path, made: list[str]) -> None:
+    # parents a member implied without a member of their own were made too
+    names = {os.path.join(*parts[:i]) for rel in made
+             for parts in [rel.split("/")] for i in range(1, len(parts) + 1)}
+    (tree / OWNED_LIST).write_text("".join(f"{n}\n" for n in sorted(names)), encoding="utf-8")
+
+
+def foreign_path(tree: Path) -> Path | None:
+    """The first path in `tree` that its OWNED_LIST does not name (`tree` itself
+    when it is not a directory or has no list); None when all of it is ours."""
+    if os.path.islink(tree) or not os.path.isdir(tree):
+        return tree
+    try:
+        listed = set((tree / OWNED_LIST).read_text(encoding="utf-8", errors="replace").splitlines())
+    except OSError:
+        return tree
+    for top, dirs, files in os.walk(tree):
+        for name in sorted(dirs + files):
+            rel = os.path.relpath(os.path.join(top, name), tree)
+            if rel not in listed and rel != OWNED_LIST:
+                return Path(top) / name
+    return None
+
+
+def refuse_foreign(dest: Path) -> None:
+    """Raise NotOurs when an existing `dest` holds anything the installer did not unpack."""
+    if not os.path.lexists(dest):
+        return
+    stranger = foreign_path(dest)
+    if stranger is not None:
+        what = (f"was not made by rdna4-install (it has no {OWNED_LIST}; an rdna4-install older "
+                "than that list did not write one)" if stranger == dest
+                else f"holds {stranger}, which rdna4-install did not put there")
+        raise NotOurs(f"{dest} {what}; refusing to replace it", stranger,
+                      hint=f"move {stranger} elsewhere and rerun, or rerun with --force to delete it")
+
+
+def _place(tmp: Path, dest: Path, *, record: bool = False, force: bool = False) -> None:
+    """Rename tmp onto dest; an old dest is moved aside first, then removed. A
+    recorded tree replaces only a dest the installer made, in full, unless forced."""
     old = None
     if os.path.lexists(dest):
+        if record and not force:
+            refuse_foreign(dest)
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.rename(dest, old / "tree")
     try:
@@ -242,6 +323,7 @@ class _Writer:
         self.what = what
         self.safe_dirs: set[str] = {"."}
         self.links: list[str] = []
+        self.made: list[str] = []     # every path unpacked, relative to the root
         # mkdtemp made the root 0700; give it the archive's "." mode or 0755
         self.dirs: list[tuple[str, int]] = [(str(root), 0o755)]
 
@@ -270,11 +352,18 @@ class _Writer:
             full = os.path.join(self.root, parent)
             if not self.inside(full):
                 raise self.refuse(name, "its directory is a link that leads outside the tree")
-            os.makedirs(full, exist_ok=True)
+            self.mkdirs(name, full)
             if not self.inside(full):
                 raise self.refuse(name, "its directory is a link that leads outside the tree")
             self.safe_dirs.add(parent)
         return os.path.join(self.root, rel)
+
+    def mkdirs(self, name: str, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # an earlier member (a file, or a link to one) stands where a directory must go
+            raise self.refuse(name, "a file of the archive is in the way of its directory") from None
 
     def clear(self, name: str, target: str) -> None:
         if os.path.lexists(target):
@@ -289,11 +378,12 @@ class _Writer:
                 if m.isdir() and not self.strip:
                     self.dirs[0] = (str(self.root), m.mode)
                 continue
+            self.made.append(rel)
             if m.isdir():
                 target = self.parent_ok(m.name, rel)
                 if os.path.islink(target):
                     raise self.refuse(m.name, "directory over a link")
-                os.makedirs(target, exist_ok=True)
+                self.mkdirs(m.name, target)
                 self.dirs.append((target, m.mode))
             elif m.isreg():
                 target = self.parent_ok(m.name, rel)
@@ -339,7 +429,10 @@ class _Writer:
         self.safe_dirs = {"."}
 
     def hardlink(self, m, rel: str) -> None:
-        src_rel = self.rel(m.linkname)
+        try:
+            src_rel = self.rel(m.linkname)
+        except UnsafeArchive:
+            raise self.refuse(m.name, f"hard link to {m.linkname!r} outside the tree") from None
         if src_rel is None:
             raise self.refuse(m.name, f"hard link to {m.linkname!r} outside the stripped tree")
         src = os.path.join(self.root, src_rel)

@@ -281,3 +281,15 @@ def test_recipe_step_runs_the_registered_action(tmp_path):
 def test_unknown_action_argument_is_an_error(tmp_path):
     with pytest.raises(InstallerError, match="unknown argument 'shell'"):
         activate.write_step(_ctx(tmp_path), shell="bash")
+
+
+@pytest.mark.parametrize("shell", SH_SHELLS + (["fish"] if HAS_FISH else []))
+def test_toolchain_dirs_already_on_path_are_not_added_twice(shell, prefix):
+    _write(prefix, flash_attention_backend="ck")
+    rocm_bin = str(prefix / "rocm" / "bin")
+    start = f"/usr/bin:{rocm_bin}:/bin"
+    script = FISH_ROUNDTRIP if shell == "fish" else SH_ROUNDTRIP
+    before, once, twice, after = _session(shell, script, prefix, {"PATH": start})[0]
+    assert once["PATH"].split(":").count(rocm_bin) == 1
+    assert once["PATH"].split(":").count(str(prefix / "rocm" / "lib" / "llvm" / "bin")) == 1
+    assert twice == once and after["PATH"] == start

@@ -228,3 +228,23 @@ def test_pip_install_refuses_a_plain_http_index_before_running_anything(tmp_path
     with pytest.raises(UsageError, match="ray.index_url must be an https URL"):
         builds.pip_install_step(ctx, "ray==2.56.1", index_url="http://mirror.example/simple")
     assert not (tmp_path / "log").exists()
+
+
+@needs_elf
+@pytest.mark.parametrize("carried, words", [
+    (("gfx1201", "gfx1100"), "unexpected gfx1100"),          # the target plus an extra arch
+    (("gfx1100",), "missing gfx1201; unexpected gfx1100"),
+])
+def test_check_code_objects_wants_exactly_the_target(tmp_path, carried, words):
+    venv = tmp_path / "p" / "venv"
+    site = venv / "lib" / "python3.12" / "site-packages"
+    make_so(site / "vllm" / "_C.abi3.so", bundle(ids_for("gfx1201")), tmp_path)
+    make_so(site / "vllm" / "_moe_C.abi3.so", ccob(bundle(ids_for(*carried))), tmp_path)
+    ctx = make_ctx(tmp_path, "vllm", prefix=tmp_path / "p", rocm=tmp_path / "rocm", venv=venv,
+                   cache=tmp_path / "cache")
+    with pytest.raises(InstallerError, match=words) as err:
+        builds.check_code_objects(ctx, required=["vllm/_C*.so"], scan="vllm")
+    assert "_moe_C.abi3.so" in err.value.message
+    make_so(site / "vllm" / "_moe_C.abi3.so", ccob(bundle(ids_for("gfx1201"))), tmp_path)
+    assert builds.check_code_objects(ctx, required=["vllm/_C*.so"], scan="vllm") == {
+        "vllm/_C.abi3.so": ["gfx1201"], "vllm/_moe_C.abi3.so": ["gfx1201"]}

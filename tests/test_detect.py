@@ -353,3 +353,26 @@ def test_marketing_names_come_from_the_hosts_amdgpu_ids(tmp_path, no_rocm, where
     # a card the host's file does not list: the built-in table
     assert by_pci["0000:04:00.0"].marketing_name == "AMD Radeon AI PRO R9700"
     assert {g.arch for g in by_pci.values()} == {"gfx1201"}
+def test_an_apu_seen_only_by_rocminfo_is_not_targeted(tmp_path, no_rocm, monkeypatch):
+    """No KFD, no PCI: only rocminfo's "Memory Properties: APU" says it is integrated
+    (the chip id is one no table knows), so that flag alone must keep it out."""
+    gpu_at = fixture("F3").index("  Name:                    gfx1200")
+    head, tail = fixture("F3")[:gpu_at], fixture("F3")[gpu_at:]
+    tail = tail.replace("  Memory Properties:       \n", "  Memory Properties:       APU\n", 1)
+    tail = tail.replace("Chip ID:                 30096(0x7590)", "Chip ID:                 4660(0x1234)", 1)
+    assert "APU" in tail and "0x1234" in tail
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, head + tail).parent))
+    d = detect.detect(sysfs_root=fake_sysfs(tmp_path / "root"))
+    [g] = d.gpus
+    assert (g.arch, g.integrated, g.source) == ("gfx1200", True, "rocminfo")
+    assert not g.targeted and d.target == ()
+
+
+def test_an_override_on_an_rdna4_host_warns_even_without_a_mismatch(tmp_path, no_rocm, monkeypatch):
+    root = fake_sysfs(tmp_path / "root", kfd=S4_KFD)
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, fixture("F3")).parent))
+    monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION", "12.0.0")
+    d = detect.detect(sysfs_root=root)
+    [g] = d.gpus
+    assert (g.arch, g.reported_arch) == ("gfx1200", None) and d.target == ("gfx1200",)
+    assert d.warnings == ["HSA_OVERRIDE_GFX_VERSION is set; RDNA4 needs no override (unset it)"]

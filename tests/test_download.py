@@ -391,3 +391,208 @@ def test_the_ca_in_ssl_cert_file_is_trusted(https_server, tmp_path, monkeypatch)
     monkeypatch.setattr(download, "_SESSION", None)
     got = download.fetch(url, cache_dir=tmp_path / "c2")
     assert got.size == 4096
+
+
+def test_a_new_pin_wins_over_the_hash_recorded_unpinned(tmp_path, tarball):
+    """Fetched unpinned (its hash recorded), then pinned to another hash: the pin
+    decides, so the cached file that matches only the old record is refused."""
+    cache = tmp_path / "cache"
+    other = "ab" * 32
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.HashMismatch, match="pinned") as err:
+            download.fetch(srv.url + NAME, cache_dir=cache, sha256=other)
+        assert other in err.value.message and err.value.got == first.sha256
+        assert len(srv.downloads(NAME)) == 2      # not served from the cache
+    # nor offline: a cached file with the old hash is no answer to the new pin
+    with pytest.raises(InstallerError, match="offline"):
+        download.fetch(srv.url + NAME, cache_dir=cache, sha256=other, offline=True)
+
+
+def test_a_prefix_record_wins_over_the_caches_record(tmp_path, tarball):
+    """`trusted` (what a prefix installed) holds even when the cache recorded
+    another hash for the URL, and is what a fresh cache checks against."""
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.HashMismatch, match="recorded in this prefix"):
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "fresh", trusted="cd" * 32)
+        assert download.recorded_sha256(srv.url + NAME, tmp_path / "fresh") is None
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "fresh", trusted=first.sha256)
+        assert got.sha256 == first.sha256
+
+
+def test_a_refused_accept_drops_the_file_and_the_record(tmp_path, tarball):
+    cache = tmp_path / "cache"
+
+    def refuse(path):
+        assert path.is_file()
+        raise download.Refused("bad layout")
+
+    with serve(tarball.parent) as srv:
+        with pytest.raises(download.Refused):
+            download.fetch(srv.url + NAME, cache_dir=cache, accept=refuse)
+        assert download.recorded_sha256(srv.url + NAME, cache) is None
+        assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".gz", ".part")]
+        # the same refusal of a file that was already cached drops it too
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        with pytest.raises(download.Refused):
+            download.fetch(srv.url + NAME, cache_dir=cache, accept=refuse)
+        assert not got.path.exists() and download.recorded_sha256(srv.url + NAME, cache) is None
+
+
+def test_a_loopback_redirect_to_plain_http_elsewhere_is_refused(tmp_path, tarball):
+    """0.0.0.0 is not loopback by name but reaches this host: without the check
+    on each redirect hop the download would succeed."""
+    with serve(tarball.parent) as srv:
+        port = srv.server_address[1]
+        srv.redirects["moved/" + NAME] = f"http://0.0.0.0:{port}/{NAME}"
+        with pytest.raises(UsageError, match=f"refusing to download http://0.0.0.0:{port}/"):
+            download.fetch(srv.url + "moved/" + NAME, cache_dir=tmp_path / "cache")
+        assert srv.downloads(NAME) == [r for r in srv.downloads(NAME) if r["path"].startswith("moved/")]
+        # a redirect that stays on loopback is followed
+        srv.redirects["ok/" + NAME] = f"http://127.0.0.1:{port}/{NAME}"
+        got = download.fetch(srv.url + "ok/" + NAME, cache_dir=tmp_path / "cache")
+        assert got.sha256 == sha256_of(tarball)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    # every test builds the shared session itself, so its settings are what it tests
+    download._SESSION = None
+    yield
+    download._SESSION = None
+
+
+def test_a_local_mirror_is_copied_whole_and_a_missing_one_is_named(tmp_path, tarball):
+    got = download.fetch(str(tarball), cache_dir=tmp_path / "c", ui=Recorder())
+    assert got.path.read_bytes() == tarball.read_bytes() and got.size == tarball.stat().st_size
+    fed = bytearray()
+    download.fetch(str(tarball), cache_dir=tmp_path / "c2", sink=fed.extend)
+    assert bytes(fed) == tarball.read_bytes()
+    with pytest.raises(InstallerError, match=f"no such file {tmp_path / 'gone.tar.gz'}") as err:
+        download.fetch(str(tmp_path / "gone.tar.gz"), cache_dir=tmp_path / "c")
+    assert err.value.hint == "check the mirror path"
+
+
+def test_a_pinned_hash_finds_the_bytes_under_another_name(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    first = download.fetch(str(tarball), cache_dir=cache, sha256=digest)
+    got = download.fetch("https://mirror.example.org/renamed.tar.gz", cache_dir=cache, sha256=digest.upper())
+    assert got.from_cache and got.path == first.path and got.sha256 == digest
+    assert download.cached_urls(cache) == {str(tarball): digest}
+
+
+def test_forget_without_a_hash_uses_the_recorded_one(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        other = download.fetch(str(tarball), cache_dir=cache)       # same bytes, another URL
+        download.forget(srv.url + NAME, cache_dir=cache)
+        assert not got.path.exists() and download.recorded_sha256(srv.url + NAME, cache) is None
+        assert download.recorded_sha256(str(tarball), cache) == other.sha256
+        download.forget(srv.url + NAME, cache_dir=cache)          # twice is harmless
+        assert download.cached_urls(cache) == {}                   # the other URL's file went too
+        index = (cache / "downloads" / "urls.json").read_text()
+        assert json.loads(index) == {str(tarball): other.sha256}
+
+
+def test_sweep_removes_index_temps_only(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    download.sweep(cache)                                  # no cache yet: nothing to do
+    download.fetch(str(tarball), cache_dir=cache)
+    (cache / "downloads" / "urls.tmp4242").write_text("{")
+    download.sweep(cache)
+    assert sorted(p.name for p in (cache / "downloads").iterdir() if p.is_file()) == ["urls.json", "urls.lock"]
+
+
+@pytest.mark.parametrize("exc, say", [
+    (ConnectionRefusedError(111, "[Errno 111] Connection refused"), "connection refused"),
+    (OSError("Failed to resolve: [Errno -2] Name or service not known"), "host name not found"),
+    (TimeoutError("Read timed out. (read timeout=60)"), "timed out"),
+    (OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS certificate not trusted"),
+    (ConnectionResetError("Connection reset by peer"), "connection reset by the server"),
+    (OSError("something odd\nsecond line"), "something odd"),
+    (OSError(), "OSError"),
+])
+def test_reason_gives_a_short_cause(exc, say):
+    assert download._reason(exc) == say
+
+
+def test_reason_looks_through_an_empty_wrapper():
+    try:
+        try:
+            raise ConnectionRefusedError("Connection refused")
+        except ConnectionRefusedError:
+            raise OSError()
+    except OSError as wrapper:
+        assert download._reason(wrapper) == "connection refused"
+
+
+def test_a_closed_port_is_a_one_line_download_error(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "RETRIES", 0)        # no backoff sleeps
+    with pytest.raises(download.DownloadError, match="connection refused") as err:
+        download.fetch(f"http://127.0.0.1:{port}/{NAME}", cache_dir=tmp_path)
+    assert "proxy" in err.value.hint and err.value.status is None
+
+
+@pytest.mark.parametrize("status, words", [(403, "not public"), (404, "does not exist"),
+                                           (500, "resumes")])
+def test_status_errors_say_what_to_do(status, words):
+    err = download.status_error("https://x.example/f", status, "TheRock")
+    assert err.message == f"TheRock: HTTP {status} for https://x.example/f" and err.status == status
+    assert words in err.hint
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("bytes 100-199/1000", (100, 1000)), ("bytes 100-199/*", (100, None)), (None, None),
+    ("items 1-2/3", None), ("bytes x-1/2", None), ("", None)])
+def test_content_range(value, parsed):
+    assert download._content_range(value) == parsed
+
+
+def test_the_ca_variables_in_order(tmp_path, monkeypatch):
+    files = {}
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+        files[var] = tmp_path / var
+        files[var].write_text("pem")
+    assert download.ca_bundle() is True
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "missing"))
+    assert download.ca_bundle() is True                   # a path that is not there does not count
+    for var in ("SSL_CERT_DIR", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.setenv(var, str(files[var]))
+        assert download.ca_bundle() == str(files[var])
+    assert download.session().verify == str(files["REQUESTS_CA_BUNDLE"])
+
+
+def test_disk_full_names_the_place_and_the_size():
+    err = download._no_space(Path("/c/partial"), "TheRock", 3_200_000_000)
+    assert err.message == "disk full while downloading TheRock into /c/partial"
+    assert err.hint.startswith("free 3.2 GB there") and "RDNA4_CACHE_DIR" in err.hint
+    assert download._no_space(Path("/c"), "x", None).hint.startswith("free more space there")
+
+
+def test_a_hash_mismatch_says_which_hash_and_keeps_its_hint(tmp_path, tarball):
+    with pytest.raises(download.HashMismatch) as err:
+        download.fetch(str(tarball), cache_dir=tmp_path, sha256="0" * 64)
+    assert err.value.which == "pinned" and err.value.got == sha256_of(tarball)
+    assert "update the pin" in err.value.hint
+
+
+def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, monkeypatch):
+    """A dead proxy in the environment: loopback mirrors (and these tests) still work."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    assert download._proxies("https://repo.amd.com/x") is None       # remote: the proxy applies
+    with serve(tarball.parent) as srv:
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+    assert got.sha256 == sha256_of(tarball)

@@ -76,8 +76,8 @@ class Env:
         self.cache = world.root / "cache"
         self.orphans: list[int] = []
 
-    def start(self, prefix: Path, cache: Path | None = None) -> Installer:
-        return Installer(self, prefix, cache)
+    def start(self, prefix: Path, cache: Path | None = None, extra_env: dict | None = None) -> Installer:
+        return Installer(self, prefix, cache, extra_env)
 
     def finish(self, prefix: Path, cache: Path | None = None) -> Installer:
         run = self.start(prefix, cache)
@@ -99,10 +99,11 @@ def reference(env):
 class Installer:
     """`python -m installer -v install` in a session of its own, output read live."""
 
-    def __init__(self, env: Env, prefix: Path, cache: Path | None):
+    def __init__(self, env: Env, prefix: Path, cache: Path | None, extra_env: dict | None = None):
         self.env, self.prefix = env, prefix
         run_env = env.world.env(env.home)
         run_env.update(PYTHONPATH=str(REPO), UV_CACHE_DIR=str(env.uv_cache))
+        run_env.update(extra_env or {})
         argv = [sys.executable, "-m", "installer", "-v", "install", "--prefix", str(prefix),
                 "--gpu-arch", ARCH, "--no-checks"]
         if cache is not None:
@@ -466,3 +467,49 @@ def test_random_kills_with_a_fixed_seed(env, reference):
         else:
             run.wait()
         rerun_and_check(env, reference, prefix)
+
+
+# Between "verified" and "published" there is no time to aim a kill at: the staged
+# toolchain is renamed into place right after the sha256 and layout pass. So the
+# installer kills itself there, through a sitecustomize on PYTHONPATH that wraps
+# the two calls (test code only; the installer itself is unchanged).
+KILL_HOOK = """
+import os, signal
+_point = os.environ.get("RDNA4_TEST_KILL_AT")
+if _point:
+    from installer import therock, unpack
+
+    def _die(*args, **kw):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if _point == "verified":          # the tree is staged and verified, not yet renamed
+        unpack.StreamExtract.publish = _die
+    elif _point == "published":       # renamed into place, PREFIX/rocm not yet pointing at it
+        therock.link_rocm = _die
+"""
+
+
+def _staged_only(p: Path) -> bool:
+    staged = list(p.glob(f".rocm-{ROCM}.tmp-*/bin/rocminfo"))
+    return bool(staged) and not os.path.lexists(p / f"rocm-{ROCM}") and stamp_status(p, "therock") == "incomplete"
+
+
+def _published_unlinked(p: Path) -> bool:
+    return (p / f"rocm-{ROCM}" / "bin" / "rocminfo").is_file() and not os.path.lexists(p / "rocm")
+
+
+@pytest.mark.parametrize("point, cache", [("verified", "warm"), ("published", "warm"), ("verified", "empty")])
+def test_kill_between_verified_and_published(env, reference, point, cache):
+    landed = {"verified": _staged_only, "published": _published_unlinked}[point]
+    hook = env.root / "kill-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    prefix = env.root / f"vp-{point}-{cache}"
+    own_cache = env.root / f"vp-cache-{point}" if cache == "empty" else None
+    run = env.start(prefix, own_cache, {"PYTHONPATH": f"{hook}:{REPO}", "RDNA4_TEST_KILL_AT": point})
+    assert run.wait() == -signal.SIGKILL, run.text()
+    assert landed(prefix), sorted(p.name for p in prefix.iterdir())
+    if cache == "empty":
+        # the download was verified before the kill: it is in the cache, recorded
+        assert len(list((own_cache / "downloads").glob(f"*/therock-dist-*{ROCM}.tar.gz"))) == 1
+    rerun_and_check(env, reference, prefix, own_cache)

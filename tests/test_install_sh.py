@@ -575,3 +575,40 @@ def test_wrong_sha256_is_refused_before_anything_is_installed(tmp_path, site):
     assert requests(site) == [("GET", "rdna4_install-0.1.0-py3-none-any.whl")]
     assert list(Path(env["HOME"]).iterdir()) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("rdna4-install.")] == []
+
+
+@needs_dash
+def test_wget_alone_is_held_to_https(tmp_path):
+    """No curl on PATH: wget does the download, and for a remote URL it is told
+    --https-only (so a redirect cannot take it to plain http). The wget here is
+    the real one behind a wrapper that notes its arguments."""
+    real = shutil.which("wget")
+    if real is None:
+        pytest.skip("wget is not installed")
+    tools = _tools_dir(tmp_path, ("sh", "grep", "cat", "mktemp", "rm", "chmod", "dirname"))
+    calls = tmp_path / "wget-calls"
+    wrapper = tools / "wget"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = _env(tmp_path, str(tools))
+    out = _source(f'downloader https://example.invalid/x "{tmp_path}/x"', env)
+    assert out.returncode != 0          # example.invalid does not resolve
+    fetches = [line for line in calls.read_text().splitlines() if "--help" not in line]
+    assert fetches and "--https-only" in fetches[0].split(), fetches
+    # a loopback http mirror is the one exception, as for curl
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "f").write_text("data")
+    with serve(tmp_path / "srv") as srv:
+        out = _source(f'downloader {srv.url}f "{tmp_path}/got"', env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "got").read_text() == "data"
+    assert "--https-only" not in calls.read_text().splitlines()[-1].split()
+
+
+@needs_dash
+@pytest.mark.parametrize("source", ["rdna4-install @ http://example.org/x.tar.gz",
+                                    "rdna4-install @ git+http://example.org/r.git@v1"])
+def test_a_named_reference_to_plain_http_is_refused(tmp_path, source):
+    out = _source(f'source_spec "{source}"\nprintf "%s" "$RETVAL"', _env(tmp_path, os.defpath))
+    assert out.returncode == 1 and out.stdout == ""
+    assert "refusing '" in out.stderr and "only https:// URLs are allowed" in out.stderr

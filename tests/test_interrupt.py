@@ -7,6 +7,7 @@ temp files of killed write-then-rename steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from build_fixtures import git, make_ctx, triton_like_repo
 
-from installer import download, sources, state, wheelcache
+from installer import download, proc, sources, state, wheelcache
+from installer.errors import InstallerError
 from installer.recipes import Source
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +66,64 @@ def test_the_next_run_kills_what_a_killed_installer_left_running(tmp_path):
     finally:
         if _alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+# a user's process (not started by rdna4-install) that holds the children lock,
+# with a second process in its group standing in for the user's shell
+USER_HOLDER = """
+import fcntl, subprocess, sys, time
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+shell = subprocess.Popen(["sleep", "60"])
+print(shell.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def user_holder(lock: Path):
+    """USER_HOLDER running in a session of its own; yields (its PID, its "shell"'s PID)
+    and kills its group afterwards."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    user = subprocess.Popen([sys.executable, "-c", USER_HOLDER, str(lock)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        yield user.pid, int(user.stdout.readline())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(user.pid, signal.SIGKILL)
+        user.wait()
+        user.stdout.close()
+
+
+def test_a_user_process_holding_the_children_lock_is_never_signalled(tmp_path):
+    prefix = tmp_path / "prefix"
+    with user_holder(prefix / ".rdna4" / "children.lock") as (pid, shell):
+        started = time.monotonic()
+        with pytest.raises(InstallerError) as err:
+            state.PrefixLock(prefix).acquire()
+        assert f"PID {pid}" in err.value.message and "did not start" in err.value.message
+        assert f"kill {pid}" in err.value.hint
+        assert time.monotonic() - started < state.PrefixLock.ORPHAN_WAIT   # told at once
+        time.sleep(0.2)
+        assert _alive(pid) and _alive(shell)
+    # the prefix lock was given back: once the user's process is gone, it is free
+    state.PrefixLock(prefix).acquire().release()
+
+
+def test_a_noted_group_whose_pid_was_reused_is_not_ours(tmp_path):
+    """The record holds the start time: the same PID in a later process is someone else's."""
+    lock, record = tmp_path / ".rdna4" / "children.lock", tmp_path / ".rdna4" / "children"
+    with user_holder(lock) as (pid, shell):
+        record.write_text(f"{pid} 1\n")     # an older process's start time
+        assert state.kill_holders(lock, record) == ([], [pid]) and _alive(pid) and _alive(shell)
+        record.write_text(f"{pid} {proc.start_time(pid)}\n")
+        assert state.kill_holders(lock, record) == ([pid], [])
+        for _ in range(200):
+            if not _alive(pid):
+                break
+            time.sleep(0.02)
+        assert not _alive(pid) and not _alive(shell)
 
 
 def test_a_live_installer_still_blocks_the_prefix(tmp_path):

@@ -237,3 +237,30 @@ def test_find_uv_falls_back_to_the_uv_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "uv", None)
     with pytest.raises(InstallerError, match="uv not found"):
         pyenv.find_uv()
+
+
+# what a user's shell may carry: each would move where torch comes from, or stop uv
+# from reaching the index at all (UV_OFFLINE with a cache that lacks the wheels)
+HOSTILE_UV = {"UV_INDEX_URL": "https://download.pytorch.org/whl/cu126",
+              "UV_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cu126",
+              "UV_INDEX": "https://download.pytorch.org/whl/cu126", "UV_TORCH_BACKEND": "cu126",
+              "UV_INDEX_STRATEGY": "unsafe-best-match", "UV_OFFLINE": "1", "UV_NO_BINARY": "1",
+              "UV_CONSTRAINT": "/nonexistent/constraints.txt", "PIP_INDEX_URL": "https://pypi.invalid/"}
+
+
+def test_the_callers_uv_variables_never_reach_uv(tmp_path, indexes, monkeypatch):
+    """In the caller's shell (proc.base_env must not pass them) and in a step's
+    env (pyenv.uv_env must strip them): either way uv installs the pinned stack."""
+    for key, value in HOSTILE_UV.items():
+        monkeypatch.setenv(key, value)
+    env = proc.base_env()
+    assert not [k for k in HOSTILE_UV if k in env]
+    # a fresh uv cache: with UV_OFFLINE leaked, nothing could be installed
+    fresh = tmp_path / "uv-cache"
+    ctx = make_ctx(tmp_path / "p", fresh)
+    ctx.env.update(HOSTILE_UV)
+    pyenv.create_venv_step(ctx, python=sys.executable)
+    install(ctx, indexes)
+    versions = pyenv.installed_versions(pyenv.venv_dir(ctx.prefix))
+    assert versions["torch"] == indexes["pins"]["torch"]
+    assert any(fresh.iterdir())

@@ -142,3 +142,26 @@ def test_fetch_sdist_needs_a_pinned_sha256(tmp_path):
     ctx = ctx_for(tmp_path, "vllm", Source(kind="url", url=str(archive)))
     with pytest.raises(RecipeError, match="sha256"):
         sources.fetch_sdist(ctx)
+
+
+def test_an_unsafe_sdist_is_dropped_from_the_cache_and_never_recorded(tmp_path):
+    """Unpacking is part of accepting a download: a pinned sdist whose tarball
+    is unsafe is refused, removed from the cache, and the hint reruns it."""
+    import tarfile
+
+    from installer import download
+    from therock_fixtures import _add
+
+    archive = tmp_path / "up" / "vllm-0.33.0.tar.gz"
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tf:
+        _add(tf, "vllm-0.33.0/setup.py", b"print('x')\n")
+        _add(tf, "vllm-0.33.0/../../evil.py", b"pwned\n")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    ctx = ctx_for(tmp_path, "vllm", Source(kind="url", url=str(archive), sha256=digest))
+    with pytest.raises(InstallerError, match="refusing member") as err:
+        sources.fetch_sdist(ctx)
+    assert "removed from the cache" in err.value.hint and "rdna4-install run vllm" in err.value.hint
+    assert not ctx.src_dir.exists() and not (tmp_path / "evil.py").exists()
+    assert not (tmp_path / "cache" / "downloads" / digest).exists()
+    assert download.recorded_sha256(str(archive), tmp_path / "cache") is None

@@ -340,3 +340,18 @@ def test_tp2_skips_on_this_gpu_less_host_without_torch(tmp_path):
     probes = {p.name: p for p in verify.run_script_probes(Path(sys.executable), expect,
                                                            {"PATH": "/usr/bin:/bin"})}
     assert probes["torch.tp2"].status == "skip" and "needs torch" in probes["torch.tp2"].detail
+@needs_elf
+def test_verify_fails_when_an_extension_lacks_one_of_two_targets(tmp_path):
+    """A gfx1200+gfx1201 prefix: an extension with only gfx1201 fails (every
+    target must be there, not any)."""
+    prefix = fake_prefix(tmp_path / "p", [json.dumps(d) for d in ALL_PASS], archs=("gfx1200", "gfx1201"))
+    sp = prefix / "venv" / "lib" / "python3.12" / "site-packages"
+    make_so(sp / "vllm" / "_rocm_C.abi3.so", bundle(ids_for("gfx1200", "gfx1201")), tmp_path)
+    make_so(sp / "vllm" / "_C.abi3.so", bundle(ids_for("gfx1201")), tmp_path)
+    make_so(sp / "flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so", bundle(ids_for("gfx1200", "gfx1201")),
+            tmp_path)
+    probes = verify.run(prefix)
+    assert verify.failed(probes)
+    vllm = next(p for p in probes if p.name == "vllm.code-objects")
+    assert vllm.status == "fail" and vllm.detail == "_C.abi3.so has code for gfx1201, not gfx1200,gfx1201"
+    assert next(p for p in probes if p.name == "flash_attn.code-objects").status == "pass"

@@ -4,7 +4,8 @@
 with Content-Length, ETag, Range/If-Range (206/416) and HEAD; a directory URL
 answers with a listing in TheRock's index.html format (a `const files` JSON
 array), as S3 ListBucketResult XML (optionally paged), or as plain links.
-Faults are queued per path: an HTTP status, or a body cut off after N bytes.
+Faults are queued per path: an HTTP status, or a body cut off after N bytes;
+`redirects` maps a path to a 302's Location.
 Every request is logged in `server.log`.
 
 `make_toolchain_tarball(path, version)` writes a .tar.gz shaped like a TheRock
@@ -40,6 +41,7 @@ class FileServer(ThreadingHTTPServer):
         self.rate = rate                # bytes/second, 0 = unthrottled
         self.log: list[dict] = []
         self.faults: dict[str, list[tuple[str, int]]] = {}
+        self.redirects: dict[str, str] = {}     # path -> Location of a 302
         self._lock = threading.Lock()
 
     @property
@@ -78,6 +80,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.append({"method": self.command, "path": rel,
                                 "range": self.headers.get("Range"),
                                 "if_range": self.headers.get("If-Range"), "query": parts.query})
+        if rel in self.server.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirects[rel])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         fault = self.server.next_fault(rel)
         if fault and fault[0] == "status":
             return self._reply(fault[1], b"fault\n", head)
@@ -194,7 +202,7 @@ def serve(root: Path, **kw) -> Iterator[FileServer]:
 _SCRIPT = "#!/bin/sh\necho '{text}'\n"
 
 EVIL = ("traversal", "absolute_name", "absolute_link", "escape_link", "chain_escape",
-        "device", "fifo", "hardlink_escape")
+        "dotdot_dir", "late_escape", "device", "fifo", "hardlink_escape")
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes = b"", *, mode: int = 0o644,
@@ -259,6 +267,10 @@ def _evil_rows(kind: str) -> list[tuple]:
         # each link stays inside on paper; together "out" is the tree's parent
         "chain_escape": [("./here", b"", 0o777, sym, "."), ("./bin/dot", b"", 0o777, sym, "../here"),
                          ("./out", b"", 0o777, sym, "bin/dot/..")],
+        # a directory named "..": without the '..' rule its mode lands on the tree's parent
+        "dotdot_dir": [("..", b"", 0o777, tarfile.DIRTYPE, "")],
+        # "a" is inside when made; "l" made later turns it outward: only the final recheck sees it
+        "late_escape": [("./a", b"", 0o777, sym, "l/.."), ("./l", b"", 0o777, sym, ".")],
         "device": [("./dev-null", b"", 0o666, tarfile.CHRTYPE, "")],
         "fifo": [("./pipe", b"", 0o666, tarfile.FIFOTYPE, "")],
         "hardlink_escape": [("./lib/hard", b"", 0o644, tarfile.LNKTYPE, "../etc/passwd")],

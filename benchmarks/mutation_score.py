@@ -1,0 +1,152 @@
+"""Mutation score of the safety modules: how many of mutmut's mutants the tests kill.
+
+    uv run --extra test python benchmarks/mutation_score.py [MODULE ...] [--max-children N]
+
+MODULE is one of the keys of MODULES (default: all). Each module runs on its own
+copy of the repo (git ls-files, in a temp dir that is removed afterwards) with
+a [tool.mutmut] section naming that module and only the test files that cover
+it, so a run takes minutes rather than hours on 2 cores. Prints, per module,
+killed / total and the other verdicts; a mutant "no tests" is one no selected
+test reaches in-process (code run only in a subprocess counts as not killed).
+
+Not part of .ci/run: the whole set takes about an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# module -> (files to mutate, test files that cover them, mutant-name globs or None = all)
+MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
+    "unpack": (["installer/unpack.py"], ["tests/test_unpack.py"], None),
+    # download: all but session(), whose retry and backoff numbers only change timing
+    # (mutating them turns tests into minutes-long waits, not failures)
+    "download": (["installer/download.py"], ["tests/test_download.py"],
+                 [f"installer.download.x_{f}__mutmut_*" for f in (
+                     "is_loopback", "local_path", "check_url", "filename_of", "_downloads", "_index_path",
+                     "_read_index", "locked", "_update_index", "sweep", "recorded_sha256", "cached_urls",
+                     "_cached_file", "forget", "fetch", "_digest", "_progress", "ca_bundle", "_proxies",
+                     "get", "_reason", "status_error", "_no_space", "_download", "_unlink", "_copy_local",
+                     "_chunks", "_pump", "_content_range", "_body", "_get_resumable", "_read_meta")]
+                 + ["installer.download.x\u01c1*"]),
+    "codeobjects": (["installer/codeobjects.py"], ["tests/test_codeobjects.py"], None),
+    "patches": (["installer/patches.py"], ["tests/test_patches.py"], None),
+    # pyenv: only the index and guard code (the rest drives uv and is covered end to end)
+    "pyenv": (["installer/pyenv.py", "installer/torchindex.py"],
+              ["tests/test_torchindex.py", "tests/test_pyenv.py"],
+              [f"installer.pyenv.x_{f}__mutmut_*" for f in (
+                  "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
+                  "write_constraints", "check_unchanged", "guarded_install")]
+              + ["installer.torchindex.*"]),
+    "state": (["installer/state.py"], ["tests/test_interrupt.py", "tests/test_engine.py"], None),
+}
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True,
+                           text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name, follow_symlinks=False)
+
+
+def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
+    mutate, tests, names = MODULES[name]
+    mutmut = Path(sys.executable).parent / "mutmut"
+    # --keep: a directory that stays, for `mutmut show NAME` / `mutmut browse` in it
+    place = contextlib.nullcontext(str(keep / name)) if keep else tempfile.TemporaryDirectory(
+        prefix=f"mutmut-{name}-")
+    with place as tmp:
+        root = Path(tmp)
+        if keep:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        _copy_repo(root)
+        with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
+            fh.write("\n[tool.mutmut]\n"
+                     'source_paths = ["installer"]\n'
+                     f"only_mutate = {_toml_list(mutate)}\n"
+                     f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
+                     'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow"]\n'
+                     "use_git_change_detection = false\n")
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        started = time.monotonic()
+        run = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *(names or [])],
+                             cwd=root, env=env, capture_output=True, text=True)
+        codes = {}
+        for meta in (root / "mutants").rglob("*.py.meta"):
+            codes.update(json.loads(meta.read_text()).get("exit_code_by_key", {}))
+        codes = {k: v for k, v in codes.items()
+                 if v is not None and (not names or any(fnmatch.fnmatch(k, n) for n in names))}
+        if not codes:
+            raise SystemExit(f"{name}: mutmut produced no results:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    stats = {v: 0 for v in VERDICTS}
+    for code in codes.values():
+        stats[verdict(code)] += 1
+    stats["total"] = len(codes)
+    stats["seconds"] = round(time.monotonic() - started)
+    stats["survivors"] = sorted(k for k, v in codes.items() if verdict(v) == "survived")
+    return stats
+
+
+VERDICTS = ("killed", "timeout", "survived", "no tests", "other")
+
+
+def verdict(code: int) -> str:
+    """mutmut's exit-code meaning (mutmut/stats.py status_by_exit_code)."""
+    if code in (1, 3):
+        return "killed"
+    if code == 0:
+        return "survived"
+    if code in (5, 33):
+        return "no tests"
+    if code in (36, 24, -24, 152, 255):
+        return "timeout"
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"one of {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print every result as JSON")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR/MODULE and leave it there (to look at survivors)")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r}; modules: {', '.join(MODULES)}")
+    results = {}
+    # score = (killed + timed out) / mutants run: a mutant that hangs the tests fails CI too
+    print(f"{'module':<12} {'killed':>7} {'timeout':>7} {'total':>6} {'score':>6} {'survived':>8} "
+          f"{'no tests':>8} {'other':>6} {'seconds':>7}")
+    for name in args.modules or list(MODULES):
+        s = results[name] = run_module(name, args.max_children, args.keep.resolve() if args.keep else None)
+        score = 100.0 * (s["killed"] + s["timeout"]) / s["total"]
+        print(f"{name:<12} {s['killed']:>7} {s['timeout']:>7} {s['total']:>6} {score:>5.1f}% "
+              f"{s['survived']:>8} {s['no tests']:>8} {s['other']:>6} {s['seconds']:>7}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
