@@ -221,7 +221,11 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         # a pin, not a skip: the activation script must also stop selecting a backend
         sets += ("flash-attention.backend=none",)
         without = tuple(w for w in without if w != "flash-attention")
-    if "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
+    if opts.get("lock_file"):
+        if "ray" in (opts.get("with_") or ()):
+            raise UsageError("--lock installs exactly the lock's stack; --with ray cannot add to it",
+                             hint="make the lock with Ray: rdna4-install lock --with ray -o FILE")
+    elif "ray" in (opts.get("with_") or ()) or _kept(receipt, "ray.enabled", sets):
         sets += ("ray.enabled=true",)
     origins: dict[str, str] = {}
     if opts.get("lock_file"):
@@ -534,12 +538,15 @@ def mirror_group() -> None:
 
 @mirror_group.command("create", epilog=examples(
     "rdna4-install mirror create /mnt/usb/rdna4-mirror --gpu-arch gfx1201",
+    "rdna4-install mirror create /mnt/usb/rdna4-mirror --lock stack.lock",
     "rdna4-install mirror create ./mirror --gpu-arch gfx1200,gfx1201"))
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @selection_options
+@click.option("--lock", "lock_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="Mirror exactly the stack in FILE (from `rdna4-install lock`).")
 @pass_obj
 def mirror_create(obj: Obj, dest: Path, **opts: Any) -> None:
-    """Download every artifact of the plan into DEST and write DEST/mirror.toml for --mirror."""
+    """Download every artifact of the plan (or of a lock) into DEST and write DEST/mirror.toml."""
     from . import mirrorlayout
     from .plan import make_plan
 

@@ -60,14 +60,19 @@ def extract_tarball(archive: Path, dest: Path, *, strip_components: int = 0,
     """Extract `archive` (any compression tarfile reads) atomically to `dest`."""
     archive = Path(archive)
     with open(archive, "rb") as f:
-        tmp = _extract_staged(f, Path(dest), strip_components, verify, archive.name, mode="r|*",
-                              record=record)
+        return _extract_placed(f, Path(dest), strip_components, verify, archive.name, mode="r|*",
+                               record=record, force=force)
+
+
+def _extract_placed(fileobj, dest: Path, strip: int, verify: Verify, what: str, *, mode: str,
+                    record: bool = False, force: bool = False) -> Path:
+    tmp = _extract_staged(fileobj, dest, strip, verify, what, mode=mode, record=record)
     try:
-        _place(tmp, Path(dest), record=record, force=force)
+        _place(tmp, dest, record=record, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Path(dest)
+    return dest
 
 
 def zstd_module():
@@ -87,7 +92,7 @@ def zstd_module():
 
 def extract_stream(fileobj, dest: Path, *, verify: Verify = None, what: str) -> Path:
     """Extract a plain (already decompressed) tar stream atomically to `dest`."""
-    return _extract_atomic(fileobj, Path(dest), 0, verify, what, mode="r|")
+    return _extract_placed(fileobj, Path(dest), 0, verify, what, mode="r|")
 
 
 class StreamExtract:

@@ -40,7 +40,8 @@ import json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 here = Path(__file__).resolve().parent
 root = here.parents[2] if here.parent.name == "llvm" else here.parent
-with open(root / "compiler-calls.log", "a") as log:
+# beside the toolchain tree, not in it: the installer owns every file of the tree it unpacked
+with open(root.parent / (root.name + ".compiler-calls.log"), "a") as log:
     log.write(json.dumps({{"argv": sys.argv, "env": {{k: os.environ.get(k) for k in {watch!r}}}}}) + "\\n")
 archs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--offload-arch=")]
 # clang-only flags the host compiler underneath does not know
@@ -76,7 +77,8 @@ def fake_rocm(root: Path) -> Path:
 
 
 def compiler_calls(rocm: Path) -> list[dict]:
-    log = rocm / "compiler-calls.log"
+    tree = Path(rocm).resolve()
+    log = tree.parent / f"{tree.name}.compiler-calls.log"
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text().splitlines()]

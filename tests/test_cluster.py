@@ -248,3 +248,14 @@ def _still_running(marker: str) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_with_ray_cannot_add_to_a_lock(tmp_path, runner):
+    from installer.cli import cli
+
+    # a lock is the whole stack: Ray goes into it when it is made, not on top at install
+    result = runner.invoke(cli, ["install", "--lock", str(tmp_path / "stack.lock"), "--with", "ray",
+                                 "--gpu-arch", "gfx1201", "--prefix", str(tmp_path / "p"), "--dry-run"])
+    assert result.exit_code == 2
+    assert "--with ray cannot add to it" in result.output and "rdna4-install lock --with ray" in result.output
+    assert not (tmp_path / "p").exists()

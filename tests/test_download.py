@@ -510,7 +510,7 @@ def test_sweep_removes_index_temps_only(tmp_path, tarball):
 @pytest.mark.parametrize("exc, say", [
     (ConnectionRefusedError(111, "[Errno 111] Connection refused"), "connection refused"),
     (OSError("Failed to resolve: [Errno -2] Name or service not known"), "host name not found"),
-    (TimeoutError("Read timed out. (read timeout=60)"), "timed out"),
+    (TimeoutError("Read timed out. (read timeout=60)"), "no answer (timed out)"),
     (OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS certificate not trusted"),
     (ConnectionResetError("Connection reset by peer"), "connection reset by the server"),
     (OSError("something odd\nsecond line"), "something odd"),

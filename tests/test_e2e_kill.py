@@ -284,7 +284,7 @@ def log_has(prefix: Path, recipe: str, text: str) -> Callable[[], bool]:
 
 def device_compile_running(prefix: Path, recipe: str, run: Installer) -> Callable[[], bool]:
     """The fake clang logged a device compile while `recipe` is being built (it then sleeps)."""
-    calls = prefix / f"rocm-{ROCM}" / "compiler-calls.log"
+    calls = prefix / f"rocm-{ROCM}.compiler-calls.log"
 
     def cond() -> bool:
         if not run.saw(f"] {recipe} ", "build wheel"):

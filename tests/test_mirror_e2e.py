@@ -74,7 +74,13 @@ def test_one_mirror_file_replaces_every_url_override_then_a_mirror_directory_ins
 
     # everything the plan reads, copied into a directory in the mirror layout
     mirror_dir = tmp_path / "usb" / "rdna4-mirror"
-    made = cli(env, home, "mirror", "create", str(mirror_dir), "--prefix", str(tmp_path / "unused"), *gpu)
+    # fed by the lock of the first install, as a lab's online machine would do
+    stack = tmp_path / "stack.lock"
+    locked = cli(env, home, "lock", "--from-receipt", str(first), "-o", str(stack))
+    assert locked.returncode == 0, locked.stderr[-3000:]
+    lock_env = {k: v for k, v in env.items() if k != "RDNA4_PINS"}   # the lock holds the pins
+    made = cli(lock_env, home, "mirror", "create", str(mirror_dir), "--lock", str(stack),
+               "--prefix", str(tmp_path / "unused"))
     assert made.returncode == 0, made.stderr[-3000:]
     mirror_file = mirror_dir / "mirror.toml"
     assert f"--mirror '{mirror_file}'" in made.stderr

@@ -202,6 +202,7 @@ def test_a_tree_the_installer_did_not_make_is_not_replaced(world):
     theirs = world.tree()
     theirs.mkdir(parents=True)
     (theirs / "README").write_text("someone's ROCm")
+    (world.prefix / ".rdna4").mkdir()   # a prefix of ours (an earlier install), with a stranger's tree
     out = world.install()
     assert out.returncode == 1 and "was not made by rdna4-install" in errors_of(out)[0]
     assert (theirs / "README").read_text() == "someone's ROCm"
@@ -212,7 +213,7 @@ def test_a_rocm_link_to_another_rocm_is_not_repointed(world, tmp_path):
     world.serve_tarball()
     other = tmp_path / "opt-rocm-6.4"
     other.mkdir()
-    world.prefix.mkdir()
+    (world.prefix / ".rdna4").mkdir(parents=True)   # a prefix of ours, its link changed by hand
     os.symlink(other, world.prefix / "rocm")
     out = world.install()
     assert out.returncode == 1
