@@ -19,6 +19,33 @@ from pins_fixtures import exact_pins  # noqa: F401 (a fixture for every test mod
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _checkout_status() -> set[str]:
+    """What `git status` lists in the checkout (empty outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(out.stdout.splitlines()) if out.returncode == 0 else set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._checkout_before = _checkout_status()  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # a test that writes into the checkout (a command run with the repo as its cwd) fails the run
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    new = sorted(_checkout_status() - before)
+    if new:
+        print("\nthe test run changed the checkout:\n  " + "\n  ".join(new), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def uv_cache(tmp_path_factory) -> Path:
     # one uv cache for the whole session: tests share downloads from the local indexes

@@ -85,11 +85,13 @@ def test_every_help_ends_with_two_or_three_examples(runner, path):
         assert line.split()[1:len(path) + 1] == list(path), examples
 
 
-def _in_pty(args: list[str], env: dict[str, str]) -> str:
-    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; what the terminal showed."""
+def _in_pty(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; what the terminal showed.
+    `cwd` is the test's own folder: a command that writes where it runs (report) must not
+    write into the checkout."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "installer", *args], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, cwd=REPO, close_fds=True)
+                            stderr=slave, env=dict(env, PYTHONPATH=str(REPO)), cwd=cwd, close_fds=True)
     os.close(slave)
     chunks = []
     while True:
@@ -111,8 +113,8 @@ def test_no_color_under_a_pseudo_terminal(path, tmp_path):
     # most of it an error or a failed check, which a terminal shows in colour
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     env.update(TERM="xterm", PATH="/usr/bin:/bin")
-    coloured = _in_pty(list(path), env)
-    plain = _in_pty(list(path), dict(env, NO_COLOR="1"))
+    coloured = _in_pty(list(path), env, tmp_path)
+    plain = _in_pty(list(path), dict(env, NO_COLOR="1"), tmp_path)
     assert plain.strip(), plain
     assert "\x1b[" not in plain, plain
     if "error: " in plain or "FAIL " in plain:
@@ -122,7 +124,7 @@ def test_no_color_under_a_pseudo_terminal(path, tmp_path):
 
 def test_doctor_colours_its_statuses_on_a_terminal_only(runner, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    shown = _in_pty(["doctor"], dict(env, TERM="xterm", PATH="/usr/bin:/bin"))
+    shown = _in_pty(["doctor"], dict(env, TERM="xterm", PATH="/usr/bin:/bin"), tmp_path)
     assert "\x1b[1;31mFAIL\x1b[0m" in shown and "\x1b[32mPASS\x1b[0m" in shown
     piped = subprocess.run([sys.executable, "-m", "installer", "doctor"], env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=120)
