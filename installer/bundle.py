@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Iterator
 
 from . import __version__, mirror, mirrorlayout, proc, state
 from .errors import InstallerError, UsageError
+from .download import sha256_file
 from .unpack import zstd_module
 
 FORMAT = 1
@@ -42,14 +43,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 DAMAGED_HINT = ("copy the bundle again (compare its sha256 with the source), or rebuild it there "
                 "with: rdna4-install bundle --prefix PREFIX -o FILE")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- compression ------------------------------------------------------------------
@@ -224,7 +217,7 @@ def _stage(stage: Path, prefix: Path, receipt: dict[str, Any], *, cache_dir: Pat
     for path in sorted(p for p in stage.rglob("*") if p.is_file() or p.is_symlink()):
         if path.is_symlink():
             raise InstallerError(f"{path} is a link; a bundle holds regular files only")
-        members[path.relative_to(stage).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
+        members[path.relative_to(stage).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return {"format": FORMAT, "archs": list(receipt.get("archs") or ()),
             "installer_version": __version__, "created": state.now(), "source_prefix": str(prefix),
             "compression": compression(), "installer_wheel": own.name if own else "", "members": members}
@@ -311,7 +304,7 @@ def _verifier(name: str, archs: tuple[str, ...]):
                 want = members.get(rel)
                 if want is None:
                     raise _refuse(name, f"member {rel} is not in the manifest")
-                if path.stat().st_size != want.get("size") or _sha256(path) != want.get("sha256"):
+                if path.stat().st_size != want.get("size") or sha256_file(path) != want.get("sha256"):
                     raise _refuse(name, f"member {rel} does not match its sha256 in the manifest")
                 seen.add(rel)
         missing = sorted(set(members) - seen)

@@ -525,6 +525,15 @@ def _chunks(f: Any) -> Iterator[bytes]:
     return iter(lambda: f.read(CHUNK), b"")
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file on disk, read in chunks (bundles, tuned configs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in _chunks(f):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _pump(blocks: Iterable[bytes], out: Any, h: Any, sink: Sink | None, bar: Any) -> int:
     """Pass blocks to the partial file (`out`), the hash and the sink, each if given."""
     n = 0

@@ -24,7 +24,6 @@ configs: only block-FP8 models (weight_block_size in quantization_config) are tu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 from . import activate, hfcache, proc, state
 from .errors import InstallerError, UsageError
+from .download import sha256_file
 from .pyenv import site_packages
 
 SCRIPT = Path("benchmarks/kernels/benchmark_w8a8_block_fp8.py")
@@ -116,10 +116,6 @@ def tuner_dir(prefix: Path, receipt: dict, cache_dir: Path, ui: Any = None) -> P
     return dest / SCRIPT.parent
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def run(prefix: Path, model: str, *, cache_dir: Path, tp: int = 1, batch_size: int | None = None,
         visible_devices: str = "", ui: Any = None) -> TuneResult:
     prefix = Path(prefix)
@@ -168,14 +164,14 @@ def install_configs(prefix: Path, model: str, shapes: list[tuple[int, int]], out
     for path in written:
         dest = target / path.name
         # a file vLLM shipped (not one an earlier tune wrote) is kept beside the new ones
-        shipped = dest.is_file() and _sha256(dest) not in ours | {_sha256(path)}
+        shipped = dest.is_file() and sha256_file(dest) not in ours | {sha256_file(path)}
         if shipped:
             (out / "replaced").mkdir(exist_ok=True)
             shutil.copy2(dest, out / "replaced" / path.name)   # vLLM's own file, kept for undo
         tmp = dest.with_name(dest.name + ".rdna4-tmp")
         shutil.copy2(path, tmp)
         tmp.replace(dest)
-        result.files[path.name] = {"sha256": _sha256(path), "installed": str(dest), "kept": str(path)}
+        result.files[path.name] = {"sha256": sha256_file(path), "installed": str(dest), "kept": str(path)}
     _record(prefix, result, tp)
     return result
 
@@ -203,11 +199,11 @@ def restore(prefix: Path) -> list[str]:
     restored = []
     for name, entry in sorted(files.items()):
         kept = Path(entry.get("kept", ""))
-        if not kept.is_file() or _sha256(kept) != entry.get("sha256"):
+        if not kept.is_file() or sha256_file(kept) != entry.get("sha256"):
             raise InstallerError(f"the kept copy of {name} is missing or changed ({kept})",
                                  hint=f"tune again: rdna4-install tune --prefix '{prefix}' --model MODEL")
         dest = target / name
-        if not dest.is_file() or _sha256(dest) != entry["sha256"]:
+        if not dest.is_file() or sha256_file(dest) != entry["sha256"]:
             shutil.copy2(kept, dest)
             restored.append(name)
     return restored
