@@ -153,7 +153,7 @@ def _git(art: dict[str, Any], ctx: dict[str, Any]) -> Result:
             ["git", "-C", str(local), "cat-file", "-e", f"{commit}^{{commit}}"], env=proc.base_env()).ok:
         res.status, res.detail = MISSING, f"{local} has no commit {commit}"
         return res
-    refs = sources.ls_remote(where)
+    refs = sources.ls_remote(art["url"])
     if refs is None:
         res.status, res.detail = UNREACHABLE, "git ls-remote failed"
         return res

@@ -100,10 +100,12 @@ def _clear_stale_locks(mirror: Path) -> None:
 
 def ls_remote(url: str, *patterns: str, timeout: float = 60) -> dict[str, str] | None:
     """ref -> commit as `git ls-remote` lists them (an annotated tag also as ref^{},
-    its commit); None when the repository cannot be reached."""
-    check_url(url)
+    its commit); None when the repository cannot be reached. `url` is the upstream
+    URL; the repository asked is where the mirror says, as for a fetch."""
+    remote = mirrors.rewrite(url)
+    check_url(remote)
     env = proc.base_env({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"})
-    got = proc.capture(["git", "ls-remote", url, *patterns], env=env, timeout=timeout)
+    got = proc.capture(["git", "ls-remote", remote, *patterns], env=env, timeout=timeout)
     if not got.ok:
         return None
     refs = {}

@@ -133,3 +133,12 @@ def test_plan_verbose_shows_where_each_url_is_read_from(tmp_path, exact_pins):
                                         str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"),
                                         "--mirror", str(path)])
     assert plain.output == mirrored.output
+
+
+def test_ls_remote_asks_the_mirror_for_an_upstream_url(tmp_path):
+    # tag -> commit at plan time (vllm.source = git) and pins check read refs through the same seam
+    repo, sha, _ = fa_like_repo(tmp_path / "usb" / "git" / "Dao-AILab" / "flash-attention")
+    git("tag", "v9.9.9", cwd=repo)
+    mirror.use(mirror.load(write(tmp_path, '[rewrite]\n"https://github.com/" = "usb/git/"\n')))
+    refs = sources.ls_remote("https://github.com/Dao-AILab/flash-attention", "refs/tags/v9.9.9")
+    assert refs == {"refs/tags/v9.9.9": sha}
