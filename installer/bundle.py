@@ -219,7 +219,7 @@ def _stage(stage: Path, prefix: Path, receipt: dict[str, Any], *, cache_dir: Pat
             raise InstallerError(f"{path} is a link; a bundle holds regular files only")
         members[path.relative_to(stage).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return {"format": FORMAT, "archs": list(receipt.get("archs") or ()),
-            "installer_version": __version__, "created": state.now(), "source_prefix": str(prefix),
+            "target": str(receipt.get("target") or ""), "installer_version": __version__, "created": state.now(), "source_prefix": str(prefix),
             "compression": compression(), "installer_wheel": own.name if own else "", "members": members}
 
 
@@ -311,8 +311,10 @@ def _verifier(name: str, archs: tuple[str, ...]):
         if missing:
             raise _refuse(name, f"{len(missing)} member(s) missing, e.g. {missing[0]}")
         if set(built_for) != set(archs):
-            raise InstallerError(f"bundle {name} was built for {','.join(built_for)}, but this install "
-                                 f"targets {','.join(archs)}; nothing was installed",
+            what = f"target {manifest['target']} (" if manifest.get("target") else ""
+            raise InstallerError(f"bundle {name} was built for {what}{','.join(built_for)}"
+                                 f"{')' if what else ''}, but this install targets {','.join(archs)}; "
+                                 "nothing was installed",
                                  hint="install it on a machine with those GPUs, or say that is intended: "
                                       f"--gpu-arch {','.join(built_for)}")
     return verify

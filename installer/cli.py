@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, targetprofile
 from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
 from .ui import UI, use_color
 
@@ -147,11 +147,14 @@ def _use_mirror(opts: dict[str, Any]) -> None:
 
 def selection_options(fn):
     opts = [
+        click.option("--target", envvar="RDNA4_TARGET", show_envvar=True, default=None, metavar="NAME",
+                     help="Target profile: rdna4 (RX 9070/9060 series, R9700) or strix-halo (Ryzen AI "
+                     "MAX, gfx1151) [default: from the detected GPUs; --gpu-arch implies it]."),
         click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None,
                      metavar="ARCH[,ARCH]", help="Build for these arches instead of the detected GPUs "
-                     "(gfx1200, gfx1201); needed on a host without the GPU."),
+                     "(gfx1200, gfx1201, gfx1151); needed on a host without the GPU."),
         click.option("--allow-unsupported-arch", is_flag=True,
-                     help="Accept a --gpu-arch other than gfx1200/gfx1201 (untested; warns)."),
+                     help="Accept a --gpu-arch no target profile lists (untested; warns)."),
         click.option("--only", multiple=True, metavar="RECIPE", help="Run only these recipes."),
         click.option("--skip", multiple=True, metavar="RECIPE", help="Do not run these recipes."),
         click.option("--without", multiple=True, metavar="RECIPE",
@@ -179,21 +182,24 @@ def selection_options(fn):
 
 
 def _target_archs(opts: dict[str, Any], ui: UI, prefix: Path, receipt: dict[str, Any], *, need: bool,
-                  detection: Any = None) -> tuple[str, ...]:
-    """--gpu-arch, else the detected RDNA4 arches, else (for reruns) what the prefix was built for."""
+                  detection: Any = None, profiles: Any = None) -> tuple[str, ...]:
+    """--gpu-arch, else --target's or the detected profile's arches, else (for reruns) what the
+    prefix was built for."""
     from . import detect
 
-    gpu_arch = opts.get("gpu_arch")
+    gpu_arch, target = opts.get("gpu_arch"), opts.get("target")
     receipt_archs = tuple(receipt.get("archs") or ())
-    if not gpu_arch and not need and receipt_archs:
+    if not gpu_arch and not target and not need and receipt_archs:
         return receipt_archs
     if detection is None:
         # with --gpu-arch nothing needs the hardware, so don't wait for rocminfo
-        detection = detect.Detection([], (), "") if gpu_arch else detect.detect(prefix=prefix)
+        detection = (detect.Detection([], (), "") if gpu_arch
+                     else detect.detect(prefix=prefix, profiles=profiles))
     try:
-        archs = detect.choose_target(detection, gpu_arch, opts.get("allow_unsupported_arch", False))
+        archs = detect.choose_target(detection, gpu_arch, opts.get("allow_unsupported_arch", False),
+                                     target=target, profiles=profiles)
     except UsageError:
-        if gpu_arch or not receipt_archs:
+        if gpu_arch or target or not receipt_archs:
             raise  # the --gpu-arch advice, before any warning about the host
         archs = receipt_archs  # a build host: keep building for what this prefix targets
     for warning in detection.warnings:
@@ -232,10 +238,14 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         from . import lock
 
         pins, opts = lock.settings_from(opts, sets)
-    else:
-        pins = rcp.apply_overrides(rcp.load_pins(recipes_dir / rcp.PINS_FILE),
-                                   pins_file=opts.get("pins_file"), sets=sets, origins=origins)
-    archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection)
+    profiles = targetprofile.load_all(recipes_dir)
+    archs = _target_archs(opts, ui, prefix, receipt, need=need_gpu, detection=detection,
+                          profiles=profiles)
+    profile = targetprofile.of_archs(profiles, archs)
+    _one_target(prefix, receipt, profile, profiles)
+    if not opts.get("lock_file"):
+        pins = targetprofile.pin_defaults(profile, rcp.load_pins(recipes_dir / rcp.PINS_FILE), origins)
+        pins = rcp.apply_overrides(pins, pins_file=opts.get("pins_file"), sets=sets, origins=origins)
     jobs, too_many = buildenv.capped_jobs(opts.get("jobs"))
     if too_many:
         ui.warn(too_many)
@@ -246,10 +256,22 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         jobs=jobs, only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()), without=without,
         targets=targets, force=force, adopt=adopt, offline=bool(opts.get("offline")), pin_origins=origins,
+        target=profile.name if profile else "",
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None
                  else str(receipt.get("visible_devices", "")), **gpus},
     )
+
+
+def _one_target(prefix: Path, receipt: dict[str, Any], profile: Any, profiles: Any) -> None:
+    """One prefix holds one target profile: a rerun that chose another is refused."""
+    had = str(receipt.get("target") or "") or getattr(
+        targetprofile.of_archs(profiles, receipt.get("archs") or ()), "name", "")
+    if had and profile is not None and profile.name != had:
+        raise UsageError(f"{prefix} holds target {had}; this run chose {profile.name} "
+                         "(one prefix holds one target)",
+                         hint=f"rdna4-install install --prefix '{prefix}' --target {had} "
+                              f"(or install {profile.name} into another --prefix)")
 
 
 def _kept(receipt: dict[str, Any], pin: str, sets: tuple[str, ...]) -> bool:

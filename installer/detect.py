@@ -1,4 +1,4 @@
-"""Find the AMD GPUs of this host and pick the RDNA4 build target.
+"""Find the AMD GPUs of this host and propose the build target (a target profile).
 
 Three sources, merged per physical GPU (keyed by PCI address):
 
@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import targets
+from . import targetprofile, targets
 from .errors import UsageError
 from .rocminfo import OVERRIDE, Agent, RocminfoRun, find_rocminfo, run_rocminfo
 
-RDNA4_ARCHS = ("gfx1200", "gfx1201")
 SYSFS_ROOT_ENV = "RDNA4_SYSFS_ROOT"
 AMD_VENDOR = 0x1002
 
@@ -218,10 +217,7 @@ class GPU:
     chip_id: int | None = None
     reported_arch: str | None = None  # rocminfo's Name when it differs (an override)
     driver: str | None = None
-
-    @property
-    def targeted(self) -> bool:
-        return self.arch in RDNA4_ARCHS and not self.integrated
+    targeted: bool = False          # one of the proposed profile's GPUs
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch, "marketing_name": self.marketing_name, "pci": self.pci,
@@ -231,12 +227,13 @@ class GPU:
 @dataclass
 class Detection:
     gpus: list[GPU]
-    target: tuple[str, ...]         # distinct arches of discrete RDNA4 GPUs, sorted
+    target: tuple[str, ...]         # distinct arches of the proposed profile's GPUs, sorted
     visible_devices: str            # ROCR_VISIBLE_DEVICES value; "" = leave the variable unset
     warnings: list[str] = field(default_factory=list)
     rocminfo: RocminfoRun | None = None
     kfd_present: bool = False
     module_version: str | None = None  # amdgpu-dkms version, when that module is loaded
+    profile: str = ""               # the target profile proposed for this host ("" = none)
 
     @property
     def visible_env(self) -> dict[str, str]:
@@ -245,7 +242,8 @@ class Detection:
 
     def to_json(self) -> dict[str, Any]:
         return {"gpus": [g.to_json() for g in self.gpus], "target": list(self.target),
-                "visible_devices": self.visible_devices, "warnings": list(self.warnings)}
+                "profile": self.profile, "visible_devices": self.visible_devices,
+                "warnings": list(self.warnings)}
 
 
 @dataclass
@@ -349,12 +347,27 @@ def _describe(g: GPU) -> str:
     return f"{g.marketing_name} at {g.pci or '?'}"
 
 
+def propose(gpus: Sequence[GPU], profiles: Mapping[str, targetprofile.Profile]) -> str:
+    """The profile whose GPUs this host has, marking them targeted: discrete profiles first
+    (an RX 9070 XT beside a Strix Halo iGPU is the target), an integrated profile only for
+    integrated GPUs (an APU whose rocminfo reports gfx1201 under an override is not RDNA4)."""
+    for p in profiles.values():
+        mine = [g for g in gpus if g.arch in p.archs and g.integrated == p.integrated]
+        if mine:
+            for g in mine:
+                g.targeted = True
+            return p.name
+    return ""
+
+
 def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
-           prefix: Path | None = None, env: Mapping[str, str] | None = None) -> Detection:
+           prefix: Path | None = None, env: Mapping[str, str] | None = None,
+           profiles: Mapping[str, targetprofile.Profile] | None = None) -> Detection:
     """Find GPUs from rocminfo, KFD and PCI sysfs; never raises for a broken host.
 
     `rocminfo` is the executable to run (default: PATH, then
-    PREFIX/rocm/bin/rocminfo); without one, sysfs alone is used.
+    PREFIX/rocm/bin/rocminfo); without one, sysfs alone is used. `profiles`
+    (default: the shipped recipes/targets/) decide which GPUs are the target.
     """
     root = resolve_root(sysfs_root)
     env = os.environ if env is None else env
@@ -370,6 +383,7 @@ def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
     agents = run.parsed.gpus if run else []
     gpus = [_gpu(s, root) for s in _merge(agents, nodes, read_pci(root))]
     gpus.sort(key=lambda g: (g.node is None, g.node or 0, g.pci or ""))
+    profile = propose(gpus, targetprofile.load_all() if profiles is None else profiles)
 
     for g in gpus:
         if g.reported_arch:
@@ -389,7 +403,7 @@ def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
                             f"compute: {why}")
     overrides = sorted(k for k in env if k.startswith(OVERRIDE))
     if overrides and any(g.targeted for g in gpus) and not any(g.reported_arch for g in gpus):
-        warnings.append(f"{', '.join(overrides)} is set; RDNA4 needs no override (unset it)")
+        warnings.append(f"{', '.join(overrides)} is set; {profile} GPUs need no override (unset it)")
     for var in ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
         if var in env:
             warnings.append(f"{var}={env[var]} is set in this shell; the activation script "
@@ -411,7 +425,7 @@ def detect(*, sysfs_root: Path | str | None = None, rocminfo: str | None = None,
     except OSError:   # an unsearchable sysfs path proves nothing either way
         kfd_present = False
     return Detection(gpus, target, visible, warnings, run,
-                     kfd_present=kfd_present, module_version=module_version)
+                     kfd_present=kfd_present, module_version=module_version, profile=profile)
 
 
 def _split_archs(gpu_arch: str | Iterable[str]) -> list[str]:
@@ -419,21 +433,44 @@ def _split_archs(gpu_arch: str | Iterable[str]) -> list[str]:
     return [a for item in items for a in re.split(r"[,;\s]+", item.strip().lower()) if a]
 
 
-def choose_target(detection: Detection, gpu_arch: str | Iterable[str] | None,
-                  allow_unsupported: bool) -> tuple[str, ...]:
-    """The arches to build for: --gpu-arch if given, else the detected RDNA4 arches.
+def retarget(detection: Detection, profile: targetprofile.Profile) -> None:
+    """Make `profile` the host's target (an explicit --target or --gpu-arch choice): its GPUs
+    become the targeted ones, and the runtime hides the rest."""
+    for g in detection.gpus:
+        g.targeted = False
+    detection.profile = propose(detection.gpus, {profile.name: profile}) or profile.name
+    detection.target = tuple(sorted({g.arch for g in detection.gpus if g.targeted}))
+    detection.visible_devices = _visible_devices(detection.gpus)
 
-    Warnings (an unsupported arch allowed, a target that differs from the
-    detected GPUs) are appended to detection.warnings.
+
+def choose_target(detection: Detection, gpu_arch: str | Iterable[str] | None,
+                  allow_unsupported: bool, *, target: str | None = None,
+                  profiles: Mapping[str, targetprofile.Profile] | None = None) -> tuple[str, ...]:
+    """The arches to build for: --gpu-arch if given, else --target's GPUs on this host (all of
+    its arches when the host has none), else the proposed profile's GPUs.
+
+    One prefix holds one profile, so the arches must all belong to one. Warnings
+    (an unsupported arch allowed, a target that differs from the detected GPUs)
+    are appended to detection.warnings.
     """
+    profiles = targetprofile.load_all() if profiles is None else profiles
+    chosen = targetprofile.get(profiles, target) if target else None
     found = ", ".join(f"{g.arch} {g.marketing_name}" for g in detection.gpus) or "no AMD GPU"
     if gpu_arch is None or not _split_archs(gpu_arch):
-        if detection.target:
-            return detection.target
-        raise UsageError(f"no RDNA4 GPU found ({found})",
-                         hint="pass --gpu-arch gfx1201 (RX 9070 series, R9700) or gfx1200 "
-                              "(RX 9060 series) to build without one; `rdna4-install doctor` "
-                              "shows why no GPU was found")
+        if chosen is None:
+            if detection.target:
+                return detection.target
+            raise UsageError(f"no supported GPU found ({found})",
+                             hint="pass --gpu-arch gfx1201 (RX 9070 series, R9700), gfx1200 "
+                                  "(RX 9060 series) or gfx1151 (Strix Halo) to build without one; "
+                                  "`rdna4-install doctor` shows why no GPU was found")
+        if detection.profile != chosen.name:
+            here = {g.arch for g in detection.gpus if g.arch in chosen.archs}
+            if detection.profile and not here:
+                detection.warnings.append(f"building for target {chosen.name} but this host's GPUs "
+                                          f"are {detection.profile} ({','.join(detection.target)})")
+            retarget(detection, chosen)
+        return detection.target or chosen.archs
     archs = sorted(set(_split_archs(gpu_arch)))
     for arch in archs:
         if not _ARCH.match(arch):
@@ -442,15 +479,31 @@ def choose_target(detection: Detection, gpu_arch: str | Iterable[str] | None,
         if not targets.is_known(arch):
             raise UsageError(f"--gpu-arch {arch} is not a GFX target AMD knows (rocm-bootstrap's table)",
                              hint="e.g. --gpu-arch gfx1201 or --gpu-arch gfx1200,gfx1201")
-    odd = [a for a in archs if a not in RDNA4_ARCHS]
+    supported = targetprofile.supported_archs(profiles)
+    odd = [a for a in archs if a not in supported]
     if odd and not allow_unsupported:
         kinds = ", ".join(f"{a} is {targets.family(a) or 'another family'}" for a in odd)
-        raise UsageError(f"--gpu-arch {','.join(odd)} is not an RDNA4 target ({kinds})",
-                         hint="supported: gfx1200, gfx1201; add --allow-unsupported-arch to "
+        raise UsageError(f"--gpu-arch {','.join(odd)} is not a supported target ({kinds})",
+                         hint=f"supported: {', '.join(supported)}; add --allow-unsupported-arch to "
                               "build anyway (untested)")
+    known = [a for a in archs if a in supported]
+    profile = targetprofile.of_archs(profiles, known)
+    if known and profile is None:
+        split = "; ".join(f"{p.name}: {','.join(a for a in known if a in p.archs)}"
+                          for p in profiles.values() if set(known) & set(p.archs))
+        raise UsageError(f"--gpu-arch {','.join(archs)} mixes target profiles ({split}); "
+                         "one prefix holds one target",
+                         hint=f"install each into its own prefix, e.g. --gpu-arch {known[0]}")
+    if chosen is not None and profile is not None and profile.name != chosen.name:
+        raise UsageError(f"--gpu-arch {','.join(archs)} is target {profile.name}, not --target {chosen.name}",
+                         hint=f"drop --target (--gpu-arch implies it), or use --gpu-arch "
+                              f"{','.join(chosen.archs)}")
     if odd:
         detection.warnings.append(f"building for unsupported arch {','.join(odd)} "
                                   "(--allow-unsupported-arch): expect failures")
+    if profile is not None and detection.profile != profile.name and any(
+            g.arch in archs for g in detection.gpus):
+        retarget(detection, profile)   # e.g. --gpu-arch gfx1151 on a host with an RX 9070 XT too
     if detection.target and set(archs) != set(detection.target):
         detection.warnings.append(f"building for {','.join(archs)} but this host's target is "
                                   f"{','.join(detection.target)}")

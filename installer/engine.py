@@ -174,7 +174,7 @@ def install(settings: Settings, ui: UI, *, dry_run: bool = False,
             state.write_receipt(settings.prefix, archs=settings.archs, pins=plan.pins, tools=tools,
                                 installer_version=__version__,
                                 visible_devices=str(settings.options.get("visible_devices", "")),
-                                lock=_lock_of(plan))
+                                lock=_lock_of(plan), target=settings.target)
     return plan, ran
 
 

@@ -24,6 +24,7 @@ from . import recipes as rcp
 from . import state
 from .errors import RecipeError, UsageError, command
 from .patches import for_version
+from . import targetprofile
 
 RUN, SKIP = "run", "skip"
 CONTEXT_VARS = ("prefix", "work", "src", "cache", "rocm", "venv", "python", "uv",
@@ -51,6 +52,7 @@ class Settings:
     offline: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     pin_origins: dict[str, str] = field(default_factory=dict)   # RECIPE.KEY -> "--set ..." / pins file
+    target: str = ""                  # the target profile (recipes/targets/<name>.toml); "" = none
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Plan:
 
     def to_json(self, verbose: bool = True) -> dict[str, Any]:
         s = self.settings
-        return {"prefix": str(s.prefix), "archs": list(s.archs),
+        return {"prefix": str(s.prefix), "archs": list(s.archs), "target": s.target,
                 "steps": [i.to_json(verbose) for i in self.items]}
 
 
@@ -328,6 +330,10 @@ def make_plan(settings: Settings) -> Plan:
         variables["_version"] = rcp.interpolate(recipe.version, variables, str(recipe.path))
         # a patch whose header names the releases it is for is left out of the others
         patches, notes = for_version(_patch_files(recipe, settings), variables["_version"])
+        if settings.target:
+            patches, left_out = targetprofile.get(targetprofile.load_all(settings.recipes_dir),
+                                                  settings.target).patches_for(name, patches)
+            notes += left_out
         inputs = _inputs(recipe, pin_values, settings, tuple(patches), dep_fps)
         fp = _hash_json(inputs)
         claim = outputs.declared(recipe.outputs, variables, settings.prefix, str(recipe.path))

@@ -83,7 +83,7 @@ INPUT_FIELDS: dict[str, type | tuple] = {
 }
 RECEIPT_FIELDS: dict[str, type | tuple] = {
     "installer_version": str, "prefix": str, "archs": list, "visible_devices": str, "created": str,
-    "updated": str, "tools": dict, "pins": dict, "components": dict,
+    "updated": str, "tools": dict, "pins": dict, "components": dict, "target": str,
 }
 
 
@@ -354,13 +354,15 @@ def kill_holders(path: Path, record: Path) -> tuple[list[int], list[int]]:
 
 def write_receipt(prefix: Path, *, archs: tuple[str, ...], pins: dict, tools: dict,
                   installer_version: str, visible_devices: str = "",
-                  lock: dict | None = None) -> dict[str, Any]:
+                  lock: dict | None = None, target: str = "") -> dict[str, Any]:
     old = read_receipt(prefix) or {}
     stamps = all_stamps(prefix)
     receipt = {
         "installer_version": installer_version,
         "prefix": str(prefix),
         "archs": list(archs),
+        # the target profile (recipes/targets/<name>.toml): one prefix holds one
+        "target": target or old.get("target", ""),
         "visible_devices": visible_devices,
         "created": old.get("created", now()),
         "updated": now(),

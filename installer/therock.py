@@ -35,7 +35,6 @@ from urllib.parse import quote, unquote, urljoin
 
 from .errors import InstallerError, Refused, UsageError
 
-FAMILIES = {"gfx1200": "gfx120X-all", "gfx1201": "gfx120X-all"}
 CHANNELS = ("stable", "rc", "nightly", "dev", "bkc")
 NIGHTLY_NEW_HOST = 20260823     # first nightly on nightly.repo.amd.com (3P, UNCONFIRMED)
 PER_FAMILY_END = 20260612       # per-family release workflows deleted (TheRock 5c841238e)
@@ -84,19 +83,22 @@ def channel_of(v) -> str:
     return "stable"
 
 
-def family_for(archs: Iterable[str], override: str = "") -> str:
-    if override:
-        return override
-    families = set()
-    for arch in archs:
-        if arch not in FAMILIES:
-            raise UsageError(f"no TheRock tarball family known for {arch}",
-                             hint="this installer targets gfx1200/gfx1201; set therock.family to override")
-        families.add(FAMILIES[arch])
-    if not families:
+def family_for(archs: Iterable[str], family: str = "") -> str:
+    """The tarball group: the therock.family pin, which the target profile sets
+    (recipes/targets/<name>.toml [pins.therock]); an arch no profile holds has none."""
+    if family:
+        return family
+    from . import targetprofile
+
+    archs = list(archs)
+    profile = targetprofile.of_archs(targetprofile.load_all(), archs)
+    if profile is not None and profile.pins.get("therock", {}).get("family"):
+        return str(profile.pins["therock"]["family"])
+    if not archs:
         raise UsageError("no GPU target to pick a TheRock family for",
-                         hint="pass --gpu-target gfx1201 (or gfx1200)")
-    return families.pop() if len(families) == 1 else "multiarch"
+                         hint="pass --gpu-arch gfx1201 (or gfx1200, gfx1151)")
+    raise UsageError(f"no TheRock tarball family known for {','.join(archs)} (no target profile holds it)",
+                     hint="name TheRock's group for it, e.g. --set therock.family=gfx110X-all")
 
 
 def directory_url(channel: str, v=None) -> str:
@@ -426,7 +428,7 @@ def _not_found(url: str, version: str, exc: Any) -> InstallerError:
 
     directory = url.rsplit("/", 1)[0] + "/"
     m = re.search(r"therock-dist-linux-(.+?)-\d", url.rsplit("/", 1)[-1])
-    family = m.group(1) if m else "gfx120X-all"
+    family = m.group(1) if m else ""
     try:
         near = nearest(list_versions(directory, family), version)
     except download.DownloadError:

@@ -232,3 +232,29 @@ def add_noise(text: str, seed: int, *, strip: bool = False) -> str:
         out.append(line)
     sep = "\n" if strip else rng.choice(["\r\n", "\n"])
     return sep.join(out)
+
+
+# A 9070 XT KFD node (0x7550, GC 12.0.1) for a Strix Halo box with a card beside the APU
+RX9070XT = {"cpu_cores_count": 0, "simd_count": 128, "gfx_target_version": 120001,
+            "vendor_id": 4098, "device_id": 0x7550, "location_id": 0x0300, "domain": 0,
+            "drm_render_minor": 129, "unique_id": 0x2B09110B94528D60}
+RX9070XT_UUID = "GPU-2b09110b94528d60"
+# PCI functions: Strix Halo's GPU (1002:1586, revision c1 per amdgpu.ids) with its BIOS
+# carve-out as VRAM (512 MiB, the smallest UMA setting), and the card
+STRIX_PCI = {"address": "0000:c1:00.0", "device": 0x1586, "class": 0x038000, "revision": 0xC1,
+             "driver": "amdgpu", "vram": 512 << 20}
+RX9070XT_PCI = {"address": "0000:03:00.0", "device": 0x7550, "class": 0x030000, "revision": 0xC0,
+                "driver": "amdgpu", "vram": 16 << 30}
+
+
+def strix_halo_host(root: Path, *, dgpu: bool = False, **kw) -> Path:
+    """A Framework-Desktop-like Strix Halo box (S3's KFD nodes, ROCm/ROCm#5745), optionally with
+    an RX 9070 XT: KFD numbers the card after the APU's GPU, as both sit on the same kernel."""
+    kfd: dict[int, Mapping[str, int]] = dict(S3_KFD)
+    pci = [STRIX_PCI]
+    if dgpu:
+        kfd[2] = RX9070XT
+        pci.append(RX9070XT_PCI)
+    args = dict(kfd=kfd, pci=pci, amdgpu="in-tree", kfd_dev=0o666, render={128: 0o666, 129: 0o666})
+    args.update(kw)
+    return fake_sysfs(root, **args)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from installer import detect
+from installer import detect, targetprofile
 from installer.errors import UsageError
 
 from detect_fixtures import (EXIT_CODES, P_PCI, S3_KFD, S4_KFD, CPU_NODE, f1_host,
@@ -59,8 +59,8 @@ def test_f1_machine_all_sources(tmp_path, no_rocm, monkeypatch):
     assert d.module_version == "6.14.14"
     assert d.rocminfo is not None and d.rocminfo.failure is None
     out = json.loads(json.dumps(d.to_json()))
-    assert set(out) == {"gpus", "target", "visible_devices", "warnings"}
-    assert out["target"] == ["gfx1201"]
+    assert set(out) == {"gpus", "target", "profile", "visible_devices", "warnings"}
+    assert out["target"] == ["gfx1201"] and out["profile"] == "rdna4"
     assert any("hidden at run time" in w and "gfx1036" in w for w in out["warnings"])
 
 
@@ -106,17 +106,14 @@ def test_f3_with_s4_rx9060xt(tmp_path, no_rocm, monkeypatch):
     assert d.target == ("gfx1200",) and d.visible_devices == "" and d.warnings == []
 
 
-def test_f4_with_s3_strix_halo_is_not_a_target(tmp_path, no_rocm, monkeypatch):
+def test_f4_with_s3_strix_halo_alone_is_the_strix_halo_target(tmp_path, no_rocm, monkeypatch):
     root = fake_sysfs(tmp_path / "root", kfd=S3_KFD, amdgpu="in-tree")
     monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, fixture("F4")).parent))
     d = detect.detect(sysfs_root=root)
     [g] = d.gpus
     assert (g.arch, g.integrated, g.pci, g.vram_mib) == ("gfx1151", True, "0000:c1:00.0", None)
-    assert d.target == ()
-    with pytest.raises(UsageError) as err:
-        detect.choose_target(d, None, False)
-    assert "gfx1151" in err.value.message and "--gpu-arch" in err.value.hint
-    assert detect.choose_target(d, "gfx1201", False) == ("gfx1201",)
+    assert (d.target, d.profile, d.visible_devices) == (("gfx1151",), "strix-halo", "")
+    assert detect.choose_target(d, None, False) == ("gfx1151",)
 
 
 def test_override_is_seen_and_the_real_arch_wins(tmp_path, no_rocm, monkeypatch):
@@ -267,7 +264,8 @@ def test_gpu_without_unique_id_is_named_by_index(tmp_path, no_rocm):
 
 def _detection(*archs):
     gpus = [detect.GPU(a, "x", None, None, False, "kfd", node=i) for i, a in enumerate(archs)]
-    return detect.Detection(gpus, tuple(sorted({a for a in archs if a in detect.RDNA4_ARCHS})), "")
+    profile = detect.propose(gpus, targetprofile.load_all())
+    return detect.Detection(gpus, tuple(sorted({g.arch for g in gpus if g.targeted})), "", profile=profile)
 
 
 def test_choose_target_accepts_lists_and_refuses_other_arches():
@@ -314,7 +312,8 @@ def test_gpu_json_has_exactly_the_documented_keys():
 def test_rdna4_is_what_amds_table_files_with_gfx1201():
     from installer import targets
 
-    assert detect.RDNA4_ARCHS == targets.same_family("gfx1201") == targets.same_family("gfx1200")
+    rdna4 = targetprofile.load_all()["rdna4"].archs
+    assert rdna4 == targets.same_family("gfx1201") == targets.same_family("gfx1200")
     assert targets.family("gfx1201") == "RDNA4" and targets.family("gfx1100") == "RDNA3"
     # newer than the pinned table: still named as LLVM's offload-arch would
     assert detect.gfx_name(150203) == "gfx1523"
@@ -324,7 +323,7 @@ def test_gpu_arch_must_be_a_target_amd_knows():
     none = detect.Detection([], (), "")
     with pytest.raises(UsageError, match="gfx9999 is not a GFX target AMD knows"):
         detect.choose_target(none, "gfx9999", allow_unsupported=True)
-    with pytest.raises(UsageError, match=r"gfx1100 is not an RDNA4 target \(gfx1100 is RDNA3\)"):
+    with pytest.raises(UsageError, match=r"gfx1100 is not a supported target \(gfx1100 is RDNA3\)"):
         detect.choose_target(none, "gfx1100", allow_unsupported=False)
     assert detect.choose_target(none, "gfx1100", allow_unsupported=True) == ("gfx1100",)
 
@@ -375,4 +374,4 @@ def test_an_override_on_an_rdna4_host_warns_even_without_a_mismatch(tmp_path, no
     d = detect.detect(sysfs_root=root)
     [g] = d.gpus
     assert (g.arch, g.reported_arch) == ("gfx1200", None) and d.target == ("gfx1200",)
-    assert d.warnings == ["HSA_OVERRIDE_GFX_VERSION is set; RDNA4 needs no override (unset it)"]
+    assert d.warnings == ["HSA_OVERRIDE_GFX_VERSION is set; rdna4 GPUs need no override (unset it)"]

@@ -70,8 +70,11 @@ def test_family_for_rdna4_and_overrides(tmp_path):
     assert therock.family_for(("gfx1200",)) == therock.family_for(("gfx1201", "gfx1200")) == FAM
     assert therock.resolve(_pins(family="multiarch"), ("gfx1201",), offline=True,
                            cache_dir=tmp_path)["url"].endswith("multiarch-10.1.0.tar.gz")
+    assert therock.family_for(("gfx1151",)) == "gfx1151"     # the strix-halo profile's group
     with pytest.raises(UsageError, match="gfx1100"):
         therock.family_for(("gfx1100",))
+    with pytest.raises(UsageError, match="gfx1151,gfx1201"):     # two profiles: no one group
+        therock.family_for(("gfx1151", "gfx1201"))
     with pytest.raises(UsageError, match="not a version"):
         therock.resolve(_pins(version="ten"), ("gfx1201",), offline=True, cache_dir=tmp_path)
 
