@@ -231,7 +231,7 @@ def build_env(base: Mapping[str, str], archs: tuple[str, ...] | list[str], *, ro
     gets its hipcc replacement when the toolchain has no bin/hipcc.
     """
     if not archs:
-        raise InstallerError("no GPU target to build for", hint="pass --gpu-target gfx1201")
+        raise InstallerError("no GPU target to build for", hint="pass --gpu-arch gfx1201 (or gfx1200, gfx1151)")
     if host_compiler not in HOST_COMPILERS:
         raise InstallerError(f"build.host_compiler must be one of {', '.join(HOST_COMPILERS)}, "
                              f"not {host_compiler!r}",

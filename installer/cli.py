@@ -327,7 +327,8 @@ def _print_plan(plan, ui: UI, verbose: bool) -> None:
     from . import mirror
 
     width = max((len(i.name) for i in plan.items), default=0)
-    click.echo(f"plan for {plan.settings.prefix} (target: {','.join(plan.settings.archs)})")
+    s = plan.settings
+    click.echo(f"plan for {s.prefix} (target: {s.target + ' ' if s.target else ''}{','.join(s.archs)})")
     for item in plan.items:
         mark = "will run" if item.action == "run" else "skip    "
         version = _short(item.vars.get("_version", ""))

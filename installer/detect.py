@@ -524,7 +524,8 @@ def format_table(detection: Detection) -> str:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     else:
         lines.append("no AMD GPU found")
-    lines.append(f"target: {', '.join(detection.target) or 'none (no discrete RDNA4 GPU)'}")
+    lines.append(f"target: {', '.join(detection.target) or 'none (no GPU of a target profile)'}"
+                 + (f" (profile {detection.profile})" if detection.profile else ""))
     if detection.visible_devices:
         lines.append(f"run time: ROCR_VISIBLE_DEVICES={detection.visible_devices}")
     lines += [f"warning: {w}" for w in detection.warnings]

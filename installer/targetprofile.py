@@ -94,13 +94,14 @@ def load_all(recipes_dir: Path | None = None) -> dict[str, Profile]:
     if not folder.is_dir():
         folder = default_recipes_dir() / TARGETS_DIR
     profiles = [load_file(p) for p in sorted(folder.glob("*.toml"))]
-    seen: dict[str, str] = {}
+    seen: dict[str, Profile] = {}
     for p in profiles:
         for arch in p.archs:
             if arch in seen:
-                raise RecipeError(f"{p.path}: {arch} is already in target {seen[arch]}",
+                raise RecipeError(f"{folder}: {arch} is in targets {seen[arch].name} and {p.name} "
+                                  f"({seen[arch].path.name}, {p.path.name})",
                                   hint="an arch belongs to one target profile")
-            seen[arch] = p.name
+            seen[arch] = p
     return {p.name: p for p in sorted(profiles, key=lambda p: (p.integrated, p.name))}
 
 

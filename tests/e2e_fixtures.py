@@ -178,14 +178,16 @@ class World:
         return env
 
 
-def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContextManager[World]:
-    """pad_bytes: see toolchain_tarball (0 = the default ~2 KB tarball)."""
+def build_world(root: Path, *, pad_bytes: int = 0, archs: tuple[str, ...] = ("gfx1201",),
+                family: str = "gfx120X-all") -> contextlib.AbstractContextManager[World]:
+    """pad_bytes: see toolchain_tarball (0 = the default ~2 KB tarball). archs: the device
+    wheels the torch index carries; family: TheRock's group in the tarball's name."""
 
     @contextlib.contextmanager
     def cm():
         root.mkdir(parents=True, exist_ok=True)
         files = root / "files"
-        toolchain_tarball(files / "therock" / f"therock-dist-linux-gfx120X-all-{ROCM}.tar.gz",
+        toolchain_tarball(files / "therock" / f"therock-dist-linux-{family}-{ROCM}.tar.gz",
                           pad_bytes=pad_bytes)
         sdist = _vllm_sdist(files)
         releases = root / "pypi"
@@ -197,7 +199,7 @@ def build_world(root: Path, *, pad_bytes: int = 0) -> contextlib.AbstractContext
         wheels, decoy = root / "wheels", root / "decoy"
         wheels.mkdir()
         decoy.mkdir()
-        stack = build_torch_stack(wheels, rocm=ROCM)
+        stack = build_torch_stack(wheels, rocm=ROCM, archs=archs)
         build_decoy_pypi(decoy)
         tk_repo, tk_sha = triton_like_repo(root / "git" / "triton")
         fa_repo, fa_sha, _ = fa_like_repo(root / "git" / "fa" / "flash-attention")
