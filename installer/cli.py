@@ -265,8 +265,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
 
 def _one_target(prefix: Path, receipt: dict[str, Any], profile: Any, profiles: Any) -> None:
     """One prefix holds one target profile: a rerun that chose another is refused."""
-    had = str(receipt.get("target") or "") or getattr(
-        targetprofile.of_archs(profiles, receipt.get("archs") or ()), "name", "")
+    had = str(receipt.get("target") or "") or getattr(targetprofile.of_receipt(receipt, profiles), "name", "")
     if had and profile is not None and profile.name != had:
         raise UsageError(f"{prefix} holds target {had}; this run chose {profile.name} "
                          "(one prefix holds one target)",
@@ -831,7 +830,7 @@ def cache() -> None:
 @click.option("--url", default=None, help="The URL FILE stands for [default: the planned download "
               "with FILE's name].")
 @click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None, metavar="ARCH[,ARCH]",
-              help="Target, for the toolchain file name [default: gfx1200,gfx1201].")
+              help="Target, for the toolchain file name [default: every target profile's].")
 @click.option("--set", "sets", multiple=True, metavar="RECIPE.KEY=VALUE", help="Pin override, as for install.")
 @click.option("--pins", "pins_file", type=click.Path(path_type=Path, dir_okay=False), envvar="RDNA4_PINS",
               show_envvar=True, default=None, help="A TOML file of pins, as for install.")
@@ -843,11 +842,22 @@ def cache_add(obj: Obj, files: tuple[Path, ...], url: str | None, **opts: Any) -
     from . import cachefiles
     from .plan import make_plan
 
-    opts["gpu_arch"] = opts.get("gpu_arch") or "gfx1200,gfx1201"  # both use the same toolchain file
-    settings = _settings(opts, obj.ui, need_gpu=False)
-    planned = cachefiles.planned_downloads(make_plan(settings))
+    # without --gpu-arch, FILE may be any target profile's download (each has its own tarball)
+    choices = ([opts["gpu_arch"]] if opts.get("gpu_arch") else
+               [",".join(p.archs) for p in targetprofile.load_all(
+                   _path(opts["recipes_dir"]) if opts.get("recipes_dir") else None).values()])
+    planned: dict[str, str] = {}
+    for archs in choices:
+        try:
+            settings = _settings({**opts, "gpu_arch": archs}, obj.ui, need_gpu=False)
+        except UsageError:
+            if len(choices) == 1:
+                raise
+            continue   # a profile this prefix cannot hold: its files are not for it
+        planned.update(cachefiles.planned_downloads(make_plan(settings)))
     for f, where, got in cachefiles.add(tuple(_path(f) for f in files), url=url, planned=planned,
-                                        cache_dir=settings.cache_dir, ui=obj.ui):
+                                        cache_dir=_path(opts.get("cache_dir") or _default_cache()),
+                                        ui=obj.ui):
         obj.ui.success(f"{f.name}: cached as {where} (sha256 {got.sha256})")
 
 

@@ -126,6 +126,14 @@ def of_archs(profiles: Mapping[str, Profile], archs: Iterable[str]) -> Profile |
     return next((p for p in profiles.values() if archs and archs <= set(p.archs)), None)
 
 
+def of_receipt(receipt: Mapping[str, Any], profiles: Mapping[str, Profile] | None = None) -> Profile | None:
+    """The profile a prefix was built for: its receipt's `target`, else (older receipts) the
+    profile holding its archs."""
+    profiles = load_all() if profiles is None else profiles
+    name = str(receipt.get("target") or "")
+    return profiles.get(name) if name else of_archs(profiles, receipt.get("archs") or ())
+
+
 def pin_defaults(profile: Profile | None, pins: Mapping[str, Mapping[str, Any]],
                  origins: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """recipes/pins.toml with the profile's pin defaults laid over it (before --pins/--set)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import activate, hfcache, proc, state
+from . import activate, hfcache, proc, state, targetprofile
 from .errors import InstallerError, UsageError
 from .download import sha256_file
 from .pyenv import site_packages
@@ -125,6 +125,11 @@ def run(prefix: Path, model: str, *, cache_dir: Path, tp: int = 1, batch_size: i
     if tp < 1:
         raise UsageError("--tp must be at least 1")
     receipt = state.read_receipt(prefix) or {}
+    profile = targetprofile.of_receipt(receipt)
+    if profile is not None and profile.fp8 != "native":
+        raise UsageError(f"tune tunes vLLM's FP8 GEMMs; target {profile.name} has no native FP8 "
+                         f"(fp8 = {profile.fp8} in its profile), so there is nothing to tune",
+                         hint="serve a BF16 or int4 (AWQ/GPTQ) model there instead of an FP8 one")
     env = hfcache.with_user_vars(activate.environment(activate.from_receipt(prefix, visible_devices=visible_devices)))
     cfg = hfcache.config(model, env, hint=f"download it once: '{prefix}/venv/bin/hf' download {model}")
     block = block_size(cfg, model)

@@ -64,6 +64,18 @@ def test_a_file_is_matched_to_the_planned_download_by_name(runner, tmp_path, exa
     assert NAME in out.output and "--url URL" in out.output
 
 
+def test_without_gpu_arch_every_target_profiles_tarball_is_known(runner, tmp_path, exact_pins):
+    halo = "therock-dist-linux-gfx1151-10.1.0.tar.gz"
+    make_toolchain_tarball(tmp_path / halo, "10.1.0")
+    out = runner.invoke(cli, ["cache", "add", str(tmp_path / halo), "--cache-dir", str(tmp_path / "c")])
+    assert out.exit_code == 0, out.output
+    assert f"cached as https://stable.repo.amd.com/rocm/core/tarball/{halo}" in out.output
+    # with --gpu-arch, only that target's files are planned
+    out = runner.invoke(cli, ["cache", "add", str(tmp_path / halo), "--cache-dir", str(tmp_path / "d"),
+                              "--gpu-arch", "gfx1201"])
+    assert out.exit_code == 2 and "is not a file this install downloads" in out.output
+
+
 def test_a_pinned_hash_is_enforced(runner, tmp_path, exact_pins):
     cache = tmp_path / "cache"
     fake = tmp_path / "vllm-0.33.0.tar.gz"

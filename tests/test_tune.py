@@ -108,3 +108,13 @@ def test_restore_heals_a_rebuilt_venv_and_needs_a_tune_first(world):
     assert "every tuned config is in place" in runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"]).output
     missing = runner.invoke(cli, ["tune", "--prefix", str(prefix)])
     assert missing.exit_code == 2 and "needs --model" in missing.output
+
+
+def test_a_target_without_native_fp8_is_refused(world):
+    prefix, _, cache = world
+    receipt = json.loads((prefix / state.RECEIPT).read_text())
+    (prefix / state.RECEIPT).write_text(json.dumps({**receipt, "archs": ["gfx1151"], "target": "strix-halo"}))
+    result = CliRunner().invoke(cli, ["tune", "--prefix", str(prefix), "--model", "Qwen/Qwen3-0.6B-FP8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "target strix-halo has no native FP8 (fp8 = weight-only in its profile)" in result.output
+    assert not (prefix / "tuned").exists()
