@@ -136,13 +136,16 @@ def of_receipt(receipt: Mapping[str, Any], profiles: Mapping[str, Profile] | Non
 
 def pin_defaults(profile: Profile | None, pins: Mapping[str, Mapping[str, Any]],
                  origins: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """recipes/pins.toml with the profile's pin defaults laid over it (before --pins/--set)."""
+    """recipes/pins.toml with the profile's pin defaults laid over it (before --pins/--set).
+    Only keys the pins file declares: a recipes dir without that pin has no use for it."""
     out = {t: dict(v) for t, v in pins.items()}
     if profile is None:
         return out
     for table, values in profile.pins.items():
         for key, value in values.items():
-            out.setdefault(table, {})[key] = value
+            if key not in out.get(table, {}):
+                continue
+            out[table][key] = value
             if origins is not None:
                 origins[f"{table}.{key}"] = f"target {profile.name}"
     return out

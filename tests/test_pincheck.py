@@ -160,6 +160,7 @@ def test_lock_install_elsewhere_and_back_from_the_receipt(runner, ups, tmp_path)
     assert again["pins"]["therock"]["sha256"] == sha
     again["pins"]["therock"]["sha256"] = ""
     assert again["pins"] == original["pins"] and again["archs"] == original["archs"]
+    assert again["target"] == original["target"] == a["target"] == "rdna4"
     tarball = next(x for x in again["artifacts"] if x["recipe"] == "therock")
     assert tarball["sha256"] == sha
 
@@ -174,6 +175,11 @@ def test_install_lock_refuses_changes(runner, ups, tmp_path):
     bad.write_text(lock_file.read_text().replace('"0.33.0"', '"latest"', 1))
     result = runner.invoke(cli, ["install", "--lock", str(bad), "--prefix", str(tmp_path / "p")])
     assert result.exit_code == 2 and "a lock holds exact values" in result.output
+    # the lock's target profile is the install's: another --target is refused, before anything
+    result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(tmp_path / "p"),
+                                 "--target", "strix-halo"])
+    assert result.exit_code == 2 and "--target strix-halo differs from the lock's target rdna4" in result.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_preflight_fails_before_any_download(runner, ups, tmp_path):

@@ -16,6 +16,7 @@ from detect_fixtures import (RX9070XT_UUID, S3_KFD, fake_rocminfo, fake_sysfs, f
 from installer import detect, state, targetprofile
 from installer.cli import cli
 from installer.errors import RecipeError, UsageError
+from installer.recipes import load_pins
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,11 @@ def test_the_shipped_profiles(profiles):
         ("gfx1151",), True, "weight-only", True)
     assert rdna4.pins["therock"]["family"] == "gfx120X-all"
     assert strix.pins["therock"]["family"] == "gfx1151"
+    # a profile sets only pins recipes/pins.toml declares (others would be dropped)
+    declared = load_pins(REPO / "recipes" / "pins.toml")
+    for p in profiles.values():
+        for table, values in p.pins.items():
+            assert set(values) <= set(declared[table]), (p.name, table)
     # every patch a profile leaves out exists, so a rename cannot silently re-include it
     for p in profiles.values():
         for recipe, names in p.leave_out.items():
