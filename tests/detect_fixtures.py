@@ -258,3 +258,15 @@ def strix_halo_host(root: Path, *, dgpu: bool = False, **kw) -> Path:
     args = dict(kfd=kfd, pci=pci, amdgpu="in-tree", kfd_dev=0o666, render={128: 0o666, 129: 0o666})
     args.update(kw)
     return fake_sysfs(root, **args)
+
+
+def strix_halo_with_9070xt_rocminfo() -> str:
+    """F4 (Strix Halo + NPU, ROCm/ROCm#5745) with F1's RX 9070 XT agent (ROCm/ROCm#5814) added
+    as the next agent on KFD node 2, as rocminfo prints a box with both (strix_halo_host(dgpu=True))."""
+    f4, f1 = fixture("F4"), fixture("F1")
+    start = f1.index("*******                  \nAgent 2")
+    card = f1[start:f1.index("*******                  \nAgent 3")]
+    card = card.replace("Agent 2", "Agent 4", 1)
+    card = re.sub(r"(  Node:\s+)1( +)", r"\g<1>2\2", card, count=1)
+    done = f4.index("*** Done ***")
+    return f4[:done] + card + f4[done:]

@@ -244,3 +244,17 @@ def test_a_prefix_of_another_target_is_refused_with_a_hint_that_works(tmp_path, 
     again = invoke(runner, *args, "--dry-run")
     assert again.exit_code == 0, again.output
     assert "(target: strix-halo gfx1151)" in again.output
+
+
+def test_rocminfo_and_sysfs_agree_on_a_box_with_both(tmp_path, no_gpu_env, monkeypatch, profiles):
+    from detect_fixtures import strix_halo_with_9070xt_rocminfo
+
+    monkeypatch.setenv("PATH", str(fake_rocminfo(tmp_path, strix_halo_with_9070xt_rocminfo()).parent))
+    d = detect.detect(sysfs_root=strix_halo_host(tmp_path / "root", dgpu=True), profiles=profiles)
+    assert [(g.arch, g.integrated, g.pci, g.source, g.targeted) for g in d.gpus] == [
+        ("gfx1151", True, "0000:c1:00.0", "rocminfo+kfd+pci", False),
+        ("gfx1201", False, "0000:03:00.0", "rocminfo+kfd+pci", True)]
+    assert d.gpus[1].marketing_name == "AMD Radeon RX 9070 XT"
+    assert (d.profile, d.visible_devices) == ("rdna4", RX9070XT_UUID)
+    assert detect.choose_target(d, None, False, target="strix-halo", profiles=profiles) == ("gfx1151",)
+    assert d.visible_devices == "0"
