@@ -33,8 +33,11 @@ class _RemoteZip(io.RawIOBase):
     """A read-only, seekable view of a remote file through HTTP Range requests."""
 
     def __init__(self, url: str):
-        self.url, self.pos = url, 0
-        resp = download.get(url, headers={"Range": f"bytes=-{TAIL}"}, stream=True)
+        from . import mirror
+
+        # an index page may link its wheels by absolute upstream URL: read them where --mirror says
+        self.url, self.pos = mirror.rewrite(url), 0
+        resp = download.get(self.url, headers={"Range": f"bytes=-{TAIL}"}, stream=True)
         if resp.status_code == 206:
             total = (resp.headers.get("Content-Range") or "").rpartition("/")[2]
             body = resp.content

@@ -97,3 +97,22 @@ def test_all_exact_pins_need_no_network(tmp_path):
     got = torchpins.resolve(exact, (), offline=False, cache_dir=tmp_path / "c")
     assert got["torch"] == "2.13.0+rocm10.1.0" and got["torchvision"] == "0.28.0+rocm10.1.0"
     assert got["torchaudio"] == ""
+
+
+def test_range_reads_of_absolute_upstream_links_go_through_the_mirror(tmp_path):
+    from installer import mirror
+
+    root = tmp_path / "amd"
+    build_torch_stack(root, rocm="10.1.0")
+    url = serve_index(root)
+    wheel = next(p.name for p in root.rglob("torch-2.13.0*.whl"))
+    upstream = "https://wheels.upstream.invalid/rocm/"
+    files = url.rsplit("simple/", 1)[0] + "files/"
+    (tmp_path / "m.toml").write_text(f'[rewrite]\n"{upstream}" = "{files}"\n')
+    mirror.use(mirror.load(tmp_path / "m.toml"))
+    try:
+        text = torchpins._metadata_from_zip(upstream + wheel)
+    finally:
+        mirror.use(None)
+    assert "Name: torch" in text and "Version: 2.13.0+rocm10.1.0" in text
+    assert any(wheel in r and "[bytes=" in r for r in request_log(url))
