@@ -15,8 +15,8 @@ the mirror file, so a mirror directory can be moved as a whole.
 Callers keep the upstream URL as the identity of what they fetch (cache keys,
 fingerprints, the receipt): the same artifact from a mirror is the same
 artifact, and its sha256 is still checked. They call `rewrite` only at the
-moment bytes are requested: download.py for files, therock/torchindex for
-listing pages, pyenv for the index URLs uv gets, sources for git remotes
+moment bytes are requested: download.py for files, therock/torchindex/upstream
+for listing pages, torchpins for Range reads of wheel metadata, pyenv for the index URLs uv gets, sources for git remotes
 (submodules included, since their URLs go through the same call).
 """
 
