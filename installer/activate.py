@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import multigpu, proc, state
+from . import multigpu, proc, state, targetprofile, unifiedmem
 from .errors import InstallerError
 
 SH_FILE = "activate"
@@ -49,6 +49,7 @@ class Activation:
     settings: tuple[Setting, ...]
     archs: tuple[str, ...] = ()
     flash_attention_backend: str = "none"
+    memory_note: Path | None = None   # an APU target: verify's device-memory verdict, shown on source
 
     @property
     def saved(self) -> tuple[str, ...]:
@@ -124,8 +125,12 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
     # LD_LIBRARY_PATH stays untouched on purpose: torch loads the HIP runtime
     # from the venv's rocm-sdk wheels, and a tarball lib dir first on the path
     # could load a second copy of it.
+    # an APU's device memory needs torch to judge, far too slow for `source`: verify judges it
+    # and leaves a failing verdict in the prefix, which sourcing only prints (a file test + cat)
+    profile = targetprofile.of_archs(targetprofile.load_all(), archs)
+    note = unifiedmem.note_path(prefix) if profile is not None and profile.unified_memory else None
     return Activation(prefix=prefix, venv=venv, path_dirs=dirs, settings=tuple(s), archs=archs,
-                      flash_attention_backend=backend)
+                      flash_attention_backend=backend, memory_note=note)
 
 
 def from_receipt(prefix: Path, *, archs: tuple[str, ...] | None = None,
@@ -284,6 +289,9 @@ def render_sh(act: Activation) -> str:
             'PS1="(rdna4) $PS1"; fi',
             ""]
     out += _setting_lines(act, q, "export {name}={value}", "unset {name}")
+    if act.memory_note is not None:
+        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory",
+                f"if [ -f {q(act.memory_note)} ]; then cat {q(act.memory_note)} >&2; fi"]
     out += ["", "hash -r 2>/dev/null || true", ""]
     return "\n".join(out)
 
@@ -336,6 +344,9 @@ def render_fish(act: Activation) -> str:
             "source " + q(act.venv / "bin" / "activate.fish"),
             ""]
     out += _setting_lines(act, q, "set -gx {name} {value}", "set -e {name}")
+    if act.memory_note is not None:
+        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory",
+                f"if test -f {q(act.memory_note)}; cat {q(act.memory_note)} >&2; end"]
     # `set -e` of an unset variable leaves status 4 behind; sourcing must report
     # success, or `source .../activate.fish; and cmd` never runs cmd
     out += ["true", ""]

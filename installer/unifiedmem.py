@@ -18,6 +18,7 @@ raising the limit needs root and a reboot, so doctor prints the lines for the us
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -37,7 +38,7 @@ ABOUT_HALF = 0.60
 # vllm/v1/worker/utils.py request_memory() refuses to start when torch's free memory
 # is below that share of torch's total (ValueError "Free memory on device ...")
 VLLM_DEFAULT_UTILIZATION = 0.92
-NOTE_FILE = "device-memory.txt"   # verify's last judgement; the activation script shows it
+NOTE_FILE = "device-memory.txt"   # in PREFIX/.rdna4: verify's failing verdict; activation shows it
 GUIDE = "AMD's Strix Halo guide, rocm.docs.amd.com/en/latest/how-to/system-optimization/strixhalo.html"
 
 
@@ -190,3 +191,22 @@ def judge(total: int, free: int, m: Memory) -> tuple[bool, str]:
     return False, (f"{seen}, neither the {gib(m.vram)} carve-out nor the {gib(pool)} GTT limit "
                    f"in sysfs: vLLM may refuse to start or mis-size its KV cache; size it "
                    f"explicitly: {vllm_flags(free, total)}")
+
+
+def note_path(prefix: Path) -> Path:
+    from . import state
+
+    return state.meta_dir(prefix) / NOTE_FILE
+
+
+def record(prefix: Path, problem: str | None) -> None:
+    """Keep verify's failing verdict where the activation script prints it (None: clear it)."""
+    path = note_path(prefix)
+    if problem is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(f"rdna4: verify found: {problem}\n"
+                   "rdna4: rerun `rdna4-install verify` after changing GTT or BIOS memory settings\n")
+    os.replace(tmp, path)

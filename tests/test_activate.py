@@ -293,3 +293,25 @@ def test_toolchain_dirs_already_on_path_are_not_added_twice(shell, prefix):
     assert once["PATH"].split(":").count(rocm_bin) == 1
     assert once["PATH"].split(":").count(str(prefix / "rocm" / "lib" / "llvm" / "bin")) == 1
     assert twice == once and after["PATH"] == start
+
+
+@pytest.mark.parametrize("shell", SH_SHELLS + (["fish"] if HAS_FISH else []))
+def test_an_apu_prefix_repeats_verifys_memory_verdict_when_sourced(shell, prefix):
+    """Sourcing imports no torch: it prints the failing verdict `verify` left (unifiedmem.record)."""
+    from installer import unifiedmem
+
+    script = ("source $argv[1]/activate.fish; echo @@" if shell == "fish"
+              else '. "$1/activate"; echo @@')
+    verdict = "torch reports 0.5 GiB device memory: the BIOS carve-out; --kv-cache-memory-bytes 16G"
+    try:
+        activate.write(activate.plan(prefix, archs=("gfx1151",)))
+        assert "verify found" not in _session(shell, script, prefix)[1].stderr   # no verdict yet
+        unifiedmem.record(prefix, verdict)
+        err = _session(shell, script, prefix)[1].stderr
+        assert f"rdna4: verify found: {verdict}" in err and "rerun `rdna4-install verify`" in err
+        _write(prefix)                                   # an RDNA4 prefix never looks
+        assert "verify found" not in _session(shell, script, prefix)[1].stderr
+        assert "device-memory" not in (prefix / "activate").read_text()
+    finally:
+        unifiedmem.record(prefix, None)
+        _write(prefix)

@@ -191,3 +191,70 @@ def test_no_sysfs_numbers_is_not_a_failure(tmp_path):
     m = unifiedmem.Memory(**{**m.__dict__, "vram": None})
     ok, text = unifiedmem.judge(64 * GIB, 60 * GIB, m)
     assert ok and "no carve-out/GTT numbers" in text
+
+
+# ---------------------------------------------------------------- verify on an APU prefix
+
+def _apu_prefix(tmp_path, total, free):
+    from test_verify import _line, fake_prefix
+
+    from installer import state, verify
+
+    lines = [_line(n, "skip", "no GPU") for n in verify.SCRIPT_PROBES if n != "torch.device-memory"]
+    lines.append(_line("torch.device-memory", "pass", json.dumps(
+        {"free": free, "total": total, "total_memory": total})))
+    prefix = fake_prefix(tmp_path / "p", lines, archs=("gfx1151",), flash_attention="none")
+    receipt = state.read_receipt(prefix)
+    state.write_json_atomic(prefix / state.RECEIPT, {**receipt, "target": "strix-halo"})
+    return prefix
+
+
+def test_verify_judges_torchs_memory_against_sysfs_and_leaves_the_verdict(tmp_path, monkeypatch):
+    from installer import verify
+
+    root = strix_halo_host(tmp_path / "host")
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(root))
+    prefix = _apu_prefix(tmp_path, 512 << 20, 400 << 20)          # torch sees the carve-out
+    probes = {p.name: p for p in verify.run(prefix)}
+    argv = (prefix / "argv").read_text().splitlines()
+    assert json.loads(argv[1])["unified_memory"] is True          # the probe measures only on APUs
+    memory_probe = probes["torch.device-memory"]
+    assert memory_probe.status == "fail" and "the BIOS carve-out" in memory_probe.detail
+    note = unifiedmem.note_path(prefix)
+    assert "--kv-cache-memory-bytes" in note.read_text()
+    # after the fix torch sees the GTT pool with room to spare: pass, and the note goes away
+    m = unifiedmem.read(root, "0000:c1:00.0")
+    (prefix / "argv").unlink()
+    fixed = _apu_prefix(tmp_path / "again", m.limit, int(m.limit * 0.95))
+    (fixed / ".rdna4").mkdir(exist_ok=True)
+    unifiedmem.record(fixed, "stale")
+    probe = {p.name: p for p in verify.run(fixed)}["torch.device-memory"]
+    assert probe.status == "pass" and "the GTT pool" in probe.detail
+    assert not unifiedmem.note_path(fixed).exists()
+
+
+def test_verify_on_an_rdna4_prefix_leaves_the_probe_alone(tmp_path, monkeypatch):
+    from test_verify import ALL_PASS, fake_prefix
+
+    from installer import verify
+
+    monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(strix_halo_host(tmp_path / "host", dgpu=True)))
+    prefix = fake_prefix(tmp_path / "p", [json.dumps(d) for d in ALL_PASS], flash_attention="none")
+    probes = {p.name: p for p in verify.run(prefix)}
+    assert probes["torch.device-memory"].detail == "torch.device-memory ok"
+    assert "unified_memory" not in json.loads((prefix / "argv").read_text().splitlines()[1])
+    assert not unifiedmem.note_path(prefix).exists()
+
+
+def test_the_real_probe_skips_off_an_apu_and_without_torch():
+    import sys
+    from pathlib import Path
+
+    from installer import verify
+
+    for expect, words in (({"archs": ["gfx1201"]}, "not a unified-memory target"),
+                          ({"archs": ["gfx1151"], "unified_memory": True}, "needs torch")):
+        probes = {p.name: p for p in verify.run_script_probes(Path(sys.executable), expect,
+                                                              {"PATH": "/usr/bin:/bin"})}
+        assert probes["torch.device-memory"].status == "skip"
+        assert words in probes["torch.device-memory"].detail
