@@ -32,7 +32,7 @@ PAGE = 4096               # TTM counts 4 KiB pages (amd-debug-tools gb_to_pages:
 # this share of MemTotal (amd-debug-tools 0.2.22 ttm.py MAX_MEMORY_PERCENTAGE = 90)
 AMD_TTM_MAX_SHARE = 0.90
 # the kernel default is half of RAM (AMD's guide: "approximately 50%"; amd-ttm docs:
-# "system memory / 2"); up to this share counts as "still about the default"
+# "system memory / 2"); up to this share counts as "still about the default" (our threshold)
 ABOUT_HALF = 0.60
 # vLLM 0.33.0 vllm/config/cache.py: gpu_memory_utilization defaults to 0.92, and
 # vllm/v1/worker/utils.py request_memory() refuses to start when torch's free memory
@@ -81,6 +81,9 @@ def gpu_address(root: Path, archs: Iterable[str]) -> str | None:
 
 def read(root: Path, pci: str) -> Memory:
     base = det.under(root, det.PCI_DEVICES) / pci
+    # amdgpu-dkms brings its own TTM module, amdttm, whose parameter is amdttm.pages_limit (users'
+    # reports, e.g. jeffgeerling.com "Increasing the VRAM allocation on AMD AI APUs under Linux";
+    # AMD's guide names only ttm: UNCONFIRMED by AMD)
     ttm = "amdttm" if det.under(root, "sys/module/amdttm/parameters/pages_limit").exists() else "ttm"
     from . import buildenv
 
@@ -129,12 +132,13 @@ def raise_lines(m: Memory, pm: str | None = None) -> list[str]:
     pages = size * GIB // PAGE
     mod = m.ttm_module
     # amd-ttm regenerates the initramfs itself when ttm.ko is in it; by hand it is the distro's tool
-    regen = INITRAMFS.get(pm or "", "regenerate the initramfs (update-initramfs -u, dracut -f or mkinitcpio -P)")
+    regen = (f" && {INITRAMFS[pm]}" if pm in INITRAMFS else
+             ", then regenerate the initramfs (update-initramfs -u, dracut -f or mkinitcpio -P)")
     lines = [f"let the GPU map {size} GiB of {gib(m.ram)} RAM (90%: amd-ttm's limit before it asks), "
              f"then reboot; per {GUIDE}:",
              f"  pipx install amd-debug-tools && amd-ttm --set {size}",
              f"  or by hand: echo 'options {mod} pages_limit={pages}' | sudo tee /etc/modprobe.d/{mod}.conf"
-             f" && {regen}",
+             f"{regen}",
              f"  or on the kernel command line: {mod}.pages_limit={pages}"]
     if m.gttsize_mib not in (None, -1) and m.gttsize_mib * MIB < size * GIB:
         lines.append(f"  and remove amdgpu.gttsize={m.gttsize_mib} (kernel command line or /etc/modprobe.d):"
@@ -161,7 +165,10 @@ def judge(total: int, free: int, m: Memory) -> tuple[bool, str]:
     """(fine?, what to say) for torch's device memory (mem_get_info total and free) against sysfs.
 
     Pure: the probe measures torch in the venv, this decides. vLLM sizes everything from
-    torch's numbers, so torch naming the wrong pool breaks serving.
+    torch's numbers, so torch naming the wrong pool breaks serving. Which pool torch names on
+    a given kernel/ROCm is UNCONFIRMED on hardware: rocminfo's coarse pool on a Strix Halo is
+    the GTT size (ROCm/ROCm#5745: 130023424 KB), and users report HIP totals of either pool
+    (ROCm/ROCm#5444 sees 15.5 GB), so each case has its own verdict.
     """
     seen = f"torch reports {gib(total)} device memory ({gib(free)} free)"
     pool = m.limit
@@ -175,7 +182,7 @@ def judge(total: int, free: int, m: Memory) -> tuple[bool, str]:
         return False, (f"{seen}: the BIOS carve-out (VRAM), not the {gib(pool)} GTT pool the GPU "
                        "can map. vLLM sizes its weights and KV cache from that number, so it "
                        "refuses to start or gets almost no KV cache. A kernel whose amdgpu allocates "
-                       "from GTT (AMD names Linux 6.18.4+ for Strix Halo) fixes it; meanwhile size "
+                       "from GTT (AMD names Linux 6.18.4+ for Strix Halo) should fix it; meanwhile size "
                        f"vLLM explicitly: {vllm_flags(free, total)}")
     if _near(total, pool) or _near(total, pool + m.vram):
         needed = VLLM_DEFAULT_UTILIZATION * total

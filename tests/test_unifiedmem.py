@@ -258,3 +258,14 @@ def test_the_real_probe_skips_off_an_apu_and_without_torch():
                                                               {"PATH": "/usr/bin:/bin"})}
         assert probes["torch.device-memory"].status == "skip"
         assert words in probes["torch.device-memory"].detail
+
+
+@pytest.mark.parametrize("pm, tail", [
+    ("apt", " && sudo update-initramfs -u"), ("dnf", " && sudo dracut -f"),
+    ("pacman", " && sudo mkinitcpio -P"),
+    (None, ", then regenerate the initramfs (update-initramfs -u, dracut -f or mkinitcpio -P)"),
+])
+def test_the_by_hand_line_regenerates_the_initramfs_the_distros_way(tmp_path, pm, tail):
+    lines = unifiedmem.raise_lines(memory(tmp_path), pm)
+    assert lines[2] == ("  or by hand: echo 'options ttm pages_limit=29622272' | "
+                        "sudo tee /etc/modprobe.d/ttm.conf" + tail)
