@@ -290,8 +290,18 @@ def render_sh(act: Activation) -> str:
             ""]
     out += _setting_lines(act, q, "export {name}={value}", "unset {name}")
     if act.memory_note is not None:
-        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory",
-                f"if [ -f {q(act.memory_note)} ]; then cat {q(act.memory_note)} >&2; fi"]
+        note = q(act.memory_note)
+        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
+                "# unless the sysfs values it was judged on have changed since (unifiedmem.record)",
+                f"if [ -f {note} ]; then",
+                "    _rdna4_same=1",
+                '    while read -r _rdna4_then _rdna4_file && [ -n "$_rdna4_then" ]; do',
+                '        [ "$(cat "$_rdna4_file" 2>/dev/null)" = "$_rdna4_then" ] || _rdna4_same=0',
+                f"    done < {note}",
+                f"    if [ \"$_rdna4_same\" = 1 ]; then grep '^rdna4: ' {note} >&2; "
+                f"else echo {q(unifiedmem.STALE)} >&2; fi",
+                "    unset _rdna4_same _rdna4_then _rdna4_file",
+                "fi"]
     out += ["", "hash -r 2>/dev/null || true", ""]
     return "\n".join(out)
 
@@ -345,8 +355,21 @@ def render_fish(act: Activation) -> str:
             ""]
     out += _setting_lines(act, q, "set -gx {name} {value}", "set -e {name}")
     if act.memory_note is not None:
-        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory",
-                f"if test -f {q(act.memory_note)}; cat {q(act.memory_note)} >&2; end"]
+        note = q(act.memory_note)
+        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
+                "# unless the sysfs values it was judged on have changed since (unifiedmem.record)",
+                f"if test -f {note}",
+                "    set -l _rdna4_same 1",
+                "    while read -l _rdna4_then _rdna4_file; and test -n \"$_rdna4_then\"",
+                "        set -l _rdna4_now (cat $_rdna4_file 2>/dev/null)",
+                "        test \"$_rdna4_now\" = \"$_rdna4_then\"; or set _rdna4_same 0",
+                f"    end < {note}",
+                "    if test $_rdna4_same = 1",
+                f"        grep '^rdna4: ' {note} >&2",
+                "    else",
+                f"        echo {q(unifiedmem.STALE)} >&2",
+                "    end",
+                "end"]
     # `set -e` of an unset variable leaves status 4 behind; sourcing must report
     # success, or `source .../activate.fish; and cmd` never runs cmd
     out += ["true", ""]

@@ -206,14 +206,32 @@ def note_path(prefix: Path) -> Path:
     return state.meta_dir(prefix) / NOTE_FILE
 
 
-def record(prefix: Path, problem: str | None) -> None:
-    """Keep verify's failing verdict where the activation script prints it (None: clear it)."""
+def watched(root: Path, m: Memory) -> list[Path]:
+    """The sysfs files a verdict depends on: the carve-out, GTT and TTM's limit."""
+    base = det.under(root, det.PCI_DEVICES) / m.pci
+    files = [base / "mem_info_vram_total", base / "mem_info_gtt_total",
+             det.under(root, f"sys/module/{m.ttm_module}/parameters/pages_limit")]
+    return [f for f in files if f.exists()]
+
+
+def record(prefix: Path, problem: str | None, watch: Iterable[Path] = ()) -> None:
+    """Keep verify's failing verdict where the activation script prints it (None: clear it).
+
+    The file starts with one "VALUE PATH" line per watched sysfs file and a blank line, then
+    the verdict: sourcing compares those files with their values now (a read each, no torch)
+    and says the verdict is stale once the user changed GTT, TTM or the BIOS carve-out.
+    """
     path = note_path(prefix)
     if problem is None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(f"rdna4: verify found: {problem}\n"
+    keys = "".join(f"{f.read_text().strip()} {f}\n" for f in watch)
+    tmp.write_text(f"{keys}\nrdna4: verify found: {problem}\n"
                    "rdna4: rerun `rdna4-install verify` after changing GTT or BIOS memory settings\n")
     os.replace(tmp, path)
+
+
+STALE = ("rdna4: the GPU memory settings changed since rdna4-install verify judged torch's "
+         "device memory; rerun it")

@@ -65,8 +65,9 @@ def device_memory_probe(probe: Probe, prefix: Path, archs: tuple[str, ...],
     if pci is None:
         return Probe(probe.name, SKIP, f"torch reports {unifiedmem.gib(total)}; no {','.join(archs)} "
                                        "APU in sysfs to compare with")
-    ok, text = unifiedmem.judge(total, free, unifiedmem.read(root, pci))
-    unifiedmem.record(Path(prefix), None if ok else text)
+    memory = unifiedmem.read(root, pci)
+    ok, text = unifiedmem.judge(total, free, memory)
+    unifiedmem.record(Path(prefix), None if ok else text, unifiedmem.watched(root, memory))
     return Probe(probe.name, PASS if ok else FAIL, text)
 
 

@@ -220,8 +220,13 @@ def test_verify_judges_torchs_memory_against_sysfs_and_leaves_the_verdict(tmp_pa
     assert json.loads(argv[1])["unified_memory"] is True          # the probe measures only on APUs
     memory_probe = probes["torch.device-memory"]
     assert memory_probe.status == "fail" and "the BIOS carve-out" in memory_probe.detail
-    note = unifiedmem.note_path(prefix)
-    assert "--kv-cache-memory-bytes" in note.read_text()
+    note = unifiedmem.note_path(prefix).read_text().splitlines()
+    assert "--kv-cache-memory-bytes" in note[-2]
+    # what sourcing compares before repeating it: each watched sysfs file with its value then
+    pci = root / "sys/bus/pci/devices/0000:c1:00.0"
+    assert note[:4] == [f"{512 << 20} {pci / 'mem_info_vram_total'}",
+                        f"{HALF_PAGES * PAGE} {pci / 'mem_info_gtt_total'}",
+                        f"{HALF_PAGES} {root / 'sys/module/ttm/parameters/pages_limit'}", ""]
     # after the fix torch sees the GTT pool with room to spare: pass, and the note goes away
     m = unifiedmem.read(root, "0000:c1:00.0")
     (prefix / "argv").unlink()
