@@ -32,6 +32,8 @@ from .errors import InstallerError
 
 SH_FILE = "activate"
 FISH_FILE = "activate.fish"
+MEMORY_NOTE_WHY = ("# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
+                   "# unless the sysfs values it was judged on have changed since (unifiedmem.record)")
 
 
 @dataclass(frozen=True)
@@ -291,8 +293,7 @@ def render_sh(act: Activation) -> str:
     out += _setting_lines(act, q, "export {name}={value}", "unset {name}")
     if act.memory_note is not None:
         note = q(act.memory_note)
-        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
-                "# unless the sysfs values it was judged on have changed since (unifiedmem.record)",
+        out += [*MEMORY_NOTE_WHY,
                 f"if [ -f {note} ]; then",
                 "    _rdna4_same=1",
                 '    while read -r _rdna4_then _rdna4_file && [ -n "$_rdna4_then" ]; do',
@@ -356,8 +357,7 @@ def render_fish(act: Activation) -> str:
     out += _setting_lines(act, q, "set -gx {name} {value}", "set -e {name}")
     if act.memory_note is not None:
         note = q(act.memory_note)
-        out += ["# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
-                "# unless the sysfs values it was judged on have changed since (unifiedmem.record)",
+        out += [*MEMORY_NOTE_WHY,
                 f"if test -f {note}",
                 "    set -l _rdna4_same 1",
                 "    while read -l _rdna4_then _rdna4_file; and test -n \"$_rdna4_then\"",
