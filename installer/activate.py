@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import multigpu, proc, state
+from . import multigpu, proc, state, targetprofile, unifiedmem
 from .errors import InstallerError
 
 SH_FILE = "activate"
 FISH_FILE = "activate.fish"
+MEMORY_NOTE_WHY = ("# unified memory: what `rdna4-install verify` found wrong with torch's device memory,",
+                   "# unless the sysfs values it was judged on have changed since (unifiedmem.record)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Activation:
     settings: tuple[Setting, ...]
     archs: tuple[str, ...] = ()
     flash_attention_backend: str = "none"
+    memory_note: Path | None = None   # an APU target: verify's device-memory verdict, shown on source
 
     @property
     def saved(self) -> tuple[str, ...]:
@@ -124,8 +127,12 @@ def plan(prefix: Path, *, archs: tuple[str, ...], venv: Path | None = None,
     # LD_LIBRARY_PATH stays untouched on purpose: torch loads the HIP runtime
     # from the venv's rocm-sdk wheels, and a tarball lib dir first on the path
     # could load a second copy of it.
+    # an APU's device memory needs torch to judge, far too slow for `source`: verify judges it
+    # and leaves a failing verdict in the prefix, which sourcing only prints (a file test + cat)
+    profile = targetprofile.of_archs(targetprofile.load_all(), archs)
+    note = unifiedmem.note_path(prefix) if profile is not None and profile.unified_memory else None
     return Activation(prefix=prefix, venv=venv, path_dirs=dirs, settings=tuple(s), archs=archs,
-                      flash_attention_backend=backend)
+                      flash_attention_backend=backend, memory_note=note)
 
 
 def from_receipt(prefix: Path, *, archs: tuple[str, ...] | None = None,
@@ -284,6 +291,18 @@ def render_sh(act: Activation) -> str:
             'PS1="(rdna4) $PS1"; fi',
             ""]
     out += _setting_lines(act, q, "export {name}={value}", "unset {name}")
+    if act.memory_note is not None:
+        note = q(act.memory_note)
+        out += [*MEMORY_NOTE_WHY,
+                f"if [ -f {note} ]; then",
+                "    _rdna4_same=1",
+                '    while read -r _rdna4_then _rdna4_file && [ -n "$_rdna4_then" ]; do',
+                '        [ "$(cat "$_rdna4_file" 2>/dev/null)" = "$_rdna4_then" ] || _rdna4_same=0',
+                f"    done < {note}",
+                f"    if [ \"$_rdna4_same\" = 1 ]; then grep '^rdna4: ' {note} >&2; "
+                f"else echo {q(unifiedmem.STALE)} >&2; fi",
+                "    unset _rdna4_same _rdna4_then _rdna4_file",
+                "fi"]
     out += ["", "hash -r 2>/dev/null || true", ""]
     return "\n".join(out)
 
@@ -336,6 +355,21 @@ def render_fish(act: Activation) -> str:
             "source " + q(act.venv / "bin" / "activate.fish"),
             ""]
     out += _setting_lines(act, q, "set -gx {name} {value}", "set -e {name}")
+    if act.memory_note is not None:
+        note = q(act.memory_note)
+        out += [*MEMORY_NOTE_WHY,
+                f"if test -f {note}",
+                "    set -l _rdna4_same 1",
+                "    while read -l _rdna4_then _rdna4_file; and test -n \"$_rdna4_then\"",
+                "        set -l _rdna4_now (cat $_rdna4_file 2>/dev/null)",
+                "        test \"$_rdna4_now\" = \"$_rdna4_then\"; or set _rdna4_same 0",
+                f"    end < {note}",
+                "    if test $_rdna4_same = 1",
+                f"        grep '^rdna4: ' {note} >&2",
+                "    else",
+                f"        echo {q(unifiedmem.STALE)} >&2",
+                "    end",
+                "end"]
     # `set -e` of an unset variable leaves status 4 behind; sourcing must report
     # success, or `source .../activate.fish; and cmd` never runs cmd
     out += ["true", ""]

@@ -646,10 +646,13 @@ def report(obj: Obj, prefix: Path | None, output: Path | None, model: str | None
 
 
 @cli.command(epilog=examples("rdna4-install doctor", "rdna4-install doctor --gpu-arch gfx1201 --jobs 8",
-                             "rdna4-install doctor --json"))
+                             "rdna4-install doctor --target strix-halo --json"))
 @prefix_opt
 @cache_opt
 @recipes_opt
+@click.option("--target", envvar="RDNA4_TARGET", show_envvar=True, default=None, metavar="NAME",
+              help="Check for this target profile (strix-halo adds the unified-memory check) "
+                   "[default: from the detected GPUs; --gpu-arch implies it].")
 @click.option("--gpu-arch", envvar="RDNA4_GPU_ARCH", show_envvar=True, default=None, metavar="ARCH[,ARCH]",
               help="Building for a GPU elsewhere: GPU checks warn instead of failing.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), envvar="RDNA4_JOBS", show_envvar=True, default=None,
@@ -657,8 +660,8 @@ def report(obj: Obj, prefix: Path | None, output: Path | None, model: str | None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_obj
 def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: Path | None,
-           gpu_arch: str | None, jobs: int | None, as_json: bool) -> None:
-    """Check the host: driver, device access, groups, disk, memory, tools."""
+           target: str | None, gpu_arch: str | None, jobs: int | None, as_json: bool) -> None:
+    """Check the host: driver, device access, groups, disk, memory, tools (and an APU's GPU memory)."""
     from . import buildenv, engine, state
     from . import doctor as doc
     from . import recipes as rcp
@@ -672,7 +675,8 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
     need = sum(recipes[row["recipe"]].disk_gb for row in engine.status(prefix, list(recipes))
                if row["status"] != state.DONE and row["recipe"] in recipes)
     checks = doc.run_checks(prefix=prefix, cache_dir=cache, need_bytes=int(need * 1024 ** 3),
-                            jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch))
+                            jobs=buildenv.max_jobs("vllm", override=jobs), archs_given=bool(gpu_arch),
+                            target=target, gpu_arch=gpu_arch, recipes_dir=folder)
     capped, too_many = buildenv.capped_jobs(jobs)
     if too_many:   # builds use the capped number; say so where the host is judged
         checks.append(doc.Check("jobs", doc.WARN, too_many, f"use --jobs {capped} or fewer"))

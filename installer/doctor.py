@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from . import buildenv
 from . import detect as det
-from . import prefixes, proc
+from . import prefixes, proc, targetprofile, unifiedmem
 from .rocminfo import OVERRIDE
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -348,6 +348,38 @@ def check_memory(jobs: int, meminfo: dict[str, int] | None = None) -> Check:
     return Check("memory", PASS, detail)
 
 
+def target_profile(detection: det.Detection, target: str | None = None, gpu_arch: str | None = None,
+                   recipes_dir: Path | None = None) -> targetprofile.Profile | None:
+    """The profile the host is checked for: --target, else --gpu-arch's, else the detected one."""
+    profiles = targetprofile.load_all(recipes_dir)
+    if target:
+        return targetprofile.get(profiles, target)
+    if gpu_arch:
+        return targetprofile.of_archs(profiles, [a.strip() for a in gpu_arch.split(",") if a.strip()])
+    return profiles.get(detection.profile)
+
+
+def check_unified_memory(root: Path, profile: targetprofile.Profile | None, pm: str | None) -> Check | None:
+    """An APU target's GPU memory: carve-out, GTT/TTM limit and RAM; a warning with the lines
+    that raise the limit while it is still about half of RAM. None for discrete targets and
+    on hosts without the APU (building for it elsewhere)."""
+    if profile is None or not profile.unified_memory:
+        return None
+    pci = unifiedmem.gpu_address(root, profile.archs)
+    if pci is None:
+        return None
+    m = unifiedmem.read(root, pci)
+    if m.limit is None or m.ram is None:
+        return Check("unified memory", WARN, unifiedmem.describe(m) + " (sysfs lacks some numbers)",
+                     "load amdgpu (see the amdgpu check); the numbers come from "
+                     "mem_info_gtt_total, ttm's pages_limit and /proc/meminfo")
+    if unifiedmem.too_low(m):
+        return Check("unified memory", WARN,
+                     unifiedmem.describe(m) + ": about half of RAM (the kernel's default is half)",
+                     "\n".join(unifiedmem.raise_lines(m, pm)))
+    return Check("unified memory", PASS, unifiedmem.describe(m))
+
+
 LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib")
 
 
@@ -449,10 +481,12 @@ GPU_BLOCKING = frozenset({"amdgpu", "gpu", "/dev/kfd", "/dev/dri", "groups", "ro
 def run_checks(*, prefix: Path, cache_dir: Path, need_bytes: int, jobs: int, archs_given: bool,
                sysfs_root: Path | str | None = None, blocking_only: bool = False,
                detection: det.Detection | None = None, identity: Identity | None = None,
-               ) -> list[Check]:
+               target: str | None = None, gpu_arch: str | None = None,
+               recipes_dir: Path | None = None) -> list[Check]:
     """All host checks in a fixed order; `blocking_only` keeps those that can stop install.
 
     Pass `detection` to reuse a detect() result (saves a second rocminfo run).
+    `target`/`gpu_arch` choose the target profile whose checks apply (default: detected).
     """
     root = det.resolve_root(sysfs_root)
     gpu_needed = not archs_given
@@ -467,6 +501,9 @@ def run_checks(*, prefix: Path, cache_dir: Path, need_bytes: int, jobs: int, arc
     checks += check_dev_nodes(root, who, gpu_needed)
     checks += [check_groups(root, who, gpu_needed), check_rocminfo(detection, who, gpu_needed),
                check_disk(prefix, cache_dir, need_bytes), check_memory(jobs)]
+    unified = check_unified_memory(root, target_profile(detection, target, gpu_arch, recipes_dir), pm)
+    if unified:
+        checks.append(unified)
     checks += check_tools(pm)
     checks += [check_host_compiler(), check_python(), check_uv()]
     blocking = ALWAYS_BLOCKING | (GPU_BLOCKING if gpu_needed else frozenset())
@@ -497,7 +534,9 @@ def format_checks(checks: Sequence[Check], color: bool = False) -> str:
             label = f"\033[{_COLORS.get(c.status, '0')}m{label}\033[0m"
         lines.append(f"{label}  {c.name.ljust(width)}  {c.detail}")
         if c.fix and c.status != PASS:
-            lines.append(f"{'':4}  {'':{width}}  fix: {c.fix}")
+            first, *more = c.fix.split("\n")   # a multi-line fix stays aligned under its first line
+            lines.append(f"{'':4}  {'':{width}}  fix: {first}")
+            lines += [f"{'':4}  {'':{width}}       {line}" for line in more]
     fails = sum(c.status == FAIL for c in checks)
     warns = sum(c.status == WARN for c in checks)
     lines.append(f"{fails} failed, {warns} warnings, {len(checks) - fails - warns} passed")

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import activate, codeobjects, proc, state, verify_deep, verify_probes
+from . import activate, codeobjects, proc, state, targetprofile, unifiedmem, verify_deep, verify_probes
 from .pyenv import site_packages
 from .errors import InstallerError
 
@@ -38,8 +38,37 @@ class Probe:
 
 def _expectations(act: activate.Activation, receipt: dict) -> dict:
     torch_pins = (receipt.get("pins") or {}).get("torch") or {}
-    return {"archs": list(act.archs), "torch": str(torch_pins.get("torch", "")),
-            "rocm": str(torch_pins.get("rocm", "")), "flash_attn": act.flash_attention_backend}
+    expect = {"archs": list(act.archs), "torch": str(torch_pins.get("torch", "")),
+              "rocm": str(torch_pins.get("rocm", "")), "flash_attn": act.flash_attention_backend}
+    profiles = targetprofile.load_all()
+    profile = (profiles.get(str(receipt.get("target"))) if receipt.get("target")
+               else targetprofile.of_archs(profiles, act.archs))
+    if profile is not None and profile.unified_memory:
+        expect["unified_memory"] = True    # torch.device-memory measures, device_memory_probe judges
+    return expect
+
+
+def device_memory_probe(probe: Probe, prefix: Path, archs: tuple[str, ...],
+                        sysfs_root: Path | str | None = None) -> Probe:
+    """torch.device-memory's numbers judged against this host's sysfs (an APU's carve-out and
+    GTT pool). A failing verdict is also left in the prefix (unifiedmem.record) for the
+    activation script to repeat on every `source`."""
+    if probe.name != "torch.device-memory" or probe.status != PASS:
+        return probe
+    try:
+        data = json.loads(probe.detail)
+        total, free = int(data["total"]), int(data["free"])
+    except (ValueError, KeyError, TypeError):
+        return Probe(probe.name, FAIL, f"unreadable measurement: {probe.detail[:200]}")
+    root = unifiedmem.det.resolve_root(sysfs_root)
+    pci = unifiedmem.gpu_address(root, archs)
+    if pci is None:
+        return Probe(probe.name, SKIP, f"torch reports {unifiedmem.gib(total)}; no {','.join(archs)} "
+                                       "APU in sysfs to compare with")
+    memory = unifiedmem.read(root, pci)
+    ok, text = unifiedmem.judge(total, free, memory)
+    unifiedmem.record(Path(prefix), None if ok else text, unifiedmem.watched(root, memory))
+    return Probe(probe.name, PASS if ok else FAIL, text)
 
 
 def _parse(output: str) -> list[Probe]:
@@ -144,6 +173,8 @@ def run(prefix: Path, *, archs: tuple[str, ...] | None = None, visible_devices: 
     expect = _expectations(act, receipt)
     env = activate.environment(act)
     probes = run_script_probes(python, expect, env, timeout)
+    if expect.get("unified_memory"):
+        probes = [device_memory_probe(p, prefix, act.archs) for p in probes]
     probes += extension_probes(venv, tuple(expect["archs"]), expect["flash_attn"])
     if deep:
         from . import hfcache

@@ -293,6 +293,19 @@ def _allreduce_rank(spec):
     return 0
 
 
+def torch_device_memory(expect):
+    """What torch reports as device memory on an APU, as numbers: the installer judges them
+    against sysfs (installer/unifiedmem.py judge), which this script cannot import."""
+    if not expect.get("unified_memory"):
+        raise Skip("not a unified-memory target")
+    torch = _torch()
+    dev = _gpu(torch, expect["archs"])
+    # vLLM 0.33.0 sizes itself from torch.accelerator.get_memory_info, i.e. mem_get_info
+    free, total = torch.cuda.mem_get_info(dev)
+    props = torch.cuda.get_device_properties(dev).total_memory
+    return True, json.dumps({"free": int(free), "total": int(total), "total_memory": int(props)})
+
+
 def vllm_import(expect):
     import vllm
 
@@ -388,6 +401,7 @@ PROBES = [
     ("torch.fp8-scaled-mm", fp8_scaled_mm),
     ("torch.idle-cpu", torch_idle_cpu),
     ("torch.tp2", tp2_allreduce),
+    ("torch.device-memory", torch_device_memory),
     ("vllm.import", vllm_import),
     ("vllm.platform", vllm_platform),
     ("vllm.fp8-kernel", vllm_fp8_kernel),

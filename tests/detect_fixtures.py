@@ -247,9 +247,24 @@ RX9070XT_PCI = {"address": "0000:03:00.0", "device": 0x7550, "class": 0x030000, 
                 "driver": "amdgpu", "vram": 16 << 30}
 
 
-def strix_halo_host(root: Path, *, dgpu: bool = False, **kw) -> Path:
+# MemTotal of a 128 GB Strix Halo with the 512 MiB carve-out: AMD's amd-ttm example prints
+# "Total system memory: 125.65 GB" beside the default "16469033 pages (62.82 GB)", which is
+# exactly half of these 32,938,066 pages (amd-debug-tools 0.2.22 docs/amd-ttm.md)
+MEM_128_KIB = 131_752_264
+PAGE = 4096
+
+
+def strix_halo_host(root: Path, *, dgpu: bool = False, mem_total_kib: int | None = MEM_128_KIB,
+                    gttsize: int | None = -1, pages_limit: int | None = None,
+                    gtt_total: int | None = None, ttm_module: str = "ttm", **kw) -> Path:
     """A Framework-Desktop-like Strix Halo box (S3's KFD nodes, ROCm/ROCm#5745), optionally with
-    an RX 9070 XT: KFD numbers the card after the APU's GPU, as both sit on the same kernel."""
+    an RX 9070 XT: KFD numbers the card after the APU's GPU, as both sit on the same kernel.
+
+    Its memory as the kernel shows it: /proc/meminfo MemTotal (None: no file), amdgpu's
+    gttsize parameter in MiB (-1 = not set, None: no file), ttm's pages_limit (None: the
+    kernel default, half of RAM; under amdgpu-dkms the module is "amdttm") and the GPU's
+    mem_info_gtt_total (None: what the kernel derives: gttsize when set, else pages_limit).
+    """
     kfd: dict[int, Mapping[str, int]] = dict(S3_KFD)
     pci = [STRIX_PCI]
     if dgpu:
@@ -257,7 +272,27 @@ def strix_halo_host(root: Path, *, dgpu: bool = False, **kw) -> Path:
         pci.append(RX9070XT_PCI)
     args = dict(kfd=kfd, pci=pci, amdgpu="in-tree", kfd_dev=0o666, render={128: 0o666, 129: 0o666})
     args.update(kw)
-    return fake_sysfs(root, **args)
+    fake_sysfs(root, **args)
+    if mem_total_kib is not None:
+        (root / "proc").mkdir(exist_ok=True)
+        (root / "proc/meminfo").write_text(f"MemTotal:       {mem_total_kib} kB\n"
+                                           f"MemFree:        {mem_total_kib // 2} kB\n")
+        if pages_limit is None:
+            pages_limit = mem_total_kib * 1024 // PAGE // 2
+    if pages_limit is not None:
+        params = root / f"sys/module/{ttm_module}/parameters"
+        params.mkdir(parents=True)
+        (params / "pages_limit").write_text(f"{pages_limit}\n")
+    if gttsize is not None and args.get("amdgpu") is not None:
+        params = root / "sys/module/amdgpu/parameters"
+        params.mkdir(parents=True, exist_ok=True)
+        (params / "gttsize").write_text(f"{gttsize}\n")
+    if gtt_total is None:
+        gtt_total = gttsize << 20 if gttsize and gttsize > 0 else (pages_limit or 0) * PAGE
+    gpu = root / "sys/bus/pci/devices" / STRIX_PCI["address"]
+    if gtt_total and gpu.is_dir():
+        (gpu / "mem_info_gtt_total").write_text(f"{gtt_total}\n")
+    return root
 
 
 def strix_halo_with_9070xt_rocminfo() -> str:

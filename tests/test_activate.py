@@ -293,3 +293,41 @@ def test_toolchain_dirs_already_on_path_are_not_added_twice(shell, prefix):
     assert once["PATH"].split(":").count(rocm_bin) == 1
     assert once["PATH"].split(":").count(str(prefix / "rocm" / "lib" / "llvm" / "bin")) == 1
     assert twice == once and after["PATH"] == start
+
+
+@pytest.mark.parametrize("shell", SH_SHELLS + (["fish"] if HAS_FISH else []))
+def test_an_apu_prefix_repeats_verifys_memory_verdict_when_sourced(shell, prefix):
+    """Sourcing imports no torch: it prints the failing verdict `verify` left (unifiedmem.record)."""
+    from installer import unifiedmem
+
+    script = ("source $argv[1]/activate.fish; echo @@" if shell == "fish"
+              else '. "$1/activate"; echo @@')
+    verdict = "torch reports 0.5 GiB device memory: the BIOS carve-out; --kv-cache-memory-bytes 16G"
+    try:
+        activate.write(activate.plan(prefix, archs=("gfx1151",)))
+        assert "verify found" not in _session(shell, script, prefix)[1].stderr   # no verdict yet
+        sysfs = prefix.parent / "sysfs-pages_limit"      # a watched file, as verify records it
+        sysfs.write_text("16469033\n")
+        unifiedmem.record(prefix, verdict, [sysfs])
+        err = _session(shell, script, prefix)[1].stderr
+        assert f"rdna4: verify found: {verdict}" in err and "rerun `rdna4-install verify`" in err
+        assert "16469033" not in err and unifiedmem.STALE not in err
+        sysfs.write_text("32505856\n")                   # the user raised the TTM limit since
+        err = _session(shell, script, prefix)[1].stderr
+        assert unifiedmem.STALE in err and "verify found" not in err
+        sysfs.unlink()                                    # gone (another kernel): stale as well
+        assert unifiedmem.STALE in _session(shell, script, prefix)[1].stderr
+        unifiedmem.record(prefix, verdict)                # nothing to watch: the verdict stands
+        assert "verify found" in _session(shell, script, prefix)[1].stderr
+        _write(prefix)                                   # an RDNA4 prefix never looks
+        assert "verify found" not in _session(shell, script, prefix)[1].stderr
+        assert "device-memory" not in (prefix / "activate").read_text()
+        shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+        apu = prefix.parent / "apu with space"
+        activate.write(activate.plan(apu, archs=("gfx1151",)))
+        res = subprocess.run([shellcheck, "-s", "sh", str(apu / "activate")], capture_output=True,
+                             text=True)
+        assert res.returncode == 0, res.stdout
+    finally:
+        unifiedmem.record(prefix, None)
+        _write(prefix)
