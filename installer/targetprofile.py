@@ -125,6 +125,18 @@ def of_archs(profiles: Mapping[str, Profile], archs: Iterable[str]) -> Profile |
     return next((p for p in profiles.values() if archs and archs <= set(p.archs)), None)
 
 
+def of_receipt(receipt: Mapping[str, Any], archs: Iterable[str] | None = None,
+               profiles: Mapping[str, Profile] | None = None) -> Profile | None:
+    """The profile an installed prefix was built for: its receipt's "target", else (older
+    receipts) the profile holding its archs; `archs` (a --gpu-arch override) wins."""
+    profiles = load_all() if profiles is None else profiles
+    named = profiles.get(str(receipt.get("target") or ""))
+    archs = tuple(archs or receipt.get("archs") or ())
+    if named is not None and set(archs) <= set(named.archs):
+        return named
+    return of_archs(profiles, archs)
+
+
 def pin_defaults(profile: Profile | None, pins: Mapping[str, Mapping[str, Any]],
                  origins: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """recipes/pins.toml with the profile's pin defaults laid over it (before --pins/--set)."""
