@@ -20,6 +20,8 @@ from .errors import RecipeError, UsageError
 TARGETS_DIR = "targets"
 DEFAULT = "rdna4"
 FP8_KINDS = ("native", "weight-only", "none")
+# [serving] bench_quantization values; bench.QUANT_SERVE_ARGS gives each its serve flags
+BENCH_QUANTIZATIONS = ("fp8", "bf16", "fp16", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ def load_file(path: Path) -> Profile:
     if fp8 not in FP8_KINDS:
         raise RecipeError(f"{where}: [verify] fp8 must be one of {', '.join(FP8_KINDS)}, not {fp8!r}")
     serving = {str(k): str(v) for k, v in _table(where, data, "serving").items()}
+    if serving.get("bench_quantization", "fp8") not in BENCH_QUANTIZATIONS:
+        raise RecipeError(f"{where}: [serving] bench_quantization must be one of "
+                          f"{', '.join(BENCH_QUANTIZATIONS)}, not {serving['bench_quantization']!r}")
     return Profile(name=name, description=str(target.get("description", "")), archs=tuple(archs),
                    integrated=bool(target.get("integrated", False)), pins=pins, leave_out=leave_out,
                    fp8=fp8, unified_memory=bool(_table(where, data, "doctor").get("unified_memory", False)),
