@@ -167,3 +167,14 @@ def test_the_fp8_kv_profile_is_refused_on_strix_halo_and_the_hint_runs(tmp_path,
     assert next(line for line in ran.output.splitlines() if line.startswith("metric")).split() == \
         ["metric", "strix-halo", "rdna4-seed"]
     assert any(line.startswith("rdna4-seed:") and "context only" in line for line in ran.output.splitlines())
+
+
+def test_the_report_benches_the_serving_profiles_that_fit_the_target(tmp_path):
+    from installer import report
+
+    strix_prefix(tmp_path / "strix")
+    install_fake_vllm(tmp_path / "rdna4")
+    assert dict(report.steps(tmp_path / "strix", model=None, tune_model=None, bench=True))["bench"][-4:] == \
+        ["--profile", "seed", "--profile", "strix-halo"]
+    assert dict(report.steps(tmp_path / "rdna4", model=None, tune_model=None, bench=True))["bench"][-4:] == \
+        ["--profile", "seed", "--profile", "rdna4-16g"]
