@@ -712,8 +712,7 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
         raise click.exceptions.Exit(1)
 
 
-@cli.command(epilog=examples("rdna4-install bench --prefix ~/rdna4",
-                             "rdna4-install bench --profile seed --profile rdna4-16g",
+@cli.command(epilog=examples("rdna4-install bench --profile seed --profile rdna4-16g",
                              "rdna4-install bench --prefix ~/strix --profile strix-halo",
                              "rdna4-install bench --baseline before.json"))
 @prefix_opt
