@@ -89,12 +89,9 @@ class version:
 class _Props:
     gcnArchName = os.environ["FAKE_ARCH"] + ":sramecc-:xnack-"
 class cuda:
-    @staticmethod
-    def is_available(): return True
-    @staticmethod
-    def device_count(): return 1
-    @staticmethod
-    def get_device_properties(i): return _Props()
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    get_device_properties = staticmethod(lambda i: _Props())
 '''
 # vLLM 0.33.0's names: vllm/platforms current_platform; kernels/linear
 # choose_scaled_mm_linear_kernel and _POSSIBLE_FP8_KERNELS; the layer config and quant keys
