@@ -5,6 +5,11 @@ given), waits for GET /health, runs `vllm bench serve` against it, saves the
 result under PREFIX/bench/ and compares it with the published RX 9070 XT
 figures. The server is always stopped: on success, on failure and on Ctrl-C.
 
+The model and its quantization default to the prefix's target profile's [serving]
+bench_model / bench_quantization (recipes/targets/<name>.toml): RDNA4 the reference
+FP8 model, Strix Halo (no FP8) a 16-bit one. The RX 9070 XT figures are then still
+shown, labelled as a different GPU, model and quantization, for context only.
+
 Names below come from the vLLM 0.33.0 sdist:
 - server flags `--host` / `--port`: vllm/entrypoints/common/cli_args.py:293-295
 - readiness: `GET /health` answers 200 once the engine is up:
@@ -29,10 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import activate, proc
+from . import activate, proc, state, targetprofile
 from .errors import InstallerError, StepFailed, UsageError
 
 REFERENCE_MODEL = "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"  # CompressedTensors FP8
+REFERENCE_TARGET, REFERENCE_QUANTIZATION = "rdna4", "fp8"
+# `vllm serve` flags per [serving] bench_quantization: a quantized checkpoint names its
+# method in its config.json (vLLM reads it), so only the 16-bit dtypes are made explicit
+# (--dtype: vLLM 0.33.0 vllm/engine/arg_utils.py:977, "auto" otherwise)
+QUANT_SERVE_ARGS = {"fp8": (), "awq": (), "gptq": (),
+                    "bf16": ("--dtype", "bfloat16"), "fp16": ("--dtype", "float16")}
 DEFAULT_REQUEST_RATE = 10.0
 # vLLM's own default prompt count (datasets.py:70): at 10 req/s it keeps
 # arriving for ~100 s, far past what one card can serve, so the server saturates.
@@ -61,6 +72,29 @@ class BenchResult:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     label: str = "this run"                    # the column title: a profile name, "baseline"
     serve_args: tuple[str, ...] = ()
+    target: str = ""                           # the prefix's target profile ("" unknown)
+    quantization: str = ""                     # the profile's bench_quantization ("" unknown)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What `bench` serves on a prefix: from its target profile's [serving] table."""
+    model: str
+    quantization: str            # "" for a model given with --model (unknown to us)
+    serve_args: tuple[str, ...]  # the quantization's `vllm serve` flags
+    target: targetprofile.Profile | None
+
+
+def defaults(prefix: Path, model: str | None = None) -> Defaults:
+    """The target profile's bench model and quantization; a --model other than it is served
+    as given, without flags."""
+    target = targetprofile.of_receipt(state.read_receipt(Path(prefix)) or {})
+    serving = target.serving if target is not None else {}
+    bench_model = serving.get("bench_model", REFERENCE_MODEL)
+    quantization = serving.get("bench_quantization", REFERENCE_QUANTIZATION)
+    if model is not None and model != bench_model:
+        return Defaults(model, "", (), target)
+    return Defaults(bench_model, quantization, QUANT_SERVE_ARGS[quantization], target)
 
 
 def free_port() -> int:
@@ -134,12 +168,13 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEFAULT_REQUEST_RATE,
+def run(prefix: Path, *, model: str | None = None, request_rate: float = DEFAULT_REQUEST_RATE,
         num_prompts: int = DEFAULT_NUM_PROMPTS, port: int | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT, extra_serve_args: list[str] | tuple = (),
         extra_bench_args: list[str] | tuple = (), visible_devices: str = "",
         ui: Any = None, profile: Any = None) -> BenchResult:
-    """One served benchmark; `profile` (profiles.Profile) puts its server flags first."""
+    """One served benchmark of `model` (default: the target profile's); `profile`
+    (profiles.Profile) puts its server flags first."""
     prefix = Path(prefix)
     vllm = prefix / "venv" / "bin" / "vllm"
     if not vllm.exists():
@@ -148,11 +183,14 @@ def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEF
     if request_rate <= 0 or num_prompts <= 0:
         raise UsageError("--request-rate and --num-prompts must be positive")
     env = activate.environment(activate.from_receipt(prefix, visible_devices=visible_devices))
+    chosen = defaults(prefix, model)
+    model = chosen.model
     out_dir = prefix / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{_slug(model)}" + (f"-{profile.name}" if profile is not None else "")
-    extra_serve_args = [*(profile.serve_args if profile is not None else ()), *extra_serve_args]
+    extra_serve_args = [*(profile.serve_args if profile is not None else ()), *chosen.serve_args,
+                        *extra_serve_args]
     server_log, client_log = out_dir / f"{name}-serve.log", out_dir / f"{name}-client.log"
     result_file = out_dir / f"{name}.json"
     port = port or free_port()
@@ -183,10 +221,11 @@ def run(prefix: Path, *, model: str = REFERENCE_MODEL, request_rate: float = DEF
     metrics = {key: _number(raw.get(key)) for _, key, *_ in METRICS}
     return BenchResult(model=model, result_file=result_file, server_log=server_log,
                        metrics=metrics, raw=raw, label=profile.name if profile is not None else "this run",
-                       serve_args=tuple(extra_serve_args))
+                       serve_args=tuple(extra_serve_args), quantization=chosen.quantization,
+                       target=chosen.target.name if chosen.target is not None else "")
 
 
-def run_profiles(prefix: Path, names: tuple[str, ...] | list[str], *, model: str = REFERENCE_MODEL,
+def run_profiles(prefix: Path, names: tuple[str, ...] | list[str], *, model: str | None = None,
                  echo: Any = print, **kwargs: Any) -> list[BenchResult]:
     """One run per named profile (none: one run with vLLM's defaults), one after the other.
 
@@ -195,12 +234,16 @@ def run_profiles(prefix: Path, names: tuple[str, ...] | list[str], *, model: str
         return [run(prefix, model=model, **kwargs)]
     from . import profiles
 
-    chosen = [profiles.resolve(name, model) for name in names]
+    d = defaults(prefix, model)
+    # an uncached 16-bit 8B model weighs twice the reference FP8 one
+    assumed = profiles.BF16_8B_WEIGHTS if d.quantization in ("bf16", "fp16") else None
+    chosen = [profiles.resolve(name, d.model, target=d.target, assumed_weights=assumed, prefix=prefix)
+              for name in names]
     for profile in chosen:
-        echo(f"{profile.name}: {profiles.serve_line(prefix, model, profile)}")
+        echo(f"{profile.name}: {profiles.serve_line(prefix, d.model, profile, d.serve_args)}")
         for note in profile.notes:
             echo(f"  {note}")
-    return [run(prefix, model=model, profile=profile, **kwargs) for profile in chosen]
+    return [run(prefix, model=d.model, profile=profile, **kwargs) for profile in chosen]
 
 
 def load_result(path: Path, label: str = "baseline") -> BenchResult:
@@ -217,9 +260,26 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if unit == "requests" else f"{value:,.2f}"
 
 
+def _reference_note(results: tuple[BenchResult, ...]) -> tuple[str, str]:
+    """(the reference column's title, the line saying what it is)."""
+    ref = f"RX 9070 XT (gfx1201), {REFERENCE_MODEL}, request rate 10"
+    elsewhere = next((r for r in results if r.target and r.target != REFERENCE_TARGET), None)
+    if elsewhere is not None:
+        what = f"{elsewhere.model}" + (f" in {elsewhere.quantization}" if elsewhere.quantization else "")
+        return "rdna4-seed", (f"rdna4-seed: {ref} in {REFERENCE_QUANTIZATION}; shown for context only: "
+                              f"a different GPU, model and quantization than this run "
+                              f"({elsewhere.target}: {what}), so the figures are not comparable")
+    note = f"reference: {ref}"
+    other = next((r.model for r in results if r.model != REFERENCE_MODEL), None)
+    if other:
+        note += f" (this run used {other}, so the figures are not comparable)"
+    return "reference", note
+
+
 def format_comparison(*results: BenchResult) -> str:
     """The runs side by side, then the reference (seed) figures."""
-    rows = [("metric", *(r.label for r in results), "reference", "")]
+    title, note = _reference_note(results)
+    rows = [("metric", *(r.label for r in results), title, "")]
     for label, key, _ref, unit, shown in METRICS:
         rows.append((label, *(_fmt(r.metrics.get(key), unit) for r in results), shown, unit))
     cols = len(rows[0]) - 1
@@ -231,9 +291,5 @@ def format_comparison(*results: BenchResult) -> str:
         if done is not None:
             who = "" if len(results) == 1 else f"{r.label}: "
             lines.append(f"{who}requests: {done} completed" + (f", {failed} failed" if failed else ""))
-    note = f"reference: RX 9070 XT (gfx1201), {REFERENCE_MODEL}, request rate 10"
-    other = next((r.model for r in results if r.model != REFERENCE_MODEL), None)
-    if other:
-        note += f" (this run used {other}, so the figures are not comparable)"
     lines += [note] + [f"result saved to {r.result_file}" for r in results if r.label != "baseline"]
     return "\n".join(lines)

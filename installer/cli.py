@@ -265,7 +265,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
 
 def _one_target(prefix: Path, receipt: dict[str, Any], profile: Any, profiles: Any) -> None:
     """One prefix holds one target profile: a rerun that chose another is refused."""
-    had = str(receipt.get("target") or "") or getattr(targetprofile.of_receipt(receipt, profiles), "name", "")
+    had = str(receipt.get("target") or "") or getattr(targetprofile.of_receipt(receipt, profiles=profiles), "name", "")
     if had and profile is not None and profile.name != had:
         raise UsageError(f"{prefix} holds target {had}; this run chose {profile.name} "
                          "(one prefix holds one target)",
@@ -716,11 +716,12 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
         raise click.exceptions.Exit(1)
 
 
-@cli.command(epilog=examples("rdna4-install bench --prefix ~/rdna4",
-                             "rdna4-install bench --profile seed --profile rdna4-16g",
+@cli.command(epilog=examples("rdna4-install bench --profile seed --profile rdna4-16g",
+                             "rdna4-install bench --prefix ~/strix --profile strix-halo",
                              "rdna4-install bench --baseline before.json"))
 @prefix_opt
-@click.option("--model", default=None, help="Model to serve [default: the reference FP8 Llama-3.1-8B].")
+@click.option("--model", default=None, help="Model to serve [default: the target profile's bench model: "
+              "the reference FP8 Llama-3.1-8B on rdna4, a BF16 one on strix-halo].")
 @click.option("--request-rate", type=float, default=None, help="Requests per second [default: 10].")
 @click.option("--num-prompts", type=int, default=None, help="Prompts to send [default: 1000].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Server port [default: a free one].")
@@ -728,9 +729,11 @@ def verify(obj: Obj, prefix: Path | None, as_json: bool, timeout: float, deep: b
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG", help="Extra `vllm serve` argument.")
 @click.option("--bench-arg", "bench_args", multiple=True, metavar="ARG",
               help="Extra `vllm bench serve` argument.")
-@click.option("--profile", "profile_names", multiple=True, type=click.Choice(["seed", "rdna4-16g"]),
+@click.option("--profile", "profile_names", multiple=True,
+              type=click.Choice(["seed", "rdna4-16g", "strix-halo"]),
               help="Server settings to run, side by side (repeatable): seed = the reference's, "
-                   "rdna4-16g = FP8 KV cache, KV offloading to RAM, batch sized from free VRAM.")
+                   "rdna4-16g = FP8 KV cache, KV offloading to RAM, batch sized from free VRAM "
+                   "(FP8 targets), strix-halo = a large 16-bit KV cache in unified memory.")
 @click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="An earlier result file (PREFIX/bench/*.json) to show beside this run, e.g. before `tune`.")
 @pass_obj
@@ -738,7 +741,7 @@ def bench(obj: Obj, prefix: Path | None, model: str | None, request_rate: float 
           num_prompts: int | None, port: int | None, ready_timeout: float | None,
           serve_args: tuple[str, ...], bench_args: tuple[str, ...], profile_names: tuple[str, ...],
           baseline: Path | None) -> None:
-    """Serve the reference model and measure throughput against the reference figures."""
+    """Serve the target's bench model and measure throughput beside the reference figures."""
     from . import bench as bn
 
     kwargs: dict[str, Any] = {k: v for k, v in (("model", model), ("request_rate", request_rate),

@@ -29,7 +29,11 @@ def steps(prefix: Path, *, model: str | None, tune_model: str | None, bench: boo
     if tune_model:
         out.append(("tune", ["tune", *p, "--model", tune_model]))
     if bench:
-        baseline = ["--profile", "seed", "--profile", "rdna4-16g"]
+        # the serving profiles that fit the prefix's target (rdna4: seed and rdna4-16g)
+        from . import profiles, targetprofile
+
+        target = targetprofile.of_receipt(state.read_receipt(prefix) or {})
+        baseline = [arg for name in profiles.offered(target) for arg in ("--profile", name)]
         out.append(("bench", ["bench", *p, *baseline, *(["--model", tune_model] if tune_model else [])]))
     return out
 

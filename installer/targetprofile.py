@@ -20,6 +20,8 @@ from .errors import RecipeError, UsageError
 TARGETS_DIR = "targets"
 DEFAULT = "rdna4"
 FP8_KINDS = ("native", "weight-only", "none")
+# [serving] bench_quantization values; bench.QUANT_SERVE_ARGS gives each its serve flags
+BENCH_QUANTIZATIONS = ("fp8", "bf16", "fp16", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ def load_file(path: Path) -> Profile:
     if fp8 not in FP8_KINDS:
         raise RecipeError(f"{where}: [verify] fp8 must be one of {', '.join(FP8_KINDS)}, not {fp8!r}")
     serving = {str(k): str(v) for k, v in _table(where, data, "serving").items()}
+    if serving.get("bench_quantization", "fp8") not in BENCH_QUANTIZATIONS:
+        raise RecipeError(f"{where}: [serving] bench_quantization must be one of "
+                          f"{', '.join(BENCH_QUANTIZATIONS)}, not {serving['bench_quantization']!r}")
     return Profile(name=name, description=str(target.get("description", "")), archs=tuple(archs),
                    integrated=bool(target.get("integrated", False)), pins=pins, leave_out=leave_out,
                    fp8=fp8, unified_memory=bool(_table(where, data, "doctor").get("unified_memory", False)),
@@ -126,12 +131,16 @@ def of_archs(profiles: Mapping[str, Profile], archs: Iterable[str]) -> Profile |
     return next((p for p in profiles.values() if archs and archs <= set(p.archs)), None)
 
 
-def of_receipt(receipt: Mapping[str, Any], profiles: Mapping[str, Profile] | None = None) -> Profile | None:
-    """The profile a prefix was built for: its receipt's `target`, else (older receipts) the
-    profile holding its archs."""
+def of_receipt(receipt: Mapping[str, Any], archs: Iterable[str] | None = None,
+               profiles: Mapping[str, Profile] | None = None) -> Profile | None:
+    """The profile an installed prefix was built for: its receipt's "target", else (older
+    receipts) the profile holding its archs; `archs` (a --gpu-arch override) wins."""
     profiles = load_all() if profiles is None else profiles
-    name = str(receipt.get("target") or "")
-    return profiles.get(name) if name else of_archs(profiles, receipt.get("archs") or ())
+    named = profiles.get(str(receipt.get("target") or ""))
+    archs = tuple(archs or receipt.get("archs") or ())
+    if named is not None and set(archs) <= set(named.archs):
+        return named
+    return of_archs(profiles, archs)
 
 
 def pin_defaults(profile: Profile | None, pins: Mapping[str, Mapping[str, Any]],

@@ -17,7 +17,7 @@ from . import activate, codeobjects, proc, state, targetprofile, unifiedmem, ver
 from .pyenv import site_packages
 from .errors import InstallerError
 
-PASS, FAIL, SKIP = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP
+PASS, FAIL, SKIP, INFO = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP, verify_probes.INFO
 PROBES_SCRIPT = Path(verify_probes.__file__)
 # what verify_probes.py reports, in order; a crash leaves the rest "not reached"
 SCRIPT_PROBES = tuple(name for name, _ in verify_probes.PROBES)
@@ -29,7 +29,7 @@ PROBE_TIMEOUT = 900.0  # first GPU init plus the vLLM import can take minutes on
 @dataclass(frozen=True)
 class Probe:
     name: str
-    status: str   # pass | fail | skip
+    status: str   # pass | fail | skip | info (what this target does instead, e.g. its FP8 path)
     detail: str
 
     def to_json(self) -> dict[str, str]:
@@ -40,9 +40,11 @@ def _expectations(act: activate.Activation, receipt: dict) -> dict:
     torch_pins = (receipt.get("pins") or {}).get("torch") or {}
     expect = {"archs": list(act.archs), "torch": str(torch_pins.get("torch", "")),
               "rocm": str(torch_pins.get("rocm", "")), "flash_attn": act.flash_attention_backend}
-    profiles = targetprofile.load_all()
-    profile = (profiles.get(str(receipt.get("target"))) if receipt.get("target")
-               else targetprofile.of_archs(profiles, act.archs))
+    # which FP8 probes apply is the target profile's [verify] fp8; the probes' default
+    # is native, so only a target without native FP8 says so
+    profile = targetprofile.of_receipt(receipt, act.archs)
+    if profile is not None and profile.fp8 != verify_probes.NATIVE:
+        expect["fp8"] = profile.fp8
     if profile is not None and profile.unified_memory:
         expect["unified_memory"] = True    # torch.device-memory measures, device_memory_probe judges
     return expect
@@ -82,7 +84,7 @@ def _parse(output: str) -> list[Probe]:
         except json.JSONDecodeError:
             continue
         if isinstance(data, dict) and {"name", "status", "detail"} <= set(data) \
-                and data["status"] in (PASS, FAIL, SKIP):
+                and data["status"] in (PASS, FAIL, SKIP, INFO):
             found.append(Probe(str(data["name"]), data["status"], str(data["detail"])))
     return found
 
@@ -194,8 +196,9 @@ def format_table(probes: list[Probe]) -> str:
     width = max((len(p.name) for p in probes), default=5)
     lines = [f"{'probe':<{width}}  result  detail"]
     lines += [f"{p.name:<{width}}  {p.status:<6}  {p.detail}" for p in probes]
-    counts = {s: sum(p.status == s for p in probes) for s in (PASS, FAIL, SKIP)}
-    lines.append(f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped")
+    counts = {s: sum(p.status == s for p in probes) for s in (PASS, FAIL, SKIP, INFO)}
+    lines.append(f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped"
+                 + (f", {counts[INFO]} for information" if counts[INFO] else ""))
     return "\n".join(lines)
 
 

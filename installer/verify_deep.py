@@ -146,13 +146,27 @@ def _fp8_config(layer: str):
                                         out_dtype=torch.bfloat16)
 
 
-def measure_fp8_kernel(expect, layer: str) -> str:
+def fp8_kernel_probe(expect, layer: str):
+    """The kernel vLLM picks for a `layer` FP8 layer. Native FP8 targets must get a native
+    one (a refusal raises: a failure); on the others vLLM's choice or refusal is reported
+    as what an FP8 checkpoint would do there (verify_probes.judge_fp8_kernel)."""
     _device(expect)
     _vllm()
     from vllm.model_executor.kernels.linear import _POSSIBLE_FP8_KERNELS, choose_scaled_mm_linear_kernel
 
-    return choose_scaled_mm_linear_kernel(_fp8_config(layer), _POSSIBLE_FP8_KERNELS,
-                                          quantization="fp8_w8a8").__name__
+    kind = vp.fp8_kind(expect)
+    if kind == vp.NATIVE:
+        return judge_fp8_kernel(layer, choose_scaled_mm_linear_kernel(
+            _fp8_config(layer), _POSSIBLE_FP8_KERNELS, quantization="fp8_w8a8").__name__)
+    status, detail = vp.judge_fp8_kernel(kind, *vp.choose_fp8_kernel(
+        choose_scaled_mm_linear_kernel, _fp8_config(layer), _POSSIBLE_FP8_KERNELS))
+    return status, f"{layer}: {detail}"
+
+
+def fp8_gemm_probe(expect):
+    if vp.fp8_kind(expect) != vp.NATIVE:
+        raise Skip(f"target has no FP8 matrix instructions (fp8 = {vp.fp8_kind(expect)}): no FP8 GEMM to test")
+    return judge_fp8_gemm(measure_fp8_gemm(expect))
 
 
 def measure_fp8_gemm(expect) -> dict:
@@ -272,9 +286,9 @@ def measure_generate(expect) -> tuple[str, list[str], str]:
 PROBES = [
     ("deep.llmm1-k4096", lambda e: judge_llmm1(measure_llmm1(e, 4096))),
     ("deep.llmm1-k6144", lambda e: judge_llmm1(measure_llmm1(e, 6144))),
-    ("deep.fp8-kernel-per-tensor", lambda e: judge_fp8_kernel("per-tensor", measure_fp8_kernel(e, "per-tensor"))),
-    ("deep.fp8-kernel-per-channel", lambda e: judge_fp8_kernel("per-channel", measure_fp8_kernel(e, "per-channel"))),
-    ("deep.fp8-gemm", lambda e: judge_fp8_gemm(measure_fp8_gemm(e))),
+    ("deep.fp8-kernel-per-tensor", lambda e: fp8_kernel_probe(e, "per-tensor")),
+    ("deep.fp8-kernel-per-channel", lambda e: fp8_kernel_probe(e, "per-channel")),
+    ("deep.fp8-gemm", fp8_gemm_probe),
     ("deep.flash_attn-backend", lambda e: judge_fa_backend(e["flash_attn"], *measure_fa_backend(e))),
     ("deep.flash_attn-varlen", None),   # forward and backward share one measurement
     ("deep.vllm-generate", lambda e: judge_generate(*measure_generate(e))),

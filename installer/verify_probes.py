@@ -25,7 +25,8 @@ import tempfile
 import time
 import traceback
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
+NATIVE = "native"   # the target profile's [verify] fp8 kind with FP8 matrix instructions
 
 # vLLM 0.33.0 vllm/model_executor/kernels/linear/__init__.py:468-476 lists the
 # ROCm FP8 scaled-mm kernels in priority order. All of them multiply in FP8
@@ -43,6 +44,29 @@ NATIVE_FP8_KERNELS = {
     "AiterPreshuffledPerTokenFp8ScaledMMLinearKernel",
     "AiterPerTokenFp8ScaledMMLinearKernel",
 }
+
+# What vLLM 0.33.0 does with an FP8 checkpoint on a GPU without FP8 matrix
+# instructions (gfx1151, RDNA 3.5), read in the 0.33.0 sdist:
+# - vllm/platforms/rocm.py:1255-1256: supports_fp8() is on_cdna() or on_rdna(), and
+#   on_rdna() covers every gfx11/gfx12 (rocm.py:217, 232), so it is True on gfx1151 too:
+#   it does not tell FP8-capable hardware apart here.
+# - A per-tensor/per-channel FP8 linear layer (fp8.py:347 init_fp8_linear_kernel; a
+#   compressed-tensors checkpoint takes the W8A8 scheme since gfx1151's capability 115 >= 89,
+#   compressed_tensors.py:896-903, compressed_tensors_w8a8_fp8.py:83-85) picks from the ROCm
+#   list kernels/linear/__init__.py:468-476. On gfx1151 none qualifies: the AITER kernels need
+#   VLLM_ROCM_USE_AITER and an aiter build (scaled_mm/aiter.py:129-147, 222-245);
+#   ROCmFP8ScaledMMLinearKernel needs CDNA3+ or gfx12x (scaled_mm/rocm.py:89-90); the torch
+#   _scaled_mm kernels need gfx942/gfx950/gfx12x/gfx1250 (scaled_mm/pytorch.py:31-34, 46-47).
+#   choose_scaled_mm_linear_kernel then raises "Failed to find a kernel ..."
+#   (kernels/linear/__init__.py:740-743): the model does not load.
+# - There is no weight-only (W8A16) FP8 fallback on ROCm: Marlin/Humming are CUDA-only
+#   entries, and _POSSIBLE_WFP8A16_KERNELS[ROCM] is empty, "To be added"
+#   (kernels/linear/__init__.py:522-529).
+# - Block-FP8 checkpoints go to TritonFp8BlockScaledMMKernel (scaled_mm/triton.py:199-204,
+#   any CUDA-alike platform); whether Triton lowers its FP8 dot on gfx11 is UNCONFIRMED.
+NO_FP8_KERNEL = ("no FP8 linear kernel for this GPU in this vLLM: FP8 (per-tensor/per-channel) "
+                 "checkpoints fail to load; serve BF16 or AWQ/GPTQ int4 weights "
+                 "(ROCm has no weight-only FP8 fallback in vLLM 0.33.0)")
 
 
 class Skip(Exception):
@@ -64,8 +88,9 @@ def probe(name: str, fn, *args) -> bool:
         emit(name, FAIL, f"{type(exc).__name__}: {exc} ({last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
         return False
     ok, detail = result
-    emit(name, PASS if ok else FAIL, detail)
-    return ok
+    status = ok if isinstance(ok, str) else (PASS if ok else FAIL)   # a judge may name the status
+    emit(name, status, detail)
+    return status != FAIL
 
 
 def _torch():
@@ -140,7 +165,15 @@ def torch_gpu_arch(expect):
     return ok, f"GPUs: {', '.join(seen)}; target {','.join(expect['archs'])}"
 
 
+def fp8_kind(expect):
+    """The target profile's FP8 kind: native (RDNA4), weight-only or none."""
+    return expect.get("fp8") or NATIVE
+
+
 def fp8_scaled_mm(expect):
+    if fp8_kind(expect) != NATIVE:
+        raise Skip(f"target has no FP8 matrix instructions (fp8 = {fp8_kind(expect)}): "
+                   "no FP8 GEMM to test; the FP8 path vLLM takes is vllm.fp8-kernel's")
     torch = _torch()
     dev = _gpu(torch, expect["archs"])
     fp8 = torch.float8_e4m3fn  # OCP FP8: gfx12 does not use the fnuz variant
@@ -312,17 +345,46 @@ def vllm_import(expect):
     return True, f"vllm {vllm.__version__}"
 
 
+def judge_platform(kind, platform, is_rocm, supports_fp8, fp8_dtype=""):
+    """vllm.platform's verdict: (status, detail). `kind` is the target's FP8 kind."""
+    if not is_rocm:
+        return FAIL, (f"platform is {platform}, not ROCm "
+                      "(vLLM needs `import amdsmi` to work and to see the GPU)")
+    if kind == NATIVE:
+        if not supports_fp8:
+            return FAIL, "ROCm platform, but supports_fp8() is False"
+        return PASS, f"ROCm, FP8 supported ({fp8_dtype})"
+    # vLLM 0.33.0 answers True on every RDNA (rocm.py:1255-1256), so True is no claim here
+    said = "True (vLLM counts every RDNA GPU)" if supports_fp8 else "False"
+    return PASS, (f"ROCm; supports_fp8() is {said}, but this target has no FP8 matrix "
+                  f"instructions (fp8 = {kind}): see vllm.fp8-kernel for the FP8 path")
+
+
 def vllm_platform(expect):
     torch = _torch()
     _gpu(torch, expect["archs"])
     from vllm.platforms import current_platform
 
-    if not current_platform.is_rocm():
-        return False, (f"platform is {type(current_platform).__name__}, not ROCm "
-                       "(vLLM needs `import amdsmi` to work and to see the GPU)")
-    if not current_platform.supports_fp8():
-        return False, "ROCm platform, but supports_fp8() is False"
-    return True, f"ROCm, FP8 supported ({current_platform.fp8_dtype()})"
+    is_rocm = current_platform.is_rocm()
+    fp8 = is_rocm and current_platform.supports_fp8()
+    return judge_platform(fp8_kind(expect), type(current_platform).__name__, is_rocm, fp8,
+                          str(current_platform.fp8_dtype()) if fp8 else "")
+
+
+def judge_fp8_kernel(kind, kernel, refusal=""):
+    """vllm.fp8-kernel's verdict: (status, detail) for the class vLLM chose (None when it
+    raised `refusal`), on a target of FP8 kind `kind`."""
+    if kind == NATIVE:
+        if kernel in NATIVE_FP8_KERNELS:
+            return PASS, f"{kernel} (native FP8)"
+        return FAIL, f"{kernel} is not a native FP8 kernel (a dequantizing fallback)"
+    if kernel is None:
+        first = refusal.strip().splitlines()[0][:120] if refusal.strip() else "no reason given"
+        return INFO, f"{NO_FP8_KERNEL} [vLLM: {first}]"
+    if kernel in NATIVE_FP8_KERNELS:
+        return FAIL, (f"{kernel} is a native FP8 kernel, but this target has no FP8 matrix "
+                      f"instructions (fp8 = {kind}): an FP8 checkpoint would fail at run time")
+    return INFO, f"weight-only: {kernel} dequantizes FP8 weights to 16 bit for the GEMM"
 
 
 def vllm_fp8_kernel(expect):
@@ -347,11 +409,21 @@ def vllm_fp8_kernel(expect):
     config = FP8ScaledMMLinearLayerConfig(
         weight_quant_key=kFp8StaticTensorSym, activation_quant_key=kFp8StaticTensorSym,
         weight_shape=(4096, 4096), input_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
-    kernel = choose_scaled_mm_linear_kernel(config, _POSSIBLE_FP8_KERNELS, quantization="fp8_w8a8")
-    name = kernel.__name__
-    if name in NATIVE_FP8_KERNELS:
-        return True, f"{name} (native FP8)"
-    return False, f"{name} is not a native FP8 kernel (a dequantizing fallback)"
+    kind = fp8_kind(expect)
+    if kind == NATIVE:   # a refusal is a failure on FP8 hardware: let it propagate as one
+        return judge_fp8_kernel(kind, choose_scaled_mm_linear_kernel(
+            config, _POSSIBLE_FP8_KERNELS, quantization="fp8_w8a8").__name__)
+    return judge_fp8_kernel(kind, *choose_fp8_kernel(choose_scaled_mm_linear_kernel, config,
+                                                     _POSSIBLE_FP8_KERNELS))
+
+
+def choose_fp8_kernel(choose, config, kernels):
+    """(class name, "") of the FP8 kernel vLLM picks, or (None, its refusal) when it finds
+    none: choose_scaled_mm_linear_kernel raises ValueError then (__init__.py:740-743)."""
+    try:
+        return choose(config, kernels, quantization="fp8_w8a8").__name__, ""
+    except ValueError as exc:
+        return None, str(exc)
 
 
 def _flash_attn(expect):
