@@ -173,9 +173,12 @@ def test_without_the_profile_a_gfx1151_refusal_is_a_failure(tmp_path):
 # --- verify.run: the profile comes from the receipt ----------------------------------------
 
 def _strix_lines():
-    lines = [json.dumps(d) for d in ALL_PASS if d["name"] != "vllm.fp8-kernel"]
-    lines.append(json.dumps({"name": "vllm.fp8-kernel", "status": "info", "detail": vp.NO_FP8_KERNEL}))
-    return lines
+    by = {d["name"]: d for d in ALL_PASS}
+    by["vllm.fp8-kernel"] = {"name": "vllm.fp8-kernel", "status": "info", "detail": vp.NO_FP8_KERNEL}
+    # an APU target also measures device memory (judged against sysfs: this host has no APU)
+    by["torch.device-memory"] = {"name": "torch.device-memory", "status": "pass",
+                                 "detail": json.dumps({"total": 64 << 30, "free": 60 << 30})}
+    return [json.dumps(by[name]) for name, _ in vp.PROBES if name in by]
 
 
 @pytest.mark.parametrize("recorded_target", ["strix-halo", None])   # None: a receipt from before targets
