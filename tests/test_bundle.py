@@ -53,3 +53,16 @@ def test_not_a_bundle(tmp_path):
     out.write_bytes(b"PK\x03\x04 a zip")
     with pytest.raises(InstallerError, match="not an rdna4-install bundle"):
         bundle.unpack(str(out), cache_dir=tmp_path / "cache", prefix=tmp_path / "q", archs=("gfx1201",), ui=None)
+
+
+def test_a_bundle_of_another_target_profile_is_refused_naming_it(tmp_path):
+    stage, manifest = _stage(tmp_path, {"a": b"one"}, archs=("gfx1151",))
+    manifest["target"] = "strix-halo"
+    out = tmp_path / "b.bundle"
+    bundle._write(stage, manifest, str(out))
+    with pytest.raises(InstallerError) as err:
+        bundle.unpack(str(out), cache_dir=tmp_path / "cache", prefix=tmp_path / "q", archs=("gfx1201",), ui=None)
+    assert err.value.message == (f"bundle {out} was built for target strix-halo (gfx1151), but this install "
+                                 "targets gfx1201; nothing was installed")
+    assert "--gpu-arch gfx1151" in err.value.hint
+    assert not (tmp_path / "q").exists()

@@ -74,6 +74,7 @@ def test_bundle_installs_a_second_prefix_offline_with_no_compiler(made, tmp_path
     manifest = _members(bundle)[0]
     names = set(manifest["members"])
     assert manifest["archs"] == ["gfx1201"] and manifest["compression"] in ("gzip", "zstd")
+    assert manifest["target"] == "rdna4"
     assert any(n.startswith("mirror/files/") and "therock-dist" in n for n in names), "toolchain tarball"
     assert any(n.startswith("wheels/vllm/") and n.endswith(".whl") for n in names), "built vLLM wheel"
     assert any(n.startswith("wheels/flash-attention/") and n.endswith(".whl") for n in names)
