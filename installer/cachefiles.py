@@ -35,15 +35,21 @@ def planned_downloads(plan: Any) -> dict[str, str]:
     return out
 
 
-def add(files: tuple[Path, ...], *, url: str | None, planned: dict[str, str], cache_dir: Path,
-        ui: Any = None) -> list[tuple[Path, str, download.Fetched]]:
-    """Add each file under its URL; a file whose hash is wrong is refused (nothing is added for it)."""
+def check_files(files: tuple[Path, ...], url: str | None) -> None:
+    """Refuse what needs no plan to judge (a missing file, --url for several) before planning,
+    which may need the network."""
     if url and len(files) > 1:
         raise UsageError("--url names the URL of one file, but several were given",
                          hint="run `rdna4-install cache add FILE --url URL` once per file")
     for f in files:
         if not f.is_file():
             raise UsageError(f"no such file: {f}", hint="give the path of the file you downloaded")
+
+
+def add(files: tuple[Path, ...], *, url: str | None, planned: dict[str, str], cache_dir: Path,
+        ui: Any = None) -> list[tuple[Path, str, download.Fetched]]:
+    """Add each file under its URL; a file whose hash is wrong is refused (nothing is added for it)."""
+    check_files(files, url)
     done = []
     for f in files:
         where = url or _url_for(f, planned)

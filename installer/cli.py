@@ -19,7 +19,7 @@ import click
 
 from . import __version__, targetprofile
 from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
-from .ui import UI, use_color
+from .ui import UI, record_commands, use_color
 
 
 
@@ -70,6 +70,8 @@ class _Grammar:
 
 
 def _json_error(message: str, hint: str | None) -> None:
+    record_commands(message)
+    record_commands(hint)
     click.echo(json.dumps({"error": message, "hint": hint}, indent=2))
 
 
@@ -681,6 +683,8 @@ def doctor(obj: Obj, prefix: Path | None, cache_dir: Path | None, recipes_dir: P
     if too_many:   # builds use the capped number; say so where the host is judged
         checks.append(doc.Check("jobs", doc.WARN, too_many, f"use --jobs {capped} or fewer"))
     failed = doc.failed(checks)
+    for check in checks:
+        record_commands(check.fix)
     if as_json:
         out: dict[str, Any] = {"checks": [c.to_json() for c in checks]}
         if failed:
@@ -849,6 +853,8 @@ def cache_add(obj: Obj, files: tuple[Path, ...], url: str | None, **opts: Any) -
     from . import cachefiles
     from .plan import make_plan
 
+    files = tuple(_path(f) for f in files)
+    cachefiles.check_files(files, url)
     # without --gpu-arch, FILE may be any target profile's download (each has its own tarball)
     choices = ([opts["gpu_arch"]] if opts.get("gpu_arch") else
                [",".join(p.archs) for p in targetprofile.load_all(
@@ -862,7 +868,7 @@ def cache_add(obj: Obj, files: tuple[Path, ...], url: str | None, **opts: Any) -
                 raise
             continue   # a profile this prefix cannot hold: its files are not for it
         planned.update(cachefiles.planned_downloads(make_plan(settings)))
-    for f, where, got in cachefiles.add(tuple(_path(f) for f in files), url=url, planned=planned,
+    for f, where, got in cachefiles.add(files, url=url, planned=planned,
                                         cache_dir=_path(opts.get("cache_dir") or _default_cache()),
                                         ui=obj.ui):
         obj.ui.success(f"{f.name}: cached as {where} (sha256 {got.sha256})")

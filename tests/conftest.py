@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import hintcheck
 from pins_fixtures import exact_pins  # noqa: F401 (a fixture for every test module)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config._checkout_before = _checkout_status()  # type: ignore[attr-defined]
 
 
+def _whole_suite(config: pytest.Config) -> bool:
+    """No file, -k or -m selection: the run the README's test command makes."""
+    tests = REPO / "tests"
+    given = [Path(a.split("::")[0]).resolve() for a in config.args]
+    return (all(p == tests for p in given) and not config.option.keyword
+            and not config.option.markexpr and not config.option.lf)
+
+
+def _hint_audit(session: pytest.Session) -> None:
+    logs = getattr(session.config, "_hint_logs", None)
+    if logs is None or session.testsfailed or not _whole_suite(session.config):
+        return
+    report = hintcheck.report(*logs)
+    if report:
+        print("\n" + report, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _hint_audit(session)
     # a test that writes into the checkout (a command run with the repo as its cwd) fails the run
     before = getattr(session.config, "_checkout_before", None)
     if before is None or hasattr(session.config, "workerinput"):
@@ -52,8 +72,18 @@ def uv_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("uv-cache")
 
 
+@pytest.fixture(scope="session")
+def hint_logs(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[Path, Path]:
+    # what commands the installer showed, and which of them tests ran (tests/hintcheck.py)
+    base = tmp_path_factory.getbasetemp()
+    logs = (base / "hints-shown.jsonl", base / "hints-ran.txt")
+    request.config._hint_logs = logs  # type: ignore[attr-defined]
+    return logs
+
+
 @pytest.fixture(autouse=True)
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -> Path:
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path,
+              hint_logs: tuple[Path, Path]) -> Path:
     for key in list(os.environ):
         if key.startswith(("RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
                            "HSA_", "HIP_", "ROCR_", "ROCM_", "PYTORCH_ROCM")):
@@ -68,6 +98,8 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -
     sysfs.mkdir()
     monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(sysfs))
     monkeypatch.setenv("UV_CACHE_DIR", str(uv_cache))
+    monkeypatch.setenv(hintcheck.SHOWN, str(hint_logs[0]))
+    monkeypatch.setenv(hintcheck.RAN, str(hint_logs[1]))
     # what the tools a test runs leave in their temp dir (uv's build locks, say) goes
     # with the test's tmp_path instead of piling up in /tmp
     tmp = tmp_path / ".tmp"
