@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import activate, proc, state, targetprofile
-from .errors import InstallerError, StepFailed, UsageError
+from .errors import InstallerError, StepFailed, UsageError, command
 
 REFERENCE_MODEL = "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"  # CompressedTensors FP8
 REFERENCE_TARGET, REFERENCE_QUANTIZATION = "rdna4", "fp8"
@@ -179,7 +179,7 @@ def run(prefix: Path, *, model: str | None = None, request_rate: float = DEFAULT
     vllm = prefix / "venv" / "bin" / "vllm"
     if not vllm.exists():
         raise InstallerError(f"no vllm in {prefix / 'venv'}",
-                             hint=f"install first: rdna4-install --prefix '{prefix}'")
+                             hint="install first: " + command(prefix, "install"))
     if request_rate <= 0 or num_prompts <= 0:
         raise UsageError("--request-rate and --num-prompts must be positive")
     env = activate.environment(activate.from_receipt(prefix, visible_devices=visible_devices))

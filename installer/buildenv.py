@@ -294,7 +294,7 @@ def build_env(base: Mapping[str, str], archs: tuple[str, ...] | list[str], *, ro
         if not (tc.root / "bin" / "hipcc").is_file():
             if shim_dir is None:
                 raise InstallerError(f"the toolchain at {tc.root} has no bin/hipcc",
-                                     hint="reinstall the toolchain: rdna4-install run --force therock")
+                                     hint="reinstall the toolchain: " + command(tc.root.parent, "run", "therock", "--force"))
             env["ROCM_HOME"] = str(hipcc_shim(tc, shim_dir))
     if src is not None and version and not (Path(src) / ".git").exists():
         # setuptools-scm reads the version from git; an sdist tree has none

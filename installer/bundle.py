@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from . import __version__, mirror, mirrorlayout, proc, state
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, UsageError, command
 from .download import sha256_file
 from .unpack import zstd_module
 
@@ -150,7 +150,7 @@ def _check_recipes(stage: Path, prefix: Path, cache_dir: Path, receipt: dict[str
         raise InstallerError(f"{prefix} was not installed from these recipes: "
                              f"{', '.join(i.name + ' (' + i.reason + ')' for i in todo)}",
                              hint="pass the --recipes-dir it was installed with (RDNA4_RECIPES_DIR), "
-                                  f"or finish it first: rdna4-install install --prefix {prefix}")
+                                  "or finish it first: " + command(prefix, "install"))
 
 
 def create(prefix: Path, *, cache_dir: Path, recipes_dir: Path, out: str, ui: Any) -> dict[str, Any]:
@@ -158,13 +158,13 @@ def create(prefix: Path, *, cache_dir: Path, recipes_dir: Path, out: str, ui: An
     receipt = state.read_receipt(prefix)
     if not receipt or not receipt.get("components"):
         raise InstallerError(f"{prefix} has no finished install to bundle",
-                             hint=f"install it first: rdna4-install install --prefix {prefix}")
+                             hint="install it first: " + command(prefix, "install"))
     unfinished = [n for n, c in receipt["components"].items() if c.get("status") != state.DONE]
     editable = [n for n, c in receipt["components"].items() if (c.get("facts") or {}).get("editable")]
     if unfinished or editable:
         what = f"{', '.join(unfinished)} not done" if unfinished else f"{', '.join(editable)} is editable"
         raise InstallerError(f"cannot bundle {prefix}: {what}",
-                             hint=f"finish a non-editable install first: rdna4-install install --prefix {prefix}")
+                             hint="finish a non-editable install first: " + command(prefix, "install"))
     cache_dir = Path(cache_dir)
     log = mirrorlayout.log_file(cache_dir, "bundle")
     (cache_dir / "bundles").mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def _stage(stage: Path, prefix: Path, receipt: dict[str, Any], *, cache_dir: Pat
         if key and wheel:
             if not Path(wheel).is_file():
                 raise InstallerError(f"the {name} wheel {wheel} is no longer in the cache",
-                                     hint=f"rebuild it: rdna4-install run --force {name} --prefix {prefix}")
+                                     hint="rebuild it: " + command(prefix, "run", name, "--force"))
             for f in Path(wheel).parent.iterdir():
                 mirrorlayout.place(f, stage / "wheels" / name / key / f.name)
     shutil.copy2(prefix / state.RECEIPT, stage / "receipt.json")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import activate, hfcache, proc, state, targetprofile
-from .errors import InstallerError, UsageError
+from .errors import InstallerError, UsageError, command
 from .download import sha256_file
 from .pyenv import site_packages
 
@@ -121,7 +121,7 @@ def run(prefix: Path, model: str, *, cache_dir: Path, tp: int = 1, batch_size: i
     prefix = Path(prefix)
     python = prefix / "venv" / "bin" / "python"
     if not python.exists():
-        raise InstallerError(f"no venv at {prefix / 'venv'}", hint=f"install first: rdna4-install --prefix '{prefix}'")
+        raise InstallerError(f"no venv at {prefix / 'venv'}", hint="install first: " + command(prefix, "install"))
     if tp < 1:
         raise UsageError("--tp must be at least 1")
     receipt = state.read_receipt(prefix) or {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import activate, codeobjects, proc, state, targetprofile, unifiedmem, verify_deep, verify_probes
 from .pyenv import site_packages
-from .errors import InstallerError
+from .errors import InstallerError, command
 
 PASS, FAIL, SKIP, INFO = verify_probes.PASS, verify_probes.FAIL, verify_probes.SKIP, verify_probes.INFO
 PROBES_SCRIPT = Path(verify_probes.__file__)
@@ -167,7 +167,7 @@ def run(prefix: Path, *, archs: tuple[str, ...] | None = None, visible_devices: 
     python = venv / "bin" / "python"
     if not python.exists():
         raise InstallerError(f"no venv at {venv}",
-                             hint=f"install first: rdna4-install --prefix '{prefix}'")
+                             hint="install first: " + command(prefix, "install"))
     if visible_devices is None:
         visible_devices = os.environ.get("ROCR_VISIBLE_DEVICES", "")
     receipt = state.read_receipt(prefix) or {}

@@ -34,6 +34,12 @@ def _checkout_status() -> set[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config._checkout_before = _checkout_status()  # type: ignore[attr-defined]
+    # what commands the installer showed, and which of them tests ran (tests/hintcheck.py); in
+    # os.environ from the start, so environments that module fixtures copy carry them too
+    base = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    logs = (base / "hints-shown.jsonl", base / "hints-ran.txt")
+    session.config._hint_logs = logs  # type: ignore[attr-defined]
+    os.environ[hintcheck.SHOWN], os.environ[hintcheck.RAN] = map(str, logs)
 
 
 def _whole_suite(config: pytest.Config) -> bool:
@@ -41,7 +47,7 @@ def _whole_suite(config: pytest.Config) -> bool:
     tests = REPO / "tests"
     given = [Path(a.split("::")[0]).resolve() for a in config.args]
     return (all(p == tests for p in given) and not config.option.keyword
-            and not config.option.markexpr and not config.option.lf)
+            and not config.option.markexpr)
 
 
 def _hint_audit(session: pytest.Session) -> None:
@@ -72,20 +78,10 @@ def uv_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("uv-cache")
 
 
-@pytest.fixture(scope="session")
-def hint_logs(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[Path, Path]:
-    # what commands the installer showed, and which of them tests ran (tests/hintcheck.py)
-    base = tmp_path_factory.getbasetemp()
-    logs = (base / "hints-shown.jsonl", base / "hints-ran.txt")
-    request.config._hint_logs = logs  # type: ignore[attr-defined]
-    return logs
-
-
 @pytest.fixture(autouse=True)
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path,
-              hint_logs: tuple[Path, Path]) -> Path:
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -> Path:
     for key in list(os.environ):
-        if key.startswith(("RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
+        if key not in (hintcheck.SHOWN, hintcheck.RAN) and key.startswith(("RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
                            "HSA_", "HIP_", "ROCR_", "ROCM_", "PYTORCH_ROCM")):
             monkeypatch.delenv(key, raising=False)
     home = tmp_path / "home"
@@ -98,8 +94,6 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path,
     sysfs.mkdir()
     monkeypatch.setenv("RDNA4_SYSFS_ROOT", str(sysfs))
     monkeypatch.setenv("UV_CACHE_DIR", str(uv_cache))
-    monkeypatch.setenv(hintcheck.SHOWN, str(hint_logs[0]))
-    monkeypatch.setenv(hintcheck.RAN, str(hint_logs[1]))
     # what the tools a test runs leave in their temp dir (uv's build locks, say) goes
     # with the test's tmp_path instead of piling up in /tmp
     tmp = tmp_path / ".tmp"

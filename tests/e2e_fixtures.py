@@ -169,7 +169,7 @@ class World:
         if not sysfs.exists():
             gpuless_host(sysfs)
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RDNA4_", "PIP_", "VIRTUAL_ENV", "PYTHONPATH"))}
+               if not k.startswith(("RDNA4_", "PIP_", "VIRTUAL_ENV", "PYTHONPATH")) or k.startswith("RDNA4_HINT_")}
         env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"),
                    XDG_DATA_HOME=str(home / ".local" / "share"), XDG_CONFIG_HOME=str(home / ".config"),
                    RDNA4_SYSFS_ROOT=str(sysfs), RDNA4_CACHE_DIR=str(self.root / "cache"),
@@ -336,10 +336,9 @@ def snapshot(*roots: Path, ignore: tuple[Path, ...] = ()) -> dict[str, tuple]:
 
 
 def hint_command(result: subprocess.CompletedProcess) -> list[str]:
-    """The command in the `hint:` line of a failed run, as argv (without `rdna4-install`)."""
-    import shlex
+    """The command in the `hint:` line of a failed run, as argv (without `rdna4-install`),
+    noted as run for the hint audit (tests/hintcheck.py)."""
+    import hintcheck
 
     hint = next(line for line in result.stderr.splitlines() if line.startswith("hint: "))
-    argv = shlex.split(hint[len("hint: "):])
-    assert argv[0] == "rdna4-install", hint
-    return argv[1:]
+    return hintcheck.hint_argv(hint)

@@ -96,13 +96,11 @@ def report(shown_log: Path, ran_log: Path) -> str | None:
     return "\n".join(lines)
 
 
-def run_hint(text: str, env: dict | None = None, *, which: int = 0, fill: dict[str, str] | None = None,
-             cwd: Path | str | None = None, input: str | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the `which`-th command in `text` (a hint, or a whole stderr) as the user would paste it.
-
-    `fill` replaces placeholders (FILE, URL, HEAD_IP:6379) with real values; the shape
-    recorded as run is the command as shown. Returns the finished process."""
+def hint_argv(text: str, env: dict | None = None, *, which: int = 0,
+              fill: dict[str, str] | None = None) -> list[str]:
+    """The `which`-th command in `text` (a hint line or a whole stderr) as argv without
+    `rdna4-install`, noted as run. `fill` replaces placeholders (FILE, URL, HEAD_IP:6379)
+    with real values; the shape noted is the command as shown."""
     found = [c for line in text.splitlines() for c in commands(line)]
     assert found, f"no rdna4-install command in: {text!r}"
     command = found[which]
@@ -110,8 +108,15 @@ def run_hint(text: str, env: dict | None = None, *, which: int = 0, fill: dict[s
     if ran_log:
         with open(ran_log, "a", encoding="utf-8") as fh:
             fh.write(shape(command) + "\n")
-    words = [fill.get(w, w) if fill else w for w in _words(command)[1:]]
+    return [fill.get(w, w) if fill else w for w in _words(command)[1:]]
+
+
+def run_hint(text: str, env: dict | None = None, *, which: int = 0, fill: dict[str, str] | None = None,
+             cwd: Path | str | None = None, input: str | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a shown command (see hint_argv) as the user would paste it; returns the finished process."""
+    argv = hint_argv(text, env, which=which, fill=fill)
     run_env = dict(env if env is not None else os.environ)
     run_env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "installer", *words], env=run_env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "installer", *argv], env=run_env, cwd=cwd,
                           capture_output=True, text=True, input=input, timeout=timeout)

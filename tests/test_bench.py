@@ -154,7 +154,7 @@ def test_free_port_is_bindable_on_loopback():
 def test_no_vllm_in_the_prefix_is_a_user_error(tmp_path):
     with pytest.raises(InstallerError) as err:
         bench.run(tmp_path / "nothing", ui=None)
-    assert "no vllm in" in err.value.message and "rdna4-install --prefix" in err.value.hint
+    assert "no vllm in" in err.value.message and "rdna4-install install --prefix" in err.value.hint
 
 
 def test_bad_workload_numbers_are_usage_errors(tmp_path):

@@ -69,8 +69,8 @@ def _env(tmp_path: Path, path: str, **extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("RDNA4_", "UV_", "XDG_", "VIRTUAL_ENV", "PYTHON", "CONDA"))
-        and k not in {"ZDOTDIR", "NO_COLOR"}
+        if (not k.startswith(("RDNA4_", "UV_", "XDG_", "VIRTUAL_ENV", "PYTHON", "CONDA"))
+            or k.startswith("RDNA4_HINT_")) and k not in {"ZDOTDIR", "NO_COLOR"}
     }
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import hintcheck
 
 from installer import download, unpack
 from installer.state import read_stamp, write_stamp
@@ -63,9 +64,7 @@ class World:
     def hint_command(self, out: subprocess.CompletedProcess) -> list[str]:
         """The rdna4-install command in the error's hint, as argv for this checkout."""
         hint = next(line for line in out.stderr.splitlines() if line.startswith("hint: "))
-        text = hint[hint.index("rdna4-install "):]
-        text = text.split(" (")[0]
-        return shlex.split(text)[1:]
+        return hintcheck.hint_argv(hint)
 
     def tree(self) -> Path:
         return self.prefix / f"rocm-{VERSION}"

@@ -140,7 +140,7 @@ def test_json_output_shape(tmp_path):
 def test_no_venv_is_a_user_error(tmp_path):
     with pytest.raises(InstallerError) as err:
         verify.run(tmp_path / "empty")
-    assert "no venv at" in err.value.message and "rdna4-install --prefix" in err.value.hint
+    assert "no venv at" in err.value.message and "rdna4-install install --prefix" in err.value.hint
 
 
 def test_unknown_target_is_a_user_error(tmp_path):
