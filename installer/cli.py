@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__, targetprofile
-from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError
+from .errors import EXIT_FAILURE, EXIT_USAGE, InstallerError, UsageError, command
 from .ui import UI, record_commands, use_color
 
 
@@ -618,7 +618,10 @@ def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str | Non
         obj.ui.success(f"restored {len(restored)} tuned config(s)" if restored else "every tuned config is in place")
         return
     if not model:
-        raise UsageError("tune needs --model (or --restore)", hint="rdna4-install tune --model Qwen/Qwen3-8B-FP8")
+        where = _path(prefix or _default_prefix())
+        raise UsageError("tune needs --model (or --restore)",
+                         hint=command(where, "tune", "--model", "MODEL") + " (MODEL: a block-FP8 checkpoint "
+                              "such as Qwen/Qwen3-8B-FP8)")
     result = tn.run(_path(prefix or _default_prefix()), model, cache_dir=_path(cache_dir or _default_cache()),
                     tp=tp, batch_size=batch_size, ui=obj.ui)
     click.echo(tn.format_result(result))

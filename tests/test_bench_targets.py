@@ -4,8 +4,7 @@ labelled as context; an RDNA4 prefix keeps the reference run."""
 
 from __future__ import annotations
 
-import shlex
-
+import hintcheck
 import pytest
 from bench_fixtures import install_fake_vllm, read_state, wait_dead
 from click.testing import CliRunner
@@ -149,12 +148,11 @@ def test_the_fp8_kv_profile_is_refused_on_strix_halo_and_the_hint_runs(tmp_path,
     refused = CliRunner().invoke(cli, ["bench", "--prefix", str(prefix), "--profile", "rdna4-16g"])
     assert refused.exit_code != 0 and "Traceback" not in refused.output
     assert "does not fit target strix-halo: an FP8 KV cache needs native FP8" in refused.output
-    hint = next(line for line in refused.output.splitlines() if "rdna4-install bench" in line)
-    command = shlex.split(hint[hint.index("rdna4-install bench"):])
-    assert command[-2:] == ["--profile", "strix-halo"]
+    command = hintcheck.hint_argv(refused.output)
+    assert command[0] == "bench" and command[-2:] == ["--profile", "strix-halo"]
     assert not (prefix / "bench").exists() or not list((prefix / "bench").glob("*.json"))
 
-    ran = CliRunner().invoke(cli, command[1:] + ["--ready-timeout", "20", "--num-prompts", "10"])
+    ran = CliRunner().invoke(cli, command + ["--ready-timeout", "20", "--num-prompts", "10"])
     assert ran.exit_code == 0, ran.output
     model = STRIX.serving["bench_model"]
     want = profiles.strix_halo(512 * 1024 ** 2 + 64 * GIB, profiles.BF16_8B_WEIGHTS, KV_8B_BF16).serve_args

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
+
+import hintcheck
 
 from installer import download
 from installer.cli import cli
@@ -23,14 +24,14 @@ def test_the_offline_hint_is_a_cache_add_command_that_works(runner, tmp_path, mo
     miss = runner.invoke(cli, _only_therock(cache, prefix, "--offline"))
     assert miss.exit_code == 1
     hint = next(line for line in miss.output.splitlines() if line.startswith("hint: "))
-    command = re.search(r"run: (rdna4-install cache add .*)$", hint).group(1)
-    argv = shlex.split(command)
-    assert argv[:4] == ["rdna4-install", "cache", "add", NAME]
+    assert re.search(r"run: rdna4-install cache add \S+ --url https://\S+ --cache-dir \S+$", hint), hint
+    argv = hintcheck.hint_argv(hint)
+    assert argv[:3] == ["cache", "add", NAME]
 
     # the user downloads the file elsewhere and brings it here, under the name the hint gave
     monkeypatch.chdir(tmp_path)
     make_toolchain_tarball(tmp_path / NAME, "10.1.0")
-    added = runner.invoke(cli, argv[1:])
+    added = runner.invoke(cli, argv)
     assert added.exit_code == 0, added.output
     digest = hashlib.sha256((tmp_path / NAME).read_bytes()).hexdigest()
     assert f"sha256 {digest}" in added.output
@@ -62,6 +63,11 @@ def test_a_file_is_matched_to_the_planned_download_by_name(runner, tmp_path, exa
     out = runner.invoke(cli, ["cache", "add", str(unknown), "--cache-dir", str(cache)])
     assert out.exit_code == 2 and "is not a file this install downloads" in out.output
     assert NAME in out.output and "--url URL" in out.output
+    # the hint, with the URL the user got the file from: cached under it, hash recorded
+    url = "https://example.org/files/something.tar.gz"
+    added = runner.invoke(cli, [*hintcheck.hint_argv(out.output, fill={"URL": url}), "--cache-dir", str(cache)])
+    assert added.exit_code == 0 and f"cached as {url}" in added.output, added.output
+    assert download.recorded_sha256(url, cache) == hashlib.sha256(b"x").hexdigest()
 
 
 def test_without_gpu_arch_every_target_profiles_tarball_is_known(runner, tmp_path, exact_pins):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import hintcheck
+
 from engine_fixtures import order, six_recipes
 from installer import __version__
 from installer.cli import cli
@@ -191,6 +193,9 @@ def test_install_without_gpu_or_gpu_arch_gives_plans_advice_before_any_host_chec
     assert install.output.startswith("error: no supported GPU found")
     assert "pass --gpu-arch gfx1201" in install.output
     assert "modprobe" not in install.output and not (tmp_path / "p").exists()
+    # the command the hint names shows why: the driver is not loaded (and what to do)
+    why = invoke(runner, *hintcheck.hint_argv(install.output))
+    assert why.exit_code == 1 and "amdgpu kernel module is not loaded" in why.output, why.output
 
 
 def test_status_of_a_prefix_that_does_not_exist_fails(runner, tmp_path):

@@ -16,9 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+
+import hintcheck
 from e2e_fixtures import REPO, build_world
 
 from installer import cluster, state
@@ -250,7 +253,7 @@ def _still_running(marker: str) -> bool:
     return False
 
 
-def test_with_ray_cannot_add_to_a_lock(tmp_path, runner):
+def test_with_ray_cannot_add_to_a_lock(tmp_path, runner, exact_pins):
     from installer.cli import cli
 
     # a lock is the whole stack: Ray goes into it when it is made, not on top at install
@@ -259,3 +262,9 @@ def test_with_ray_cannot_add_to_a_lock(tmp_path, runner):
     assert result.exit_code == 2
     assert "--with ray cannot add to it" in result.output and "rdna4-install lock --with ray" in result.output
     assert not (tmp_path / "p").exists()
+    # the hint makes that lock, and the lock installs Ray
+    lock_file = tmp_path / "ray.lock"
+    made = runner.invoke(cli, [*hintcheck.hint_argv(result.output, fill={"FILE": str(lock_file)}),
+                               "--gpu-arch", "gfx1201"])
+    assert made.exit_code == 0, made.output
+    assert tomllib.loads(lock_file.read_text())["pins"]["ray"]["enabled"] == "true"

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import hintcheck
+
 from build_fixtures import compiler_calls
 from e2e_fixtures import REPO, VLLM_PATCH, build_world, leftovers, one_line_error, recipe_statuses, run_cli
 from therock_fixtures import make_toolchain_tarball
@@ -127,8 +129,15 @@ def test_second_prefix_reuses_the_cache_and_a_concurrent_install_is_refused(worl
     args = ["--prefix", str(prefix), "--gpu-arch", "gfx1201", "--no-checks"]
     env = world.env(home)
     env["PYTHONPATH"] = str(REPO)
+    # status of a prefix not made yet says how to make it; that hint is the first install
+    # (the host's GPU is given by the environment, as on a build box for a gfx1201 card)
+    env.update(RDNA4_GPU_ARCH="gfx1201", RDNA4_NO_CHECKS="1")
+    status = subprocess.run([sys.executable, "-m", "installer", "status", "--prefix", str(prefix)], env=env,
+                            cwd=home, capture_output=True, text=True)
+    assert status.returncode == 1 and not prefix.exists(), status.stderr
     gets = len(world.http.log)
-    first = subprocess.Popen([sys.executable, "-m", "installer", "install", *args], env=env, cwd=home,
+    first = subprocess.Popen([sys.executable, "-m", "installer", *hintcheck.hint_argv(status.stderr, env)],
+                             env=env, cwd=home,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = prefix / ".rdna4" / "lock"
     deadline = time.monotonic() + 60

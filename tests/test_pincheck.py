@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import hintcheck
+from pins_fixtures import write_exact_pins
+
 from index_fixtures import request_log
 from installer.cli import cli
 from upstream_fixtures import upstreams
@@ -138,11 +141,13 @@ def test_lock_holds_exact_values_and_their_sources(runner, ups, tmp_path):
 
 def test_lock_install_elsewhere_and_back_from_the_receipt(runner, ups, tmp_path):
     lock_file = tmp_path / "stack.lock"
-    assert run(runner, ups, tmp_path, "lock", "-o", str(lock_file)).exit_code == 0
+    made = run(runner, ups, tmp_path, "lock", "-o", str(lock_file))
+    assert made.exit_code == 0
     receipts = []
     for name in ("a", "b"):
         prefix = tmp_path / name
-        result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(prefix),
+        # what `lock` says to run next: install it with: rdna4-install install --lock FILE
+        result = runner.invoke(cli, [*hintcheck.hint_argv(made.output), "--prefix", str(prefix),
                                      "--cache-dir", str(tmp_path / f"cache-{name}"), "--no-checks",
                                      "--only", "therock"])
         assert result.exit_code == 0, result.output
@@ -171,6 +176,10 @@ def test_install_lock_refuses_changes(runner, ups, tmp_path):
     result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(tmp_path / "p"),
                                  "--set", "vllm.version=0.34.0"])
     assert result.exit_code == 2 and "--lock installs exactly the lock's pins" in result.output
+    # the hint is a lock with that change, and it holds it
+    relock = run(runner, ups, tmp_path, *hintcheck.hint_argv(result.output, fill={"FILE": str(tmp_path / "new.lock")}))
+    assert relock.exit_code == 0, relock.output
+    assert tomllib.loads((tmp_path / "new.lock").read_text())["pins"]["vllm"]["version"] == "0.34.0"
     bad = tmp_path / "bad.lock"
     bad.write_text(lock_file.read_text().replace('"0.33.0"', '"latest"', 1))
     result = runner.invoke(cli, ["install", "--lock", str(bad), "--prefix", str(tmp_path / "p")])
@@ -180,6 +189,12 @@ def test_install_lock_refuses_changes(runner, ups, tmp_path):
                                  "--target", "strix-halo"])
     assert result.exit_code == 2 and "--target strix-halo differs from the lock's target rdna4" in result.output
     assert not (tmp_path / "p").exists()
+    halo = tmp_path / "halo.lock"
+    made = runner.invoke(cli, [*hintcheck.hint_argv(result.output, fill={"FILE": str(halo)}),
+                               "--pins", str(write_exact_pins(tmp_path))])
+    assert made.exit_code == 0, made.output
+    assert tomllib.loads(halo.read_text())["target"] == "strix-halo"
+    assert tomllib.loads(halo.read_text())["archs"] == ["gfx1151"]
 
 
 def test_preflight_fails_before_any_download(runner, ups, tmp_path):
@@ -199,6 +214,14 @@ def test_preflight_fails_before_any_download(runner, ups, tmp_path):
     assert not (tmp_path / "cache" / "downloads").exists() or \
         not any((tmp_path / "cache" / "downloads").rglob("*.tar.gz"))
     assert not (tmp_path / "prefix" / "rocm").exists()
+    # the hint's two commands work in this state: update proposes a stack that exists,
+    # check lists the missing artifact (and fails, as the install did)
+    shown = [hintcheck.hint_argv(result.output, which=n) for n in (0, 1)]
+    update = run(runner, ups, tmp_path, *next(a for a in shown if a[1] == "update"), pins=pins)
+    assert update.exit_code == 0 and "newest coherent stack" in update.output, update.output
+    assert "torch.torchvision = 0.30.0+rocm10.2.0" in update.output
+    check = run(runner, ups, tmp_path, *next(a for a in shown if a[1] == "check"), pins=pins)
+    assert check.exit_code == 1 and "torchvision 0.27.0+rocm10.1.0" in check.output, check.output
 
 
 def test_offline_preflight_checks_the_cache(runner, ups, tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import hintcheck
+
 from detect_fixtures import (RX9070XT_UUID, S3_KFD, fake_rocminfo, fake_sysfs, fixture,
                              strix_halo_host)
 from installer import detect, state, targetprofile
@@ -236,12 +238,9 @@ def test_a_prefix_of_another_target_is_refused_with_a_hint_that_works(tmp_path, 
     assert out.exit_code == 2
     error, hint = out.output.splitlines()[:2]
     assert error == f"error: {prefix} holds target strix-halo; this run chose rdna4 (one prefix holds one target)"
-    cmd = hint.removeprefix("hint: ").split(" (or ")[0]
-    assert cmd.startswith("rdna4-install install --prefix ")
+    assert hint.startswith(f"hint: rdna4-install install --prefix '{prefix}' --target strix-halo (or ")
     # the hint's command (a dry run: the real one would build): accepted for this prefix
-    args = cmd.split()[1:]
-    args[args.index("--prefix") + 1] = str(prefix)
-    again = invoke(runner, *args, "--dry-run")
+    again = invoke(runner, *hintcheck.hint_argv(hint), "--dry-run")
     assert again.exit_code == 0, again.output
     assert "(target: strix-halo gfx1151)" in again.output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import hintcheck
 import pytest
 from bench_fixtures import BLOCK_FP8_CONFIG, cache_model, install_fake_tuner, read_state
 from click.testing import CliRunner
@@ -97,7 +98,10 @@ def test_restore_heals_a_rebuilt_venv_and_needs_a_tune_first(world):
     none = runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"])
     assert none.exit_code == 2 and "no tuned configs recorded" in none.output
     assert "rdna4-install tune --prefix" in none.output
-    tune.run(prefix, "Qwen/Qwen3-0.6B-FP8", cache_dir=cache)
+    # the hint, with a model of the user's: tunes, and records what --restore puts back
+    model = {"MODEL": "Qwen/Qwen3-0.6B-FP8"}
+    tuned = runner.invoke(cli, [*hintcheck.hint_argv(none.output, fill=model), "--cache-dir", str(cache)])
+    assert tuned.exit_code == 0, tuned.output
     configs = prefix / CONFIGS
     gone = sorted(configs.glob("*.json"))
     for path in gone:      # vLLM reinstalled into a fresh venv
@@ -108,6 +112,9 @@ def test_restore_heals_a_rebuilt_venv_and_needs_a_tune_first(world):
     assert "every tuned config is in place" in runner.invoke(cli, ["tune", "--prefix", str(prefix), "--restore"]).output
     missing = runner.invoke(cli, ["tune", "--prefix", str(prefix)])
     assert missing.exit_code == 2 and "needs --model" in missing.output
+    again = runner.invoke(cli, [*hintcheck.hint_argv(missing.output, fill=model), "--cache-dir", str(cache)])
+    assert again.exit_code == 0 and "every tuned config is in place" not in again.output, again.output
+    assert sorted(configs.glob("*.json")) == gone
 
 
 def test_a_target_without_native_fp8_is_refused(world):
