@@ -69,6 +69,9 @@ class StepContext:
     keep_work: bool = False        # an action sets it when the work dir must outlive the run
     force: bool = False            # --force names this recipe: accept a changed download,
                                    # replace what the installer did not make
+    rerun_verb: tuple[str, ...] = ()   # for rerun hints: this run's command and selection,
+    rerun_sets: tuple[str, ...] = ()   # its --set RECIPE.KEY=VALUE
+    rerun_pins: str = ""               # and its pins file
 
     def fetch(self, url: str, *, sha256: str = "", what: str | None = None,
               sink: Any = None, accept: Any = None) -> Any:
@@ -96,16 +99,30 @@ class StepContext:
             keys = [k for k, v in self.vars.items() if k.startswith(f"{self.name}.") and "sha256" in k]
             key = next((k for k in keys if pinned and str(self.vars[k]).lower() == pinned.lower()),
                        keys[0] if keys else f"{self.name}.sha256")
-            return f"{kept}; if the new file is expected, pin it: {self.rerun_command(f'--set {key}={got}')}"
-        return (f"{kept}; rerun to download it again: {self.rerun_command()} "
+            return f"{kept}; if the new file is expected, pin it: {self.again_command(pin=(key, got))}"
+        return (f"{kept}; rerun to download it again: {self.again_command()} "
                 "(if the server still serves it, pin another version with --set)")
 
     def rerun_command(self, *flags: str) -> str:
-        """The command that reruns this recipe in this prefix and cache."""
+        """`rdna4-install run NAME FLAGS` in this prefix and cache, with this run's pins and targets."""
+        return self._command(["run", self.name, *flags])
+
+    def again_command(self, pin: tuple[str, str] | None = None) -> str:
+        """The command this run was (install or run, its selection), with its pins and
+        targets; `pin` replaces one of the pins."""
+        return self._command(list(self.rerun_verb or ("run", self.name)), pin)
+
+    def _command(self, verb: list[str], pin: tuple[str, str] | None = None) -> str:
         import shlex
 
-        return " ".join(["rdna4-install", "run", self.name, *flags, "--prefix", shlex.quote(str(self.prefix)),
-                         "--cache-dir", shlex.quote(str(self.cache_dir))])
+        sets = [s for s in self.rerun_sets if not pin or s.partition("=")[0].strip() != pin[0]]
+        if pin:
+            sets.append(f"{pin[0]}={pin[1]}")
+        words = [*verb, *[w for s in sets for w in ("--set", s)],
+                 *(["--pins", self.rerun_pins] if self.rerun_pins else []),
+                 *(["--gpu-arch", ",".join(self.archs)] if self.archs else []),
+                 "--prefix", str(self.prefix), "--cache-dir", str(self.cache_dir)]
+        return "rdna4-install " + " ".join(shlex.quote(w) for w in words)
 
     @property
     def src_dir(self) -> Path:

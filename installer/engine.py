@@ -27,6 +27,14 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
+def _verb(settings: Settings) -> tuple[str, ...]:
+    """`install --only ...` or `run NAMES ...`: the command a rerun hint repeats."""
+    words = ["run", *settings.targets] if settings.targets else ["install"]
+    for flag, names in (("--only", settings.only), ("--skip", settings.skip), ("--without", settings.without)):
+        words += [w for n in names for w in (flag, n)]
+    return tuple(words)
+
+
 def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> actions.StepContext:
     prefix = settings.prefix
     source = None
@@ -41,6 +49,10 @@ def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> act
         offline=settings.offline, options=settings.options, ui=ui,
         source=source, patches=item.patches,
         force=settings.force and (not settings.targets or item.name in settings.targets),
+        rerun_verb=_verb(settings),
+        rerun_sets=tuple(o.removeprefix("--set ") for o in settings.pin_origins.values() if o.startswith("--set ")),
+        rerun_pins=next((o for o in settings.pin_origins.values()
+                         if not o.startswith(("--set ", "target ", "lock "))), ""),
     )
 
 

@@ -355,6 +355,9 @@ def make_plan(settings: Settings) -> Plan:
                 "left out (--without)" if name in settings.without else "not selected")
             if damage:
                 item.reason += f"; {damage}"
+        elif stamp is None and settings.targets and name not in settings.targets:
+            # `run X` reruns what X's change reaches; what was never installed waits for install
+            item.reason = "not installed (install finishes it)"
         elif stamp is None:
             item.action, item.reason = RUN, "not installed"
         elif stamp.get("status") == state.FAILED:

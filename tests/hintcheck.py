@@ -33,12 +33,20 @@ _BARE = re.compile(r"(?<![\w/.-])(rdna4-install (?:(?:'[^']*'|[-\w\"/.~=:@+,]*[-
 _WORD = re.compile(r"^[a-z][a-z-]*$")   # a subcommand, recipe or option value; digits mean a variable
 
 
+def _is_command(text: str) -> bool:
+    """`rdna4-install SUBCOMMAND ...` or `rdna4-install --option ...`, not the name in prose."""
+    from installer.cli import cli
+
+    first = text.split()[1] if len(text.split()) > 1 else ""
+    return first.startswith("-") or first in cli.commands
+
+
 def commands(text: str) -> list[str]:
     """The `rdna4-install ...` commands in one shown line, in order."""
     found = _BACKTICKED.findall(text)
     rest = _BACKTICKED.sub(" ", text)
     found += [m.strip() for m in _BARE.findall(rest)]
-    return [c for c in found if c != "rdna4-install" and not c.endswith("rdna4-install")]
+    return [c for c in found if _is_command(c)]
 
 
 def _words(command: str) -> list[str]:

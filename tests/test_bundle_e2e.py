@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import hintcheck
 from build_fixtures import compiler_calls
 from e2e_fixtures import REPO, build_world, leftovers, receipt_core
 from index_fixtures import request_log
@@ -134,7 +136,7 @@ def _repack(bundle: Path, dest: Path, data: dict[str, bytes]) -> Path:
 @pytest.mark.parametrize("damage", ["flipped-byte", "flipped-byte-compressed", "missing-member",
                                     "extra-member", "wrong-arch"])
 def test_a_damaged_or_foreign_bundle_installs_nothing(made, tmp_path, damage):
-    _, _, _, bundle, env, home = made
+    _, first, _, bundle, env, home = made
     manifest, data = _members(bundle)
     wheel = next(n for n in data if n.startswith("wheels/vllm/") and n.endswith(".whl"))
     bad = tmp_path / "bad.bundle"
@@ -167,6 +169,12 @@ def test_a_damaged_or_foreign_bundle_installs_nothing(made, tmp_path, damage):
     assert not prefix.exists(), "the prefix was not even created"
     bundles = tmp_path / "cache" / "bundles"
     assert not bundles.exists() or not any(bundles.iterdir()), "nothing was left in the cache"
+    if damage == "flipped-byte":
+        # the hint's other way out, run on the source machine: a fresh bundle
+        again = tmp_path / "again.bundle"
+        argv = hintcheck.hint_argv(result.stderr, fill={"PREFIX": str(first), "FILE": str(again)})
+        rebuilt = cli(env, home, *argv)
+        assert rebuilt.returncode == 0 and again.is_file(), rebuilt.stderr[-2000:]
 
 
 def _kill_when(argv: list[str], env: dict, home: Path, stdin_file: Path, ready) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -151,10 +150,8 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
     # without Ray the cluster commands say how to add it, and that command works
     missing = _cli(world, home, "cluster", "status", "--prefix", prefix)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    hint = next(ln for ln in missing.stderr.splitlines() if ln.startswith("hint: "))[len("hint: "):]
-    words = shlex.split(hint)
-    assert words[0] == "rdna4-install"
-    added = _cli(world, home, *words[1:])
+    hint = next(ln for ln in missing.stderr.splitlines() if ln.startswith("hint: "))
+    added = _cli(world, home, *hintcheck.hint_argv(hint))
     assert added.returncode == 0, added.stderr[-3000:]
 
     receipt = state.read_receipt(prefix)
@@ -226,8 +223,8 @@ def test_with_ray_then_a_local_head_that_workers_see_the_activation_in(world, tm
             time.sleep(0.05)
         refused = _cli(world, home, "cluster", "stop", "--prefix", prefix)
         assert refused.returncode == 1 and f"(pid {foreign.pid}: {other})" in refused.stderr
-        hint = next(ln for ln in refused.stderr.splitlines() if ln.startswith("hint: "))[len("hint: "):]
-        stopped_all = _cli(world, home, *shlex.split(hint)[1:], timeout=300)
+        hint = next(ln for ln in refused.stderr.splitlines() if ln.startswith("hint: "))
+        stopped_all = _cli(world, home, *hintcheck.hint_argv(hint), timeout=300)
         assert stopped_all.returncode == 0, stopped_all.stderr[-3000:]
         assert foreign.wait(timeout=60) is not None
     finally:

@@ -189,6 +189,13 @@ def test_bad_input(world, tmp_path, home, case):
         one_line_error(r, 1, "0" * 16)
         # (the vLLM sdist is there: the preflight checked the patches against it first)
         assert not list(cache.rglob("therock-dist-*.tar.gz")), "a mismatched download is deleted"
+        # the hint pins the file the server has; it installs it (on a box whose GPU and
+        # host checks pass, which the environment stands in for)
+        assert not (prefix / "rocm").exists()
+        env = {**world.env(home), "RDNA4_NO_CHECKS": "1"}
+        fixed = hintcheck.run_hint(r.stderr, env, cwd=home)
+        assert fixed.returncode == 0, fixed.stderr[-3000:]
+        assert (prefix / "rocm" / "bin").is_dir()
         return
     if case == "offline-miss":
         r = run_cli(world, home, *base, "--offline")
@@ -202,11 +209,16 @@ def test_bad_input(world, tmp_path, home, case):
             follow = ["--set", "torch.rocm=", "--set", "torch.torch=2.13.0", "--set", "torch.torchvision=0.28.0",
                       "--set", "torch.torchaudio=2.11.0.3", "--set", "torch.triton="]
             r = run_cli(world, home, *base, "--set", "therock.version=10.1.1", *follow, "--only", "therock")
+            one_line_error(r, 1)
+            assert re.search(r"corrupt|truncated|incomplete", r.stderr, re.I), r.stderr
+            assert not (prefix / "rocm").exists() and not (prefix / "rocm-10.1.1").exists()
+            # the server fixes its file: the hint downloads it again, with this run's pins
+            make_toolchain_tarball(bad, "10.1.1")
+            again = hintcheck.run_hint(r.stderr, {**world.env(home), "RDNA4_NO_CHECKS": "1"}, cwd=home)
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert (prefix / "rocm").resolve() == prefix / "rocm-10.1.1"
         finally:
             bad.unlink()
-        one_line_error(r, 1)
-        assert re.search(r"corrupt|truncated|incomplete", r.stderr, re.I), r.stderr
-        assert not (prefix / "rocm").exists() and not (prefix / "rocm-10.1.1").exists()
         return
     if case == "unreachable-server":
         r = run_cli(world, home, *base, "--set", "therock.index_url=http://127.0.0.1:9/therock/")

@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
     # the program's name inside a path or prose is not a command
     ("cache /home/u/.cache/rdna4-install is not a directory", []),
     ("install the zstandard module into rdna4-install's environment", []),
+    ("P holds my-notes.txt, which rdna4-install did not put there; refusing", []),
+    ("prefix / is a system folder; rdna4-install puts rocm, venv and activate there", []),
 ])
 def test_commands_are_found_and_folded(text: str, shapes: list[str]) -> None:
     assert [hintcheck.shape(c) for c in hintcheck.commands(text)] == shapes
