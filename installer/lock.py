@@ -192,7 +192,7 @@ def load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UsageError(f"lock file not found: {path}", hint="write one with `rdna4-install lock -o FILE`") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}", hint="regenerate it with `rdna4-install lock`") from None
+        raise UsageError(f"{path}: not valid TOML: {exc}", hint="regenerate it with `rdna4-install lock -o FILE`") from None
     return check(data, str(path))
 
 

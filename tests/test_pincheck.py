@@ -4,6 +4,7 @@ against loopback stand-ins for TheRock, AMD's wheel index, PyPI and git."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -184,6 +185,13 @@ def test_install_lock_refuses_changes(runner, ups, tmp_path):
     bad.write_text(lock_file.read_text().replace('"0.33.0"', '"latest"', 1))
     result = runner.invoke(cli, ["install", "--lock", str(bad), "--prefix", str(tmp_path / "p")])
     assert result.exit_code == 2 and "a lock holds exact values" in result.output
+    # the hint regenerates it, and the install takes the new one
+    regen = run(runner, ups, tmp_path, *hintcheck.hint_argv(result.output, fill={"FILE": str(bad)}))
+    assert regen.exit_code == 0, regen.output
+    assert tomllib.loads(bad.read_text())["pins"]["vllm"]["version"] == "0.33.0"
+    taken = runner.invoke(cli, ["install", "--lock", str(bad), "--prefix", str(tmp_path / "p"), "--dry-run"])
+    assert taken.exit_code == 0, taken.output
+    shutil.rmtree(tmp_path / "p", ignore_errors=True)
     # the lock's target profile is the install's: another --target is refused, before anything
     result = runner.invoke(cli, ["install", "--lock", str(lock_file), "--prefix", str(tmp_path / "p"),
                                  "--target", "strix-halo"])

@@ -173,6 +173,12 @@ def test_a_refused_cached_tarball_is_dropped_and_the_old_tree_kept(world):
     assert out.returncode == 1 and "lacks bin/amd-smi" in out.stderr
     assert not (world.cache / "downloads" / digest).exists()
     assert world.tree().stat().st_ino == tree_ino and (world.tree() / "bin/amd-smi").is_file()
+    # the hint downloads it again; the server's file is not the one pinned, which is refused
+    # with the next hint, pinning what the server has; that one installs it
+    again = world.cli(*world.hint_command(out))
+    assert again.returncode == 1 and "sha256 mismatch" in again.stderr, again.stderr
+    assert world.cli(*world.hint_command(again)).returncode == 0
+    assert (world.tree() / "bin/amd-smi").is_file()
 
 
 def test_a_user_file_in_the_toolchain_tree_is_never_deleted(world):
