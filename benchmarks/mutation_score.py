@@ -83,6 +83,8 @@ def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
         with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
             fh.write("\n[tool.mutmut]\n"
                      'source_paths = ["installer"]\n'
+                     # package data beside installer/ (recipes.default_recipes_dir looks there)
+                     'also_copy = ["recipes", "patches"]\n'
                      f"only_mutate = {_toml_list(mutate)}\n"
                      f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
                      'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow"]\n'
