@@ -45,7 +45,7 @@ MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     "patches": (["installer/patches.py"], ["tests/test_patches.py"], None),
     # pyenv: only the index and guard code (the rest drives uv and is covered end to end)
     "pyenv": (["installer/pyenv.py", "installer/torchindex.py"],
-              ["tests/test_torchindex.py", "tests/test_pyenv.py"],
+              ["tests/test_torchindex.py", "tests/test_torchpins.py", "tests/test_pyenv.py"],
               [f"installer.pyenv.x_{f}__mutmut_*" for f in (
                   "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
                   "write_constraints", "check_unchanged", "guarded_install")]
