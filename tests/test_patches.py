@@ -227,7 +227,7 @@ def test_for_version_refuses_a_versions_line_that_is_not_a_specifier(tmp_path):
     with pytest.raises(InstallerError) as err:
         patches.for_version([bad], "0.34.0")
     assert err.value.message == "patch 0001-bad.patch: 'Versions: 0.33 or later' is not a version specifier"
-    assert "Versions: >=0.33.0,<0.35" in err.value.hint
+    assert err.value.hint == "write e.g. Versions: >=0.33.0,<0.35"
 
 
 class Recorder(UI):
@@ -287,16 +287,19 @@ def test_apply_patches_tells_the_user_what_it_did(tmp_path):
 
 # --- precheck: every patch against the sdist before any build ---
 
-def _sdist_item(tmp_path: Path, files: list[Path], tree: Path, *, when=(), version: str = "0.33.0"):
+def _sdist_item(tmp_path: Path, files: list[Path], tree: Path, *, when=(), version: str | None = "0.33.0",
+                sha256: str = "", url: str = "{sdist}"):
     from installer import recipes as rcp
     from installer.plan import Item
 
     sdist = tmp_path / "vllm-0.33.0.tar.gz"
     subprocess.run(["tar", "-czf", str(sdist), "-C", str(tree.parent), tree.name], check=True)
-    fetch = rcp.Step(name="fetch", action="fetch-sdist", args=(("url", "{sdist}"),), when=when)
+    fetch = rcp.Step(name="fetch", action="fetch-sdist", args=(("url", url), ("sha256", sha256)), when=when)
     recipe = rcp.Recipe(name="vllm", path=tmp_path / "vllm.toml", steps=(fetch,))
-    return Item(recipe=recipe, action="build", reason="", patches=tuple(files),
-                vars={"_version": version, "sdist": str(sdist), "rocm_major": "10"})
+    variables = {"sdist": str(sdist), "rocm_major": "10"}
+    if version is not None:
+        variables["_version"] = version
+    return Item(recipe=recipe, action="build", reason="", patches=tuple(files), vars=variables)
 
 
 def test_precheck_stops_on_a_conflict_before_any_build_and_leaves_nothing(tmp_path):
@@ -309,7 +312,8 @@ def test_precheck_stops_on_a_conflict_before_any_build_and_leaves_nothing(tmp_pa
                          offline=False)
     assert err.value.message == (f"vllm: patch {files[0].name} conflicts with vllm 0.33.0: first failing "
                                  "hunk csrc/a.c @@ -10,7 +10,7 @@ int a8 = 8;; nothing was built")
-    assert "pins update" in err.value.hint
+    assert err.value.hint == ("refresh or drop the patch (its header says when); "
+                              "`rdna4-install pins update` checks every patch against a release")
     assert list(prefix.iterdir()) == []
 
 
@@ -319,10 +323,11 @@ def test_precheck_notes_a_patch_already_in_the_sdist_and_passes_one_that_applies
     prefix = tmp_path / "prefix"
     prefix.mkdir()
     ui = Recorder()
-    patches.precheck([_sdist_item(tmp_path, files, tree, version="")], prefix=prefix,
+    patches.precheck([_sdist_item(tmp_path, files, tree, version=None)], prefix=prefix,
                      cache_dir=tmp_path / "cache", offline=False, ui=ui)
     assert [m for _, m in ui.said if "patch" in m] == [
         f"vllm: patch {files[0].name} is already in vllm; it is skipped (drop it per its header)"]
+    assert any("vllm source" in m for _, m in ui.said)  # the download is shown, by name
     assert list(prefix.iterdir()) == []
     assert (tree / "csrc/a.c").read_text().count("int a3 = 3;") == 1  # the sdist itself is untouched
 
@@ -338,3 +343,59 @@ def test_precheck_skips_what_has_nothing_to_check(tmp_path, case):
         item.recipe = replace(item.recipe, steps=(replace(item.recipe.steps[0], action="fetch-git"),))
     (tmp_path / "vllm-0.33.0.tar.gz").unlink()  # nothing is fetched either
     patches.precheck([item], prefix=tmp_path, cache_dir=tmp_path / "cache", offline=True)
+
+
+def test_precheck_checks_the_sdist_against_its_pin(tmp_path):
+    tree, files = format_patches(tmp_path, [("README", "fake", "patched")])
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    with pytest.raises(InstallerError, match="sha256 mismatch for vllm source: expected 0000"):
+        patches.precheck([_sdist_item(tmp_path, files, tree, sha256="0" * 64)], prefix=prefix,
+                         cache_dir=tmp_path / "cache", offline=False)
+    assert list(prefix.iterdir()) == []
+
+
+def test_precheck_offline_needs_the_sdist_in_the_cache(tmp_path):
+    tree, files = format_patches(tmp_path, [("README", "fake", "patched")])
+    with pytest.raises(InstallerError, match="offline, and vllm source is not in the cache"):
+        patches.precheck([_sdist_item(tmp_path, files, tree)], prefix=tmp_path, cache_dir=tmp_path / "cache",
+                         offline=True)
+
+
+def test_precheck_checks_every_item_after_one_without_patches(tmp_path):
+    tree, files = format_patches(tmp_path, [("csrc/a.c", "int a12 = 12;", "int a12 = 1200;")])
+    (tree / "csrc/a.c").write_text("conflicting\n")
+    items = [_sdist_item(tmp_path, [], tree), _sdist_item(tmp_path, files, tree)]
+    with pytest.raises(InstallerError, match="conflicts with vllm 0.33.0"):
+        patches.precheck(items, prefix=tmp_path, cache_dir=tmp_path / "cache", offline=False)
+
+
+@pytest.mark.parametrize("when, url, message", [
+    ((("nope", "1"),), "{sdist}", "'when' names unknown pin 'nope'"),
+    ((), "{nope}", "nope")])
+def test_precheck_names_the_recipe_whose_step_is_wrong(tmp_path, when, url, message):
+    from installer.errors import RecipeError
+
+    tree, files = format_patches(tmp_path, [("README", "fake", "patched")])
+    item = _sdist_item(tmp_path, files, tree, when=when, url=url)
+    with pytest.raises(RecipeError) as err:
+        patches.precheck([item], prefix=tmp_path, cache_dir=tmp_path / "cache", offline=False)
+    assert err.value.message.startswith(f"{tmp_path / 'vllm.toml'}: ") and message in err.value.message
+
+
+def test_apply_patches_without_a_version_variable_names_the_recipe_alone(tmp_path):
+    tree, files = format_patches(tmp_path, [("csrc/a.c", "int a12 = 12;", "int a12 = 1200;")])
+    (tree / "csrc/a.c").write_text("conflicting\n")
+    ctx = make_ctx(tmp_path, "vllm", prefix=tmp_path / "p", rocm=tmp_path / "rocm",
+                   venv=tmp_path / "p" / "venv", cache=tmp_path / "c", patches=tuple(files))
+    del ctx.vars["_version"]
+    ctx.src_dir.parent.mkdir(parents=True, exist_ok=True)
+    tree.rename(ctx.src_dir)
+    with pytest.raises(InstallerError, match=f"patch {files[0].name} does not apply to vllm: "):
+        patches.apply_patches(ctx)
+
+
+def test_a_versions_line_is_read_from_a_patch_that_is_not_utf8(tmp_path):
+    patch = _versioned(tmp_path, "0001-x.patch", ">=0.33")
+    patch.write_bytes(patch.read_bytes().replace(b"Subject: [PATCH] x", b"Subject: [PATCH] Jos\xe9"))
+    assert patches.header_field(patch, "Versions") == ">=0.33"
