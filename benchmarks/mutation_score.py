@@ -50,7 +50,8 @@ MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
                   "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
                   "write_constraints", "check_unchanged", "guarded_install")]
               + ["installer.torchindex.*"]),
-    "state": (["installer/state.py"], ["tests/test_interrupt.py", "tests/test_engine.py"], None),
+    "state": (["installer/state.py"], ["tests/test_state.py", "tests/test_interrupt.py", "tests/test_engine.py"],
+              None),
 }
 
 
