@@ -50,8 +50,11 @@ MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
                   "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
                   "write_constraints", "check_unchanged", "guarded_install")]
               + ["installer.torchindex.*"]),
-    "state": (["installer/state.py"], ["tests/test_state.py", "tests/test_interrupt.py", "tests/test_engine.py"],
-              None),
+    # state: less the SIGINT case, whose installer child inherits the SIGINT mutmut's
+    # workers ignore (mutmut/workers/isolation.py) and so never stops
+    "state": (["installer/state.py"], ["tests/test_state.py", "tests/test_interrupt.py", "tests/test_engine.py",
+                                       "--deselect=tests/test_engine.py::test_signal_kills_the_running_child_"
+                                       "and_marks_nothing_done[2]"], None),
 }
 
 

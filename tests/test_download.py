@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -596,3 +597,153 @@ def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, monkeyp
     with serve(tarball.parent) as srv:
         got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
     assert got.sha256 == sha256_of(tarball)
+
+
+def _part(cache: Path, url: str) -> Path:
+    key = download.hashlib.sha256(url.encode()).hexdigest()[:16]
+    return cache / "downloads" / "partial" / f"{key}-{NAME}.part"
+
+
+def test_a_resume_says_so_and_the_sink_gets_every_byte_once(tmp_path, tarball):
+    cache, data, ui = tmp_path / "cache", tarball.read_bytes(), Recorder()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        fed = bytearray()
+        got = download.fetch(url, cache_dir=cache, sink=fed.extend, ui=ui, what="TheRock")
+    assert "resuming TheRock at 1 MB" in ui.infos
+    assert bytes(fed) == data and got.size == len(data) and ui.total_seen == [len(data)]
+    assert ui.updates == len(data)
+    assert not part.exists() and list(part.parent.glob("*.json")) == []
+
+
+def test_a_server_that_ignores_the_range_is_read_from_the_start(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        srv.fail(NAME, ("whole", 0))
+        fed = bytearray()
+        got = download.fetch(url, cache_dir=cache, sink=fed.extend)
+        assert [r["range"] for r in srv.downloads(NAME)] == ["bytes=1000000-"]
+    assert got.sha256 == sha256_of(tarball) and bytes(fed) == data
+
+
+def test_a_partial_file_longer_than_the_file_starts_over(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data + b"more")          # the server answers 416
+        got = download.fetch(url, cache_dir=cache)
+        assert [r["range"] for r in srv.downloads(NAME)] == [f"bytes={len(data) + 4}-", None]
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_a_resume_answered_with_the_wrong_range_stops(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        srv.fail(NAME, ("shift", 10))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(url, cache_dir=cache, what="TheRock")
+    assert err.value.message == (f"TheRock: the server answered a resume with the wrong range "
+                                 f"(bytes 1000010-{len(data) - 1}/{len(data)})")
+    assert err.value.hint == f"delete {part} and rerun"
+
+
+def test_a_file_that_changes_during_the_download_is_not_mixed(tmp_path, tarball):
+    # bytes already went to the sink: a whole new body cannot be appended to them
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        srv.fail(NAME, ("cut", 500_000), ("whole", 0))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(url, cache_dir=cache, sink=lambda b: None, what="TheRock")
+    assert err.value.message == "TheRock changed on the server during the download"
+    assert err.value.hint == "rerun to download it again"
+    assert not _part(cache, url).exists()
+
+
+def test_as_many_resumes_as_allowed_then_the_file(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 300_000)] * download.RESUMES)
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        assert len(srv.downloads(NAME)) == download.RESUMES + 1
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_a_body_that_breaks_off_too_often_names_how_far_it_got(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 300_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=cache, what="TheRock")
+    assert re.fullmatch(r"TheRock: download broke off at 1 MB \(.+\)", err.value.message)
+    assert err.value.hint == "rerun to resume where it stopped"
+    assert _part(cache, srv.url + NAME).stat().st_size == 1_200_000   # kept for the rerun
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x.tar.gz", "ftp://127.0.0.1/x.tar.gz", "https:///x.tar.gz",
+                                 "http://localhost.example/x.tar.gz", "http://10.0.0.1/x.tar.gz"])
+def test_a_refused_url_is_named_with_what_is_allowed(tmp_path, url):
+    with pytest.raises(UsageError) as err:
+        download.fetch(url, cache_dir=tmp_path)
+    assert err.value.message == f"refusing to download {url}"
+    assert err.value.hint == "use an https:// URL (plain http only to 127.0.0.1), a local path or file://"
+
+
+@pytest.mark.parametrize("host, loopback", [("localhost", True), ("127.0.0.1", True), ("127.1.2.3", True),
+                                            ("::1", True), ("", False), (None, False), ("10.0.0.1", False),
+                                            ("localhost.example", False)])
+def test_is_loopback(host, loopback):
+    assert download.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("url", ["https://x.example/", "https://x.example/dir/..", "https://x.example/."])
+def test_a_url_that_names_no_file_is_refused(tmp_path, url):
+    with pytest.raises(UsageError) as err:
+        download.fetch(url, cache_dir=tmp_path)
+    assert err.value.message == f"{url} does not name a file"
+
+
+def test_a_pin_that_is_not_a_sha256_is_refused(tmp_path):
+    with pytest.raises(UsageError) as err:
+        download.fetch("https://x.example/" + NAME, cache_dir=tmp_path, sha256="abc", what="TheRock")
+    assert err.value.message == "sha256 pin for TheRock is not 64 hex digits: 'abc'"
+    with pytest.raises(UsageError, match="^sha256 recorded hash for TheRock is not 64 hex digits: 'x'$"):
+        download.fetch("https://x.example/" + NAME, cache_dir=tmp_path, trusted="x", what="TheRock")
+
+
+def test_the_offline_miss_says_how_to_add_the_file(tmp_path):
+    url = "https://stable.repo.amd.com/rocm/core/tarball/" + NAME
+    with pytest.raises(InstallerError) as err:
+        download.fetch(url, cache_dir=tmp_path, offline=True, what="TheRock")
+    assert err.value.message == f"offline, and TheRock is not in the cache ({url})"
+    assert err.value.hint == (f"run once without --offline, or download {url} elsewhere and run: "
+                              f"rdna4-install cache add {NAME} --url {url} --cache-dir {tmp_path}")
+
+
+def test_a_first_download_records_its_hash_and_says_so(tmp_path, tarball):
+    cache, ui = tmp_path / "cache", Recorder()
+    got = download.fetch(str(tarball), cache_dir=cache, ui=ui, what="TheRock")
+    assert ui.infos == [f"recorded sha256 {got.sha256} for TheRock; later runs require the same file"]
+    assert download.recorded_sha256(str(tarball), cache) == got.sha256
+    assert download.cached_urls(cache) == {str(tarball): got.sha256}
+    again = download.fetch(str(tarball), cache_dir=cache, ui=ui, what="TheRock")
+    assert again.from_cache and again.path == got.path and len(ui.infos) == 1
+    tarball.write_bytes(tarball.read_bytes() + b"x")
+    (got.path).unlink()
+    with pytest.raises(download.HashMismatch) as err:
+        download.fetch(str(tarball), cache_dir=cache, what="TheRock")
+    assert err.value.which == "recorded on the first download"
+    assert f"expected {got.sha256} (recorded on the first download), got " in err.value.message

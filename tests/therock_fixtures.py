@@ -49,7 +49,9 @@ class FileServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/"
 
     def fail(self, path: str, *faults: tuple[str, int]) -> None:
-        """Queue faults for `path`: ("status", 503) or ("cut", nbytes)."""
+        """Queue faults for `path`: ("status", 503), ("cut", nbytes), ("whole", 0): a Range
+        request answered with the whole file (a server without ranges), or ("shift", n): a
+        resume answered from n bytes later than asked."""
         self.faults.setdefault(path.lstrip("/"), []).extend(faults)
 
     def next_fault(self, path: str) -> tuple[str, int] | None:
@@ -96,7 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._listing(target, parts.query, head)
         if not target.is_file():
             return self._reply(404, b"not found\n", head)
-        self._file(target, head, cut=fault[1] if fault and fault[0] == "cut" else None)
+        kind = fault[0] if fault else ""
+        self._file(target, head, cut=fault[1] if kind == "cut" else None, whole=kind == "whole",
+                   shift=fault[1] if kind == "shift" else 0)
 
     def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain") -> None:
         self.send_response(code)
@@ -106,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _file(self, path: Path, head: bool, cut: int | None) -> None:
+    def _file(self, path: Path, head: bool, cut: int | None, whole: bool = False, shift: int = 0) -> None:
         st = path.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
@@ -114,9 +118,9 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
-        if m and (if_range is None or if_range == etag):
+        if m and not whole and (if_range is None or if_range == etag):
             if m.group(1):
-                start = int(m.group(1))
+                start = int(m.group(1)) + shift
                 end = int(m.group(2)) if m.group(2) else size - 1
             else:
                 start = max(0, size - int(m.group(2)))
