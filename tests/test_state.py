@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +153,71 @@ def test_lock_holders_are_the_other_processes_with_the_file_open(tmp_path):
             holder.kill()
             holder.wait()
             holder.stdout.close()
+
+
+def test_now_is_utc_iso_8601():
+    import re
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", state.now())
+
+
+def test_a_writes_temp_is_beside_the_file_where_the_sweep_finds_it(tmp_path, monkeypatch):
+    import fnmatch
+
+    temps = []
+    real_replace = os.replace
+    monkeypatch.setattr(state.os, "replace", lambda src, dst: (temps.append(src), real_replace(src, dst)))
+    state.write_stamp(tmp_path, "torch", stamp())
+    temp = Path(temps[0])
+    assert temp.parent == state.state_dir(tmp_path)
+    rel = str(temp.relative_to(tmp_path))
+    assert any(fnmatch.fnmatch(rel, pattern) for pattern in state.PREFIX_TEMPS), rel
+
+
+def test_the_receipt_keeps_its_creation_time_and_names_the_installer(tmp_path):
+    (tmp_path / state.RECEIPT).write_text(json.dumps({"created": "2020-01-01T00:00:00Z", "archs": ["gfx1201"]}))
+    got = state.write_receipt(tmp_path, archs=("gfx1201",), pins={}, tools={}, installer_version="0.3")
+    assert got["created"] == "2020-01-01T00:00:00Z" and got["installer_version"] == "0.3"
+    assert got["updated"] != got["created"] and got["visible_devices"] == ""
+
+
+def test_a_receipt_without_the_optional_fields_is_read(tmp_path):
+    (tmp_path / state.RECEIPT).write_text(json.dumps({"prefix": str(tmp_path)}))
+    assert state.read_receipt(tmp_path) == {"prefix": str(tmp_path)}
+    assert state.recorded_downloads(tmp_path) == {}
+
+
+def test_recorded_downloads_without_a_receipt_come_from_the_stamps(tmp_path):
+    state.write_stamp(tmp_path, "torch", stamp(facts={"url": "https://a/w.whl", "sha256": SHA}))
+    assert state.recorded_downloads(tmp_path) == {"https://a/w.whl": SHA}
+
+
+def test_a_holder_that_wrote_no_pid_is_named_unknown(tmp_path):
+    import fcntl
+
+    lock = tmp_path / ".rdna4" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InstallerError, match=r"in use by another rdna4-install \(PID unknown\)$"):
+            state.PrefixLock(tmp_path).acquire()
+
+
+def test_the_lock_file_holds_only_the_new_pid(tmp_path):
+    lock = tmp_path / ".rdna4" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("123456789012\n")           # a longer PID of an earlier run
+    with state.PrefixLock(tmp_path):
+        assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_asking_whether_a_process_lives_does_not_signal_it(tmp_path):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert state.pid_alive(child.pid)
+        time.sleep(0.1)
+        assert child.poll() is None           # still running
+    finally:
+        child.kill()
+        child.wait()
