@@ -248,3 +248,45 @@ def test_index_links_are_absolute_and_without_fragments(tmp_path):
     links = torchindex.index_links(url.rstrip("/") + "//", "ROCm")
     assert links == {"rocm-10.1.0.tar.gz": url.replace("/simple/", "/files/rocm-10.1.0.tar.gz")}
     assert torchindex.index_links(url, "torch") == {}
+
+
+def test_index_links_through_the_cache_answer_offline_later(tmp_path):
+    url = _index(tmp_path, "rocm-10.1.0.tar.gz")
+    cache = tmp_path / "cache"
+    first = torchindex.index_links(url, "rocm", cache_dir=cache)
+    assert first == {"rocm-10.1.0.tar.gz": url.replace("/simple/", "/files/rocm-10.1.0.tar.gz")}
+    before = len(request_log(url))
+    (tmp_path / "amd" / "rocm-10.2.0.tar.gz").write_bytes(b"")
+    assert torchindex.index_links(url, "rocm", cache_dir=cache, offline=True) == first
+    assert torchindex.index_links(url, "rocm", cache_dir=cache, fresh=False) == first
+    assert len(request_log(url)) == before      # neither asked the index again
+    assert torchindex.index_links(url, "torch", cache_dir=cache) == {}
+    with pytest.raises(InstallerError, match="offline, and .*/simple/nope/ was never read"):
+        torchindex.index_links(url, "nope", cache_dir=cache, offline=True)
+
+
+def test_an_index_page_that_fails_is_named(tmp_path):
+    from therock_fixtures import serve
+
+    (tmp_path / "idx" / "simple" / "torch").mkdir(parents=True)
+    with serve(tmp_path / "idx", listing="html") as srv:
+        srv.fail("simple/torch/", ("status", 403))
+        with pytest.raises(InstallerError) as err:
+            torchindex.index_links(srv.url + "simple", "torch")
+    assert err.value.message == f"cannot read {srv.url}simple/torch/: HTTP 403"
+    assert err.value.hint == "check torch.index_url, or pin exact versions"
+
+
+def test_an_unreachable_index_says_how_to_do_without_it(tmp_path, monkeypatch):
+    import socket
+
+    from installer import download
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "RETRIES", 0)
+    with pytest.raises(InstallerError) as err:
+        torchindex.index_links(f"http://127.0.0.1:{port}/simple", "torch")
+    assert "connection refused" in err.value.message
+    assert err.value.hint == "check the network, or pin exact versions in recipes/pins.toml"
