@@ -304,9 +304,10 @@ def refuse_foreign(dest: Path) -> None:
                       hint=f"move {stranger} elsewhere and rerun, or rerun with --force to delete it")
 
 
-def _place(tmp: Path, dest: Path, *, record: bool = False, force: bool = False) -> None:
+def _place(tmp: Path, dest: Path, *, record: bool = False, force: bool = False) -> None:  # pragma: no mutate
     """Rename tmp onto dest; an old dest is moved aside first, then removed. A
-    recorded tree replaces only a dest the installer made, in full, unless forced."""
+    recorded tree replaces only a dest the installer made, in full, unless forced.
+    (Every caller passes record and force: their defaults are never used.)"""
     old = None
     if os.path.lexists(dest):
         if record and not force:
@@ -318,7 +319,7 @@ def _place(tmp: Path, dest: Path, *, record: bool = False, force: bool = False) 
     except OSError:
         if old is not None:
             os.rename(old / "tree", dest)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # pragma: no mutate (only a race makes rmdir fail)
                 old.rmdir()     # empty now: leave no .old- dir behind a failed rename
         raise
     if old is not None:
@@ -331,7 +332,8 @@ class _Writer:
         self.real_root = os.path.realpath(root)
         self.strip = strip
         self.what = what
-        self.safe_dirs: set[str] = {"."}
+        # a cache of directories already checked ("." is always inside): equivalent without it
+        self.safe_dirs: set[str] = {"."}  # pragma: no mutate
         self.links: list[str] = []
         self.made: list[str] = []     # every path unpacked, relative to the root
         # mkdtemp made the root 0700; give it the archive's "." mode or 0755
@@ -365,7 +367,7 @@ class _Writer:
             self.mkdirs(name, full)
             if not self.inside(full):
                 raise self.refuse(name, "its directory is a link that leads outside the tree")
-            self.safe_dirs.add(parent)
+            self.safe_dirs.add(parent)  # pragma: no mutate (a cache: without it the check runs again)
         return os.path.join(self.root, rel)
 
     def mkdirs(self, name: str, path: str) -> None:

@@ -374,8 +374,9 @@ def test_streaming_strips_verifies_records_and_guards_like_a_file(tmp_path):
         return sx
 
     with stream() as sx:
-        with pytest.raises(InstallerError, match="publish before finish"):
+        with pytest.raises(InstallerError) as err:
             sx.publish()
+        assert err.value.message == "publish before finish"
         staged = sx.finish()
         assert seen == [staged] and (staged / "bin/tool").read_text() == "t"
         sx.publish()
@@ -417,6 +418,7 @@ def test_extract_stream_unpacks_a_plain_tar_from_a_file_object(tmp_path):
                                  what="bundle x")
     assert dest == tmp_path / "p" / "tree" and (dest / "sub" / "f").read_text() == "hi"
     assert len(seen) == 1 and seen[0].parent == dest.parent          # verified while staged
+    assert not (dest / unpack.OWNED_LIST).exists()                   # not recorded
     assert _leftovers(dest.parent) == []
     with pytest.raises(unpack.CorruptArchive, match="^bundle x is truncated or not a valid tarball"):
         unpack.extract_stream(io.BytesIO(buf.getvalue()[:700]), tmp_path / "p" / "other", what="bundle x")
