@@ -221,3 +221,8 @@ def test_asking_whether_a_process_lives_does_not_signal_it(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_stamps_live_in_the_prefixs_state_dir(tmp_path):
+    state.write_stamp(tmp_path, "torch", stamp())
+    assert json.loads((tmp_path / ".rdna4" / "state" / "torch.json").read_text()) == stamp()
