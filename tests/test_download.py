@@ -747,3 +747,33 @@ def test_a_first_download_records_its_hash_and_says_so(tmp_path, tarball):
         download.fetch(str(tarball), cache_dir=cache, what="TheRock")
     assert err.value.which == "recorded on the first download"
     assert f"expected {got.sha256} (recorded on the first download), got " in err.value.message
+
+
+def test_disk_full_while_downloading_in_process_removes_the_partial_file(tmp_path, tarball):
+    """The file size limit makes write() fail with EFBIG, as a full disk would."""
+    import resource
+
+    cache = tmp_path / "cache"
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with serve(tarball.parent) as srv:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+        try:
+            with pytest.raises(InstallerError) as err:
+                download.fetch(srv.url + NAME, cache_dir=cache, what="TheRock")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+    partial = cache / "downloads" / "partial"
+    assert err.value.message == f"disk full while downloading TheRock into {partial}"
+    assert err.value.hint.startswith("free more space there")
+    assert [p.name for p in partial.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_cached_file_is_fed_to_the_sink_and_accepted(tmp_path, tarball):
+    cache, ui = tmp_path / "cache", Recorder()
+    first = download.fetch(str(tarball), cache_dir=cache)
+    fed, accepted = bytearray(), []
+    again = download.fetch(str(tarball), cache_dir=cache, sink=fed.extend, accept=accepted.append, ui=ui)
+    assert again.from_cache and bytes(fed) == tarball.read_bytes() and accepted == [first.path]
+    assert ui.total_seen == [first.size] and ui.updates == first.size
