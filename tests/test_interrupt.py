@@ -119,8 +119,8 @@ def test_a_noted_group_whose_pid_was_reused_is_not_ours(tmp_path):
         assert state.kill_holders(lock, record) == ([], [pid]) and _alive(pid) and _alive(shell)
         record.write_text(f"{pid} {proc.start_time(pid)}\n")
         assert state.kill_holders(lock, record) == ([pid], [])
-        for _ in range(200):
-            if not _alive(pid):
+        for _ in range(200):     # the group's two processes die one after the other
+            if not _alive(pid) and not _alive(shell):
                 break
             time.sleep(0.02)
         assert not _alive(pid) and not _alive(shell)
