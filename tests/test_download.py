@@ -36,6 +36,7 @@ class Recorder:
         self.warns: list[str] = []
         self.notes: list[str] = []
         self.total_seen: list[int | None] = []
+        self.descs: list[str] = []
         self.updates = 0
 
     def info(self, msg: str) -> None:
@@ -50,6 +51,7 @@ class Recorder:
     def progress(self, total, desc):
         rec = self
         rec.total_seen.append(total)
+        rec.descs.append(desc)
 
         class Bar:
             def __enter__(self):
@@ -515,6 +517,9 @@ def test_sweep_removes_index_temps_only(tmp_path, tarball):
     (OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS certificate not trusted"),
     (ConnectionResetError("Connection reset by peer"), "connection reset by the server"),
     (OSError("something odd\nsecond line"), "something odd"),
+    (OSError("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)"), "TLS handshake failed"),
+    (OSError("ConnectTimeoutError(<HTTPSConnection>, 'Connection to x.example')"), "no answer (timed out)"),
+    (OSError("x" * 300), "x" * 200),
     (OSError(), "OSError"),
 ])
 def test_reason_gives_a_short_cause(exc, say):
@@ -777,3 +782,35 @@ def test_a_cached_file_is_fed_to_the_sink_and_accepted(tmp_path, tarball):
     again = download.fetch(str(tarball), cache_dir=cache, sink=fed.extend, accept=accepted.append, ui=ui)
     assert again.from_cache and bytes(fed) == tarball.read_bytes() and accepted == [first.path]
     assert ui.total_seen == [first.size] and ui.updates == first.size
+
+
+def test_reason_prefers_the_exceptions_own_message():
+    try:
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError:
+            raise ConnectionRefusedError("Connection refused")
+    except OSError as exc:
+        assert download._reason(exc) == "connection refused"
+
+
+@pytest.mark.parametrize("status, hint", [
+    (403, "the file is not public or no longer exists; pick another version"),
+    (404, "the file does not exist; check the version"),
+    (503, "the server failed; rerun later (the download resumes)")])
+def test_status_error_hints_in_full(status, hint):
+    assert download.status_error("https://x.example/f", status, "TheRock").hint == hint
+
+
+def test_a_file_labelled_gzip_encoded_is_kept_as_sent(tmp_path, tarball):
+    # a .tar.gz is gzip data; a server may say so in Content-Encoding: the bytes are the file
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("gzip", 0))
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+    assert got.sha256 == sha256_of(tarball) and got.path.read_bytes() == tarball.read_bytes()
+
+
+def test_a_local_copy_shows_its_progress_by_name(tmp_path, tarball):
+    ui = Recorder()
+    got = download.fetch(str(tarball), cache_dir=tmp_path / "cache", ui=ui, what="TheRock")
+    assert ui.descs == ["TheRock"] and ui.total_seen == [got.size] and ui.updates == got.size

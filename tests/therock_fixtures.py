@@ -50,8 +50,9 @@ class FileServer(ThreadingHTTPServer):
 
     def fail(self, path: str, *faults: tuple[str, int]) -> None:
         """Queue faults for `path`: ("status", 503), ("cut", nbytes), ("whole", 0): a Range
-        request answered with the whole file (a server without ranges), or ("shift", n): a
-        resume answered from n bytes later than asked."""
+        request answered with the whole file (a server without ranges), ("shift", n): a
+        resume answered from n bytes later than asked, or ("gzip", 0): the file sent as is
+        but labelled Content-Encoding: gzip (as servers do for .gz files)."""
         self.faults.setdefault(path.lstrip("/"), []).extend(faults)
 
     def next_fault(self, path: str) -> tuple[str, int] | None:
@@ -100,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, b"not found\n", head)
         kind = fault[0] if fault else ""
         self._file(target, head, cut=fault[1] if kind == "cut" else None, whole=kind == "whole",
-                   shift=fault[1] if kind == "shift" else 0)
+                   shift=fault[1] if kind == "shift" else 0, gzip=kind == "gzip")
 
     def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain") -> None:
         self.send_response(code)
@@ -110,7 +111,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _file(self, path: Path, head: bool, cut: int | None, whole: bool = False, shift: int = 0) -> None:
+    def _file(self, path: Path, head: bool, cut: int | None, whole: bool = False, shift: int = 0,
+              gzip: bool = False) -> None:
         st = path.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
@@ -137,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
+        if gzip:
+            self.send_header("Content-Encoding", "gzip")
         if code == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
