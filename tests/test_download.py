@@ -814,3 +814,23 @@ def test_a_local_copy_shows_its_progress_by_name(tmp_path, tarball):
     ui = Recorder()
     got = download.fetch(str(tarball), cache_dir=tmp_path / "cache", ui=ui, what="TheRock")
     assert ui.descs == ["TheRock"] and ui.total_seen == [got.size] and ui.updates == got.size
+
+
+def test_a_head_request_follows_redirects(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.redirects["old/" + NAME] = srv.url + NAME
+        resp = download.get(srv.url + "old/" + NAME, method="HEAD")
+        assert resp.status_code == 200 and resp.url == srv.url + NAME
+        assert [r["method"] for r in srv.log] == ["HEAD", "HEAD"]
+
+
+def test_retry_after_is_honoured_and_each_retry_is_noted(tmp_path, tarball):
+    # the server asks for no wait: without Retry-After the backoff would sleep 1 + 2 s
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("busy", 0), ("busy", 0))
+        started = time.monotonic()
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui)
+        took = time.monotonic() - started
+    assert got.sha256 == sha256_of(tarball) and took < 2.5
+    assert ui.notes == ["127.0.0.1: HTTP 503; retry 1 of 4 in 0 s", "127.0.0.1: HTTP 503; retry 2 of 4 in 0 s"]

@@ -51,8 +51,9 @@ class FileServer(ThreadingHTTPServer):
     def fail(self, path: str, *faults: tuple[str, int]) -> None:
         """Queue faults for `path`: ("status", 503), ("cut", nbytes), ("whole", 0): a Range
         request answered with the whole file (a server without ranges), ("shift", n): a
-        resume answered from n bytes later than asked, or ("gzip", 0): the file sent as is
-        but labelled Content-Encoding: gzip (as servers do for .gz files)."""
+        resume answered from n bytes later than asked, ("gzip", 0): the file sent as is
+        but labelled Content-Encoding: gzip (as servers do for .gz files), or ("busy", n):
+        503 with Retry-After: n."""
         self.faults.setdefault(path.lstrip("/"), []).extend(faults)
 
     def next_fault(self, path: str) -> tuple[str, int] | None:
@@ -92,6 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.server.next_fault(rel)
         if fault and fault[0] == "status":
             return self._reply(fault[1], b"fault\n", head)
+        if fault and fault[0] == "busy":
+            return self._reply(503, b"busy\n", head, retry_after=fault[1])
         target = (self.server.root / rel).resolve()
         if not str(target).startswith(str(self.server.root.resolve())):
             return self._reply(403, b"forbidden\n", head)
@@ -103,8 +106,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._file(target, head, cut=fault[1] if kind == "cut" else None, whole=kind == "whole",
                    shift=fault[1] if kind == "shift" else 0, gzip=kind == "gzip")
 
-    def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain") -> None:
+    def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain",
+               retry_after: int | None = None) -> None:
         self.send_response(code)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
