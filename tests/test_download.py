@@ -834,3 +834,18 @@ def test_retry_after_is_honoured_and_each_retry_is_noted(tmp_path, tarball):
         took = time.monotonic() - started
     assert got.sha256 == sha256_of(tarball) and took < 2.5
     assert ui.notes == ["127.0.0.1: HTTP 503; retry 1 of 4 in 0 s", "127.0.0.1: HTTP 503; retry 2 of 4 in 0 s"]
+
+
+def test_a_refused_connection_is_retried_then_named_with_the_tries(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "BACKOFF", 0.01)       # the schedule, shortened
+    ui = Recorder()
+    url = f"http://127.0.0.1:{port}/{NAME}"
+    with pytest.raises(download.DownloadError) as err:
+        download.get(url, ui=ui)
+    assert err.value.message == f"cannot download {url}: connection refused (after 5 tries)"
+    assert ui.notes == [f"127.0.0.1: connection refused; retry {i} of 4 in 0 s" for i in range(1, 5)]
