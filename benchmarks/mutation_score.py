@@ -45,12 +45,16 @@ MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     "patches": (["installer/patches.py"], ["tests/test_patches.py"], None),
     # pyenv: only the index and guard code (the rest drives uv and is covered end to end)
     "pyenv": (["installer/pyenv.py", "installer/torchindex.py"],
-              ["tests/test_torchindex.py", "tests/test_pyenv.py"],
+              ["tests/test_torchindex.py", "tests/test_torchpins.py", "tests/test_pyenv.py"],
               [f"installer.pyenv.x_{f}__mutmut_*" for f in (
                   "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
                   "write_constraints", "check_unchanged", "guarded_install")]
               + ["installer.torchindex.*"]),
-    "state": (["installer/state.py"], ["tests/test_interrupt.py", "tests/test_engine.py"], None),
+    # state: less the SIGINT case, whose installer child inherits the SIGINT mutmut's
+    # workers ignore (mutmut/workers/isolation.py) and so never stops
+    "state": (["installer/state.py"], ["tests/test_state.py", "tests/test_interrupt.py", "tests/test_engine.py",
+                                       "--deselect=tests/test_engine.py::test_signal_kills_the_running_child_"
+                                       "and_marks_nothing_done[2]"], None),
 }
 
 
@@ -83,6 +87,8 @@ def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
         with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
             fh.write("\n[tool.mutmut]\n"
                      'source_paths = ["installer"]\n'
+                     # package data beside installer/ (recipes.default_recipes_dir looks there)
+                     'also_copy = ["recipes", "patches"]\n'
                      f"only_mutate = {_toml_list(mutate)}\n"
                      f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
                      'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow"]\n'

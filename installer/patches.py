@@ -48,9 +48,9 @@ def check_one(src: Path, patch: Path, *, env: Mapping[str, str]) -> tuple[str, s
     (CONFLICTS, the first failing hunk). Changes nothing."""
     forward = _git_apply(src, patch, env, "--check")
     if forward.ok:
-        return APPLIES, ""
+        return APPLIES, ""  # pragma: no mutate (equivalent: the hunk is read only for CONFLICTS)
     if _git_apply(src, patch, env, "--check", "--reverse").ok:
-        return ALREADY, ""
+        return ALREADY, ""  # pragma: no mutate (equivalent: the hunk is read only for CONFLICTS)
     return CONFLICTS, first_failing_hunk(patch, forward.stderr)
 
 

@@ -17,13 +17,14 @@ needs_elf = pytest.mark.skipif(not HAS_BUILD_TOOLS, reason="needs cc and objcopy
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd command")
 
 
-def bundle(ids: list[str]) -> bytes:
-    """An uncompressed __CLANG_OFFLOAD_BUNDLE__ with one fake code object per entry."""
-    head_len = len(codeobjects.BUNDLE_MAGIC) + 8 + sum(24 + len(i) for i in ids)
-    blobs = [b"\x7fELF-code-object-for-" + i.encode() for i in ids]
-    out, offset = bytearray(codeobjects.BUNDLE_MAGIC + struct.pack("<Q", len(ids))), head_len
-    for i, blob in zip(ids, blobs, strict=True):
-        out += struct.pack("<QQQ", offset, len(blob), len(i)) + i.encode()
+def bundle(ids: list[str | bytes], blobs: list[bytes] | None = None) -> bytes:
+    """An uncompressed __CLANG_OFFLOAD_BUNDLE__ with one (fake, unless given) code object per entry."""
+    raw = [i if isinstance(i, bytes) else i.encode() for i in ids]
+    head_len = len(codeobjects.BUNDLE_MAGIC) + 8 + sum(24 + len(i) for i in raw)
+    blobs = blobs or [b"\x7fELF-code-object-for-" + i for i in raw]
+    out, offset = bytearray(codeobjects.BUNDLE_MAGIC + struct.pack("<Q", len(raw))), head_len
+    for i, blob in zip(raw, blobs, strict=True):
+        out += struct.pack("<QQQ", offset, len(blob), len(i)) + i
         offset += len(blob)
     return bytes(out) + b"".join(blobs)
 
@@ -52,8 +53,10 @@ def ids_for(*archs: str) -> list[str]:
     return ["host-x86_64-unknown-linux-gnu-"] + [f"hipv4-amdgcn-amd-amdhsa--{a}" for a in archs]
 
 
-def make_so(path: Path, fatbin: bytes | None, tmp: Path, c_source: str = "") -> Path:
-    """A real shared object, with `fatbin` as its .hip_fatbin section when given."""
+def make_so(path: Path, fatbin: bytes | None, tmp: Path, c_source: str = "",
+            after: bytes = b"rdna4 test note") -> Path:
+    """A real shared object, with `fatbin` as its .hip_fatbin section when given, and a
+    section `after` it (in the file and in the section-name table), as a real library has."""
     src = tmp / f"{path.name}.c"
     src.write_text(c_source or "int rdna4_probe_symbol(void) { return 0; }\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +65,9 @@ def make_so(path: Path, fatbin: bytes | None, tmp: Path, c_source: str = "") -> 
         blob = tmp / f"{path.name}.fatbin"
         blob.write_bytes(fatbin)
         subprocess.run(["objcopy", "--add-section", f".hip_fatbin={blob}", str(path)], check=True)
+        # a second objcopy: one call would put the new name before .hip_fatbin's
+        blob.write_bytes(after)
+        subprocess.run(["objcopy", "--add-section", f".rdna4_after={blob}", str(path)], check=True)
     return path
 
 

@@ -144,8 +144,9 @@ def serve_index(wheels_dir: Path, *, yanked: tuple[str, ...] = (), pep658: bool 
                     body = {"meta": {"api-version": "1.1"}, "name": normalize(parts[1]), "files": entries,
                             "versions": sorted({_version_of(f) for f in mine})}
                     return self._send(json.dumps(body).encode(), JSON_API)
-                if mine:
-                    links = "".join(f'<a href="../../files/{quote(f)}">{html.escape(f)}</a>\n'
+                if mine:  # with the #sha256= fragment PyPI and TheRock's index give
+                    links = "".join(f'<a href="../../files/{quote(f)}#sha256='
+                                    f'{hashlib.sha256((root / f).read_bytes()).hexdigest()}">{html.escape(f)}</a>\n'
                                     for f in mine)
                     return self._send(f"<html><body>{links}</body></html>".encode(), "text/html")
             if len(parts) == 2 and parts[0] == "files" and pep658 and parts[1].endswith(".whl.metadata") \

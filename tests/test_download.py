@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ class Recorder:
         self.warns: list[str] = []
         self.notes: list[str] = []
         self.total_seen: list[int | None] = []
+        self.descs: list[str] = []
         self.updates = 0
 
     def info(self, msg: str) -> None:
@@ -49,6 +51,7 @@ class Recorder:
     def progress(self, total, desc):
         rec = self
         rec.total_seen.append(total)
+        rec.descs.append(desc)
 
         class Bar:
             def __enter__(self):
@@ -514,6 +517,9 @@ def test_sweep_removes_index_temps_only(tmp_path, tarball):
     (OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS certificate not trusted"),
     (ConnectionResetError("Connection reset by peer"), "connection reset by the server"),
     (OSError("something odd\nsecond line"), "something odd"),
+    (OSError("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)"), "TLS handshake failed"),
+    (OSError("ConnectTimeoutError(<HTTPSConnection>, 'Connection to x.example')"), "no answer (timed out)"),
+    (OSError("x" * 300), "x" * 200),
     (OSError(), "OSError"),
 ])
 def test_reason_gives_a_short_cause(exc, say):
@@ -596,3 +602,250 @@ def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, monkeyp
     with serve(tarball.parent) as srv:
         got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
     assert got.sha256 == sha256_of(tarball)
+
+
+def _part(cache: Path, url: str) -> Path:
+    key = download.hashlib.sha256(url.encode()).hexdigest()[:16]
+    return cache / "downloads" / "partial" / f"{key}-{NAME}.part"
+
+
+def test_a_resume_says_so_and_the_sink_gets_every_byte_once(tmp_path, tarball):
+    cache, data, ui = tmp_path / "cache", tarball.read_bytes(), Recorder()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        fed = bytearray()
+        got = download.fetch(url, cache_dir=cache, sink=fed.extend, ui=ui, what="TheRock")
+    assert "resuming TheRock at 1 MB" in ui.infos
+    assert bytes(fed) == data and got.size == len(data) and ui.total_seen == [len(data)]
+    assert ui.updates == len(data)
+    assert not part.exists() and list(part.parent.glob("*.json")) == []
+
+
+def test_a_server_that_ignores_the_range_is_read_from_the_start(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        srv.fail(NAME, ("whole", 0))
+        fed = bytearray()
+        got = download.fetch(url, cache_dir=cache, sink=fed.extend)
+        assert [r["range"] for r in srv.downloads(NAME)] == ["bytes=1000000-"]
+    assert got.sha256 == sha256_of(tarball) and bytes(fed) == data
+
+
+def test_a_partial_file_longer_than_the_file_starts_over(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data + b"more")          # the server answers 416
+        got = download.fetch(url, cache_dir=cache)
+        assert [r["range"] for r in srv.downloads(NAME)] == [f"bytes={len(data) + 4}-", None]
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_a_resume_answered_with_the_wrong_range_stops(tmp_path, tarball):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        part = _part(cache, url)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[:1_000_000])
+        srv.fail(NAME, ("shift", 10))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(url, cache_dir=cache, what="TheRock")
+    assert err.value.message == (f"TheRock: the server answered a resume with the wrong range "
+                                 f"(bytes 1000010-{len(data) - 1}/{len(data)})")
+    assert err.value.hint == f"delete {part} and rerun"
+
+
+def test_a_file_that_changes_during_the_download_is_not_mixed(tmp_path, tarball):
+    # bytes already went to the sink: a whole new body cannot be appended to them
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        srv.fail(NAME, ("cut", 500_000), ("whole", 0))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(url, cache_dir=cache, sink=lambda b: None, what="TheRock")
+    assert err.value.message == "TheRock changed on the server during the download"
+    assert err.value.hint == "rerun to download it again"
+    assert not _part(cache, url).exists()
+
+
+def test_as_many_resumes_as_allowed_then_the_file(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 300_000)] * download.RESUMES)
+        got = download.fetch(srv.url + NAME, cache_dir=cache)
+        assert len(srv.downloads(NAME)) == download.RESUMES + 1
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_a_body_that_breaks_off_too_often_names_how_far_it_got(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 300_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=cache, what="TheRock")
+    assert re.fullmatch(r"TheRock: download broke off at 1 MB \(.+\)", err.value.message)
+    assert err.value.hint == "rerun to resume where it stopped"
+    assert _part(cache, srv.url + NAME).stat().st_size == 1_200_000   # kept for the rerun
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x.tar.gz", "ftp://127.0.0.1/x.tar.gz", "https:///x.tar.gz",
+                                 "http://localhost.example/x.tar.gz", "http://10.0.0.1/x.tar.gz"])
+def test_a_refused_url_is_named_with_what_is_allowed(tmp_path, url):
+    with pytest.raises(UsageError) as err:
+        download.fetch(url, cache_dir=tmp_path)
+    assert err.value.message == f"refusing to download {url}"
+    assert err.value.hint == "use an https:// URL (plain http only to 127.0.0.1), a local path or file://"
+
+
+@pytest.mark.parametrize("host, loopback", [("localhost", True), ("127.0.0.1", True), ("127.1.2.3", True),
+                                            ("::1", True), ("", False), (None, False), ("10.0.0.1", False),
+                                            ("localhost.example", False)])
+def test_is_loopback(host, loopback):
+    assert download.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("url", ["https://x.example/", "https://x.example/dir/..", "https://x.example/."])
+def test_a_url_that_names_no_file_is_refused(tmp_path, url):
+    with pytest.raises(UsageError) as err:
+        download.fetch(url, cache_dir=tmp_path)
+    assert err.value.message == f"{url} does not name a file"
+
+
+def test_a_pin_that_is_not_a_sha256_is_refused(tmp_path):
+    with pytest.raises(UsageError) as err:
+        download.fetch("https://x.example/" + NAME, cache_dir=tmp_path, sha256="abc", what="TheRock")
+    assert err.value.message == "sha256 pin for TheRock is not 64 hex digits: 'abc'"
+    with pytest.raises(UsageError, match="^sha256 recorded hash for TheRock is not 64 hex digits: 'x'$"):
+        download.fetch("https://x.example/" + NAME, cache_dir=tmp_path, trusted="x", what="TheRock")
+
+
+def test_the_offline_miss_says_how_to_add_the_file(tmp_path):
+    url = "https://stable.repo.amd.com/rocm/core/tarball/" + NAME
+    with pytest.raises(InstallerError) as err:
+        download.fetch(url, cache_dir=tmp_path, offline=True, what="TheRock")
+    assert err.value.message == f"offline, and TheRock is not in the cache ({url})"
+    assert err.value.hint == (f"run once without --offline, or download {url} elsewhere and run: "
+                              f"rdna4-install cache add {NAME} --url {url} --cache-dir {tmp_path}")
+
+
+def test_a_first_download_records_its_hash_and_says_so(tmp_path, tarball):
+    cache, ui = tmp_path / "cache", Recorder()
+    got = download.fetch(str(tarball), cache_dir=cache, ui=ui, what="TheRock")
+    assert ui.infos == [f"recorded sha256 {got.sha256} for TheRock; later runs require the same file"]
+    assert download.recorded_sha256(str(tarball), cache) == got.sha256
+    assert download.cached_urls(cache) == {str(tarball): got.sha256}
+    again = download.fetch(str(tarball), cache_dir=cache, ui=ui, what="TheRock")
+    assert again.from_cache and again.path == got.path and len(ui.infos) == 1
+    tarball.write_bytes(tarball.read_bytes() + b"x")
+    (got.path).unlink()
+    with pytest.raises(download.HashMismatch) as err:
+        download.fetch(str(tarball), cache_dir=cache, what="TheRock")
+    assert err.value.which == "recorded on the first download"
+    assert f"expected {got.sha256} (recorded on the first download), got " in err.value.message
+
+
+def test_disk_full_while_downloading_in_process_removes_the_partial_file(tmp_path, tarball):
+    """The file size limit makes write() fail with EFBIG, as a full disk would."""
+    import resource
+
+    cache = tmp_path / "cache"
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with serve(tarball.parent) as srv:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+        try:
+            with pytest.raises(InstallerError) as err:
+                download.fetch(srv.url + NAME, cache_dir=cache, what="TheRock")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+    partial = cache / "downloads" / "partial"
+    assert err.value.message == f"disk full while downloading TheRock into {partial}"
+    assert err.value.hint.startswith("free more space there")
+    assert [p.name for p in partial.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_cached_file_is_fed_to_the_sink_and_accepted(tmp_path, tarball):
+    cache, ui = tmp_path / "cache", Recorder()
+    first = download.fetch(str(tarball), cache_dir=cache)
+    fed, accepted = bytearray(), []
+    again = download.fetch(str(tarball), cache_dir=cache, sink=fed.extend, accept=accepted.append, ui=ui)
+    assert again.from_cache and bytes(fed) == tarball.read_bytes() and accepted == [first.path]
+    assert ui.total_seen == [first.size] and ui.updates == first.size
+
+
+def test_reason_prefers_the_exceptions_own_message():
+    try:
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError:
+            raise ConnectionRefusedError("Connection refused")
+    except OSError as exc:
+        assert download._reason(exc) == "connection refused"
+
+
+@pytest.mark.parametrize("status, hint", [
+    (403, "the file is not public or no longer exists; pick another version"),
+    (404, "the file does not exist; check the version"),
+    (503, "the server failed; rerun later (the download resumes)")])
+def test_status_error_hints_in_full(status, hint):
+    assert download.status_error("https://x.example/f", status, "TheRock").hint == hint
+
+
+def test_a_file_labelled_gzip_encoded_is_kept_as_sent(tmp_path, tarball):
+    # a .tar.gz is gzip data; a server may say so in Content-Encoding: the bytes are the file
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("gzip", 0))
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+    assert got.sha256 == sha256_of(tarball) and got.path.read_bytes() == tarball.read_bytes()
+
+
+def test_a_local_copy_shows_its_progress_by_name(tmp_path, tarball):
+    ui = Recorder()
+    got = download.fetch(str(tarball), cache_dir=tmp_path / "cache", ui=ui, what="TheRock")
+    assert ui.descs == ["TheRock"] and ui.total_seen == [got.size] and ui.updates == got.size
+
+
+def test_a_head_request_follows_redirects(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.redirects["old/" + NAME] = srv.url + NAME
+        resp = download.get(srv.url + "old/" + NAME, method="HEAD")
+        assert resp.status_code == 200 and resp.url == srv.url + NAME
+        assert [r["method"] for r in srv.log] == ["HEAD", "HEAD"]
+
+
+def test_retry_after_is_honoured_and_each_retry_is_noted(tmp_path, tarball):
+    # the server asks for no wait: without Retry-After the backoff would sleep 1 + 2 s
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("busy", 0), ("busy", 0))
+        started = time.monotonic()
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui)
+        took = time.monotonic() - started
+    assert got.sha256 == sha256_of(tarball) and took < 2.5
+    assert ui.notes == ["127.0.0.1: HTTP 503; retry 1 of 4 in 0 s", "127.0.0.1: HTTP 503; retry 2 of 4 in 0 s"]
+
+
+def test_a_refused_connection_is_retried_then_named_with_the_tries(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "BACKOFF", 0.01)       # the schedule, shortened
+    ui = Recorder()
+    url = f"http://127.0.0.1:{port}/{NAME}"
+    with pytest.raises(download.DownloadError) as err:
+        download.get(url, ui=ui)
+    assert err.value.message == f"cannot download {url}: connection refused (after 5 tries)"
+    assert ui.notes == [f"127.0.0.1: connection refused; retry {i} of 4 in 0 s" for i in range(1, 5)]

@@ -188,3 +188,30 @@ def test_sweeps_remove_temps_of_dead_writers_only(tmp_path):
     assert [p for p in stale if p.exists()] == []
     assert not os.path.lexists(prefix / f".rocm.link-{dead}")
     assert [p for p in keep if not p.exists()] == []
+
+
+def test_orphans_that_outlast_the_wait_stop_the_run_naming_them(tmp_path, monkeypatch):
+    """A noted group is killed, but if its processes still hold the children lock when
+    ORPHAN_WAIT is over, the run stops and names them (here the wait is cut to nothing)."""
+    prefix = tmp_path / "prefix"
+    lock, record = prefix / ".rdna4" / "children.lock", prefix / ".rdna4" / "children"
+    monkeypatch.setattr(state.PrefixLock, "ORPHAN_WAIT", 0.0)
+    with user_holder(lock) as (pid, shell):
+        record.write_text(f"{pid} {proc.start_time(pid)}\n")
+        with pytest.raises(InstallerError) as err:
+            state.PrefixLock(prefix).acquire()
+        assert err.value.message == (f"processes left by an interrupted rdna4-install still use {prefix} "
+                                     f"(PIDs {pid})")
+        assert err.value.hint == "stop them (kill -9 PID) and rerun"
+    state.PrefixLock(prefix).acquire().release()    # the prefix lock was given back
+
+
+def test_a_strangers_hold_is_named_in_full(tmp_path):
+    prefix = tmp_path / "prefix"
+    lock = prefix / ".rdna4" / "children.lock"
+    with user_holder(lock) as (pid, shell):
+        with pytest.raises(InstallerError) as err:
+            state.PrefixLock(prefix).acquire()
+    assert err.value.message == (f"{lock} is held by PID {pid}, which rdna4-install did not start; "
+                                 "it signals only processes it started")
+    assert err.value.hint == f"stop that process (kill {pid}) and rerun"

@@ -264,3 +264,123 @@ def test_the_callers_uv_variables_never_reach_uv(tmp_path, indexes, monkeypatch)
     versions = pyenv.installed_versions(pyenv.venv_dir(ctx.prefix))
     assert versions["torch"] == indexes["pins"]["torch"]
     assert any(fresh.iterdir())
+
+
+# --- the guard's parts on a venv laid out by hand (no uv needed to read it) ---
+
+def fake_venv(prefix: Path, dists: dict[str, str], extra: dict[str, bytes] | None = None) -> Path:
+    """PREFIX/venv with one dist-info per name -> version (METADATA as wheels write it)."""
+    venv = pyenv.venv_dir(prefix)
+    site = venv / "lib" / f"python{PY}" / "site-packages"
+    for name, version in dists.items():
+        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                       "Summary: a: b\n\nName: not-the-name\nVersion: 0.0.0\n")
+    for rel, data in (extra or {}).items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+    site.mkdir(parents=True, exist_ok=True)
+    return venv
+
+
+def test_installed_versions_reads_only_the_guarded_headers(tmp_path):
+    venv = fake_venv(tmp_path / "p", {"torch": "2.13.0+rocm10.1.0", "Rocm-SDK-Core": "10.1.0",
+                                      "amd-torch-device-gfx1201": "2.13.0+rocm10.1.0", "tiny-dep": "1.0.0"},
+                     extra={"broken-1.0.dist-info/METADATA": b"Name: triton\nVersion: 3.8.0\nAuthor: Jos\xe9\n",
+                            "noversion-1.0.dist-info/METADATA": b"Name: torchvision\n"})
+    assert pyenv.installed_versions(venv) == {"torch": "2.13.0+rocm10.1.0", "rocm-sdk-core": "10.1.0",
+                                              "amd-torch-device-gfx1201": "2.13.0+rocm10.1.0",
+                                              "triton": "3.8.0"}
+
+
+def test_constraints_hold_every_guarded_package_and_need_torch(tmp_path):
+    venv = fake_venv(tmp_path / "p", {"torch": "2.13.0+rocm10.1.0", "rocm": "10.1.0"})
+    path = pyenv.write_constraints(venv, {"rocm": "10.1.0", "torch": "2.13.0+rocm10.1.0"})
+    assert path.read_text() == "rocm==10.1.0\ntorch==2.13.0+rocm10.1.0\n"
+    # `installed` is what the caller read; without it the venv is read
+    assert pyenv.write_constraints(venv).read_text() == path.read_text()
+    with pytest.raises(InstallerError) as err:
+        pyenv.write_constraints(venv, {"rocm": "10.1.0"})
+    assert err.value.message == f"torch is not installed in {venv}"
+    assert err.value.hint == f"rdna4-install run torch --force --prefix {tmp_path / 'p'}"
+
+
+def test_check_unchanged_says_how_to_recover():
+    with pytest.raises(InstallerError) as err:
+        pyenv.check_unchanged({"torch": "1", "rocm": "2"}, {"torch": "3"})
+    assert err.value.message == "an install changed the torch stack: torch 1 -> 3; rocm 2 removed"
+    assert err.value.hint == ("the venv is no longer coherent: rerun the torch recipe and drop or loosen "
+                              "the requirement that moved it")
+
+
+def test_expect_installed_names_each_package_off_its_pin():
+    pins = {"rocm": "10.1.0", "torch": "2.13.0+rocm10.1.0", "torchvision": "0.28.0+rocm10.1.0",
+            "torchaudio": "2.11.0+rocm10.1.0", "triton": "3.8.0+rocm10.1.0"}
+    good = {"rocm": "10.1", "rocm-sdk-core": "10.1.0", "torch": "2.13.0+rocm10.1.0",
+            "rocm-sdk-device-gfx1201": "10.1.0", "amd-torch-device-gfx1201": "2.13.0+rocm10.1.0",
+            "torchvision": "0.28.0+rocm10.1.0", "torchaudio": "2.11.0+rocm10.1.0", "triton": "3.8.0+rocm10.1.0"}
+    pyenv.expect_installed(good, pins, ["gfx1201"])
+    pyenv.expect_installed({k: v for k, v in good.items() if k != "triton"}, {**pins, "triton": ""}, ["gfx1201"])
+    for key in ("torchvision", "torchaudio", "triton"):
+        with pytest.raises(InstallerError) as err:
+            pyenv.expect_installed({**good, key: "9.9.9"}, pins, ["gfx1201"])
+        assert err.value.message == (f"the venv does not hold the pinned stack: {key} 9.9.9 "
+                                     f"(wanted {pins[key]})")
+        assert err.value.hint == "check that torch.index_url serves these exact versions"
+    missing = {k: v for k, v in good.items() if k not in ("torch", "rocm-sdk-device-gfx1201")}
+    with pytest.raises(InstallerError) as err:
+        pyenv.expect_installed(missing, pins, ["gfx1201"])
+    assert err.value.message == ("the venv does not hold the pinned stack: torch missing (wanted "
+                                 "2.13.0+rocm10.1.0); rocm-sdk-device-gfx1201 missing (wanted 10.1.0)")
+
+
+def test_uv_env_keeps_only_settings_that_cannot_move_torch():
+    env = {"PATH": "/usr/bin", "HOME": "/root", "PYTHONPATH": "/x", "PYTHONHOME": "/x", "VIRTUAL_ENV": "/x",
+           "CONDA_PREFIX": "/x", "LD_LIBRARY_PATH": "/x", "PIP_INDEX_URL": "https://pypi.invalid/",
+           "UV_INDEX_URL": "https://pypi.invalid/", "UV_CACHE_DIR": "/c", "UV_PYTHON_DOWNLOADS": "never"}
+    assert pyenv.uv_env(env) == {"PATH": "/usr/bin", "HOME": "/root", "UV_CACHE_DIR": "/c",
+                                 "UV_PYTHON_DOWNLOADS": "never", "UV_HTTP_TIMEOUT": "300"}
+    assert pyenv.uv_env({"UV_HTTP_TIMEOUT": "900"}) == {"UV_HTTP_TIMEOUT": "900"}
+
+
+@pytest.mark.parametrize("url", ["http://example.com/simple/", "ftp://example.com/", "https:///simple/",
+                                 "file:///srv/simple/"])
+def test_an_index_url_must_be_https_or_loopback(url):
+    with pytest.raises(UsageError) as err:
+        pyenv.check_index_url(url, "torch.index_url")
+    assert err.value.message == f"torch.index_url must be an https URL (http only to loopback): {url!r}"
+    assert err.value.hint == "fix the pin in recipes/pins.toml or the --set value"
+    assert pyenv.check_index_url("http://127.0.0.1:8000/simple/", "x") == "http://127.0.0.1:8000/simple/"
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_failed_guarded_install_says_what_held_the_stack(tmp_path, uv_cache, offline):
+    from installer import mirror
+
+    prefix = tmp_path / "p"
+    venv = fake_venv(prefix, {"torch": "2.13.0+rocm10.1.0", "rocm": "10.1.0"})
+    ctx = make_ctx(prefix, uv_cache)
+    ctx.offline = offline
+    ctx.env["UV_INDEX_URL"] = "https://pypi.invalid/"
+    mirror.use(mirror.Mirror(rules=((pyenv.PYPI_URL, "https://pypi.mirror.example/simple"),)))
+    try:
+        with pytest.raises(StepFailed) as err:   # the venv has no python: uv fails at once
+            pyenv.guarded_install(ctx, ["tiny-dep"])
+    finally:
+        mirror.use(None)
+    constraints = venv / pyenv.CONSTRAINTS
+    assert err.value.message.startswith("uv pip install ")
+    assert err.value.message.endswith(f"; torch, triton and rocm are held at torch 2.13.0+rocm10.1.0 "
+                                      f"by {constraints}")
+    assert err.value.hint == f"full log: {ctx.log}"  # uv's own failure keeps its hint
+    assert isinstance(err.value.tail, list)
+    assert constraints.read_text() == "rocm==10.1.0\ntorch==2.13.0+rocm10.1.0\n"
+    rerun = (ctx.work_dir / "last-command.sh").read_text()
+    assert f"--constraints {constraints} --build-constraints {constraints} " \
+           f"--default-index https://pypi.mirror.example/simple{' --offline' if offline else ''} tiny-dep" in rerun
+    assert "UV_INDEX_URL" not in rerun
+    # the caller's own --default-index wins over the mirror's
+    with pytest.raises(StepFailed):
+        pyenv.guarded_install(ctx, ["--default-index", "https://other.example/simple", "tiny-dep"], env=ctx.env)
+    assert "pypi.mirror.example" not in (ctx.work_dir / "last-command.sh").read_text()

@@ -374,8 +374,9 @@ def test_streaming_strips_verifies_records_and_guards_like_a_file(tmp_path):
         return sx
 
     with stream() as sx:
-        with pytest.raises(InstallerError, match="publish before finish"):
+        with pytest.raises(InstallerError) as err:
             sx.publish()
+        assert err.value.message == "publish before finish"
         staged = sx.finish()
         assert seen == [staged] and (staged / "bin/tool").read_text() == "t"
         sx.publish()
@@ -401,3 +402,110 @@ def test_streaming_reports_a_verify_failure_at_finish(tmp_path):
             sx.write(data)
             sx.finish()
     assert not (tmp_path / "rocm").exists() and _leftovers(tmp_path) == []
+
+
+def test_extract_stream_unpacks_a_plain_tar_from_a_file_object(tmp_path):
+    import io
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("hi")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(src / "sub", arcname="sub")
+    seen = []
+    dest = unpack.extract_stream(io.BytesIO(buf.getvalue()), tmp_path / "p" / "tree", verify=seen.append,
+                                 what="bundle x")
+    assert dest == tmp_path / "p" / "tree" and (dest / "sub" / "f").read_text() == "hi"
+    assert len(seen) == 1 and seen[0].parent == dest.parent          # verified while staged
+    assert not (dest / unpack.OWNED_LIST).exists()                   # not recorded
+    assert _leftovers(dest.parent) == []
+    with pytest.raises(unpack.CorruptArchive, match="^bundle x is truncated or not a valid tarball"):
+        unpack.extract_stream(io.BytesIO(buf.getvalue()[:700]), tmp_path / "p" / "other", what="bundle x")
+    assert not (tmp_path / "p" / "other").exists() and _leftovers(tmp_path / "p") == []
+
+
+def test_the_staging_tree_is_beside_dest_named_for_the_sweep(tmp_path):
+    # a SIGKILLed run leaves it there; the next run (and state.sweep) knows it by that name
+    seen = []
+    dest = tmp_path / "a" / "b" / "rocm"          # parents are made
+    unpack.extract_tarball(make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0"), dest, verify=seen.append)
+    assert seen[0].parent == dest.parent and seen[0].name.startswith(".rocm.tmp-")
+    assert dest.is_dir()
+
+
+def test_a_truncated_stream_is_corrupt_and_leaves_nothing(tmp_path):
+    data = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0", pad_bytes=1 << 20).read_bytes()
+    dest = tmp_path / "rocm"
+    with pytest.raises(unpack.CorruptArchive, match="^archive is truncated or not a valid tarball"):
+        with unpack.StreamExtract(dest) as sx:
+            sx.write(data[: len(data) // 2])
+            sx.finish()
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_stream_in_small_pieces_with_a_long_tail(tmp_path):
+    # tarfile stops reading at the end-of-archive blocks; what follows (padding, the gzip
+    # trailer) arrives as many small chunks that must not block the writer
+    payload = os.urandom(300_000)
+    archive = _archive(tmp_path / "a.tar.gz", [("big", REG, payload, 0o644)])
+    data = archive.read_bytes() + b"\0" * 20_000
+    dest = tmp_path / "tree"
+    with unpack.StreamExtract(dest, what="a") as sx:
+        for i in range(0, len(data), 100):
+            sx.write(data[i:i + 100])
+        sx.finish()
+        sx.publish()
+    assert (dest / "big").read_bytes() == payload
+    assert not (dest / unpack.OWNED_LIST).exists()      # not recorded unless asked
+
+
+def test_a_failed_rename_puts_the_old_tree_back(tmp_path):
+    data = make_toolchain_tarball(tmp_path / "t.tar.gz", "10.1.0").read_bytes()
+    dest = tmp_path / "p" / "rocm"
+    (dest / "bin").mkdir(parents=True)
+    (dest / "bin" / "old").write_text("old tree")
+    with unpack.StreamExtract(dest) as sx:
+        sx.write(data)
+        staged = sx.finish()
+        import shutil
+        shutil.rmtree(staged)          # the staged tree is gone: the rename onto dest fails
+        with pytest.raises(FileNotFoundError):
+            sx.publish()
+    assert (dest / "bin" / "old").read_text() == "old tree"
+    assert _leftovers(dest.parent) == []
+
+
+def test_a_recorded_tree_lists_the_directories_its_members_imply(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [("a/b/c", REG, b"x", 0o644), ("d//e", REG, b"y", 0o644)])
+    dest = tmp_path / "tree"
+    unpack.extract_tarball(archive, dest, record=True)
+    assert (dest / unpack.OWNED_LIST).read_text().splitlines() == ["a", "a/b", "a/b/c", "d", "d/e"]
+    unpack.extract_tarball(archive, dest, record=True)     # all of it is ours: replaced
+    assert (dest / "a/b/c").read_text() == "x"
+
+
+def test_the_refusal_of_an_unlisted_dest_says_why(tmp_path):
+    archive = _archive(tmp_path / "a.tar.gz", [("f", REG, b"x", 0o644)])
+    dest = tmp_path / "tree"
+    unpack.extract_tarball(archive, dest)
+    with pytest.raises(unpack.NotOurs) as err:
+        unpack.extract_tarball(archive, dest, record=True)
+    assert err.value.message == (f"{dest} was not made by rdna4-install (it has no {unpack.OWNED_LIST}; an "
+                                 "rdna4-install older than that list did not write one); refusing to replace it")
+
+
+@pytest.mark.parametrize("name", ["c:", "C:x"])
+def test_a_drive_letter_is_an_absolute_path(tmp_path, name):
+    archive = _archive(tmp_path / "a.tar.gz", [(name, REG, b"x", 0o644)])
+    with pytest.raises(unpack.UnsafeArchive, match=f"refusing member '{name}': absolute path"):
+        unpack.extract_tarball(archive, tmp_path / "out")
+
+
+def test_a_hard_link_to_a_symlink_links_the_symlink(tmp_path):
+    # as GNU tar does: the link itself, not the file it points to
+    archive = _archive(tmp_path / "a.tar.gz", [("f", REG, b"x", 0o644), ("l", SYM, "f", 0o777),
+                                               ("h", LNK, "l", 0o644)])
+    dest = unpack.extract_tarball(archive, tmp_path / "out")
+    assert os.path.islink(dest / "h") and os.readlink(dest / "h") == "f"
+    assert os.lstat(dest / "h").st_ino == os.lstat(dest / "l").st_ino

@@ -49,7 +49,11 @@ class FileServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/"
 
     def fail(self, path: str, *faults: tuple[str, int]) -> None:
-        """Queue faults for `path`: ("status", 503) or ("cut", nbytes)."""
+        """Queue faults for `path`: ("status", 503), ("cut", nbytes), ("whole", 0): a Range
+        request answered with the whole file (a server without ranges), ("shift", n): a
+        resume answered from n bytes later than asked, ("gzip", 0): the file sent as is
+        but labelled Content-Encoding: gzip (as servers do for .gz files), or ("busy", n):
+        503 with Retry-After: n."""
         self.faults.setdefault(path.lstrip("/"), []).extend(faults)
 
     def next_fault(self, path: str) -> tuple[str, int] | None:
@@ -89,6 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.server.next_fault(rel)
         if fault and fault[0] == "status":
             return self._reply(fault[1], b"fault\n", head)
+        if fault and fault[0] == "busy":
+            return self._reply(503, b"busy\n", head, retry_after=fault[1])
         target = (self.server.root / rel).resolve()
         if not str(target).startswith(str(self.server.root.resolve())):
             return self._reply(403, b"forbidden\n", head)
@@ -96,17 +102,23 @@ class _Handler(BaseHTTPRequestHandler):
             return self._listing(target, parts.query, head)
         if not target.is_file():
             return self._reply(404, b"not found\n", head)
-        self._file(target, head, cut=fault[1] if fault and fault[0] == "cut" else None)
+        kind = fault[0] if fault else ""
+        self._file(target, head, cut=fault[1] if kind == "cut" else None, whole=kind == "whole",
+                   shift=fault[1] if kind == "shift" else 0, gzip=kind == "gzip")
 
-    def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain") -> None:
+    def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain",
+               retry_after: int | None = None) -> None:
         self.send_response(code)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
             self.wfile.write(body)
 
-    def _file(self, path: Path, head: bool, cut: int | None) -> None:
+    def _file(self, path: Path, head: bool, cut: int | None, whole: bool = False, shift: int = 0,
+              gzip: bool = False) -> None:
         st = path.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
@@ -114,9 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
-        if m and (if_range is None or if_range == etag):
+        if m and not whole and (if_range is None or if_range == etag):
             if m.group(1):
-                start = int(m.group(1))
+                start = int(m.group(1)) + shift
                 end = int(m.group(2)) if m.group(2) else size - 1
             else:
                 start = max(0, size - int(m.group(2)))
@@ -133,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
+        if gzip:
+            self.send_header("Content-Encoding", "gzip")
         if code == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
