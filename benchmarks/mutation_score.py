@@ -9,7 +9,8 @@ it, so a run takes minutes rather than hours on 2 cores. Prints, per module,
 killed / total and the other verdicts; a mutant "no tests" is one no selected
 test reaches in-process (code run only in a subprocess counts as not killed).
 
-Not part of .ci/run: the whole set takes about an hour on 2 cores.
+Not part of .ci/run: on 2 cores each module takes a few minutes, except download
+(hours: each mutant of its fetch and resume code runs most of test_download.py).
 """
 
 from __future__ import annotations
