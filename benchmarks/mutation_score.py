@@ -94,7 +94,9 @@ def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
                      f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
                      'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow"]\n'
                      "use_git_change_detection = false\n")
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        # pytest's and the tools' temp dirs go into the copy and are removed with it
+        (root / "tmp").mkdir()
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(root / "tmp")}
         started = time.monotonic()
         run = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *(names or [])],
                              cwd=root, env=env, capture_output=True, text=True)
