@@ -609,13 +609,19 @@ def _part(cache: Path, url: str) -> Path:
     return cache / "downloads" / "partial" / f"{key}-{NAME}.part"
 
 
+def _partial(cache: Path, url: str, content: bytes) -> Path:
+    """The partial file of `url` a killed download leaves, holding `content`."""
+    part = _part(cache, url)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(content)
+    return part
+
+
 def test_a_resume_says_so_and_the_sink_gets_every_byte_once(tmp_path, tarball):
     cache, data, ui = tmp_path / "cache", tarball.read_bytes(), Recorder()
     with serve(tarball.parent) as srv:
         url = srv.url + NAME
-        part = _part(cache, url)
-        part.parent.mkdir(parents=True)
-        part.write_bytes(data[:1_000_000])
+        part = _partial(cache, url, data[:1_000_000])
         fed = bytearray()
         got = download.fetch(url, cache_dir=cache, sink=fed.extend, ui=ui, what="TheRock")
     assert "resuming TheRock at 1 MB" in ui.infos
@@ -628,9 +634,7 @@ def test_a_server_that_ignores_the_range_is_read_from_the_start(tmp_path, tarbal
     cache, data = tmp_path / "cache", tarball.read_bytes()
     with serve(tarball.parent) as srv:
         url = srv.url + NAME
-        part = _part(cache, url)
-        part.parent.mkdir(parents=True)
-        part.write_bytes(data[:1_000_000])
+        _partial(cache, url, data[:1_000_000])
         srv.fail(NAME, ("whole", 0))
         fed = bytearray()
         got = download.fetch(url, cache_dir=cache, sink=fed.extend)
@@ -642,9 +646,7 @@ def test_a_partial_file_longer_than_the_file_starts_over(tmp_path, tarball):
     cache, data = tmp_path / "cache", tarball.read_bytes()
     with serve(tarball.parent) as srv:
         url = srv.url + NAME
-        part = _part(cache, url)
-        part.parent.mkdir(parents=True)
-        part.write_bytes(data + b"more")          # the server answers 416
+        _partial(cache, url, data + b"more")          # the server answers 416
         got = download.fetch(url, cache_dir=cache)
         assert [r["range"] for r in srv.downloads(NAME)] == [f"bytes={len(data) + 4}-", None]
     assert got.sha256 == sha256_of(tarball)
@@ -654,9 +656,7 @@ def test_a_resume_answered_with_the_wrong_range_stops(tmp_path, tarball):
     cache, data = tmp_path / "cache", tarball.read_bytes()
     with serve(tarball.parent) as srv:
         url = srv.url + NAME
-        part = _part(cache, url)
-        part.parent.mkdir(parents=True)
-        part.write_bytes(data[:1_000_000])
+        part = _partial(cache, url, data[:1_000_000])
         srv.fail(NAME, ("shift", 10))
         with pytest.raises(download.DownloadError) as err:
             download.fetch(url, cache_dir=cache, what="TheRock")
