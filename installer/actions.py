@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import proc
-from .errors import RecipeError
+from .errors import RecipeError, command
 
 LAST_COMMAND = "last-command.sh"
 
@@ -113,16 +113,13 @@ class StepContext:
         return self._command(list(self.rerun_verb or ("run", self.name)), pin)
 
     def _command(self, verb: list[str], pin: tuple[str, str] | None = None) -> str:
-        import shlex
-
         sets = [s for s in self.rerun_sets if not pin or s.partition("=")[0].strip() != pin[0]]
         if pin:
             sets.append(f"{pin[0]}={pin[1]}")
-        words = [*verb, *[w for s in sets for w in ("--set", s)],
-                 *(["--pins", self.rerun_pins] if self.rerun_pins else []),
-                 *(["--gpu-arch", ",".join(self.archs)] if self.archs else []),
-                 "--prefix", str(self.prefix), "--cache-dir", str(self.cache_dir)]
-        return "rdna4-install " + " ".join(shlex.quote(w) for w in words)
+        return command(self.prefix, *verb, *[w for s in sets for w in ("--set", s)],
+                       *(["--pins", self.rerun_pins] if self.rerun_pins else []),
+                       *(["--gpu-arch", ",".join(self.archs)] if self.archs else []),
+                       "--cache-dir", str(self.cache_dir))
 
     @property
     def src_dir(self) -> Path:

@@ -48,8 +48,8 @@ def check_files(files: tuple[Path, ...], url: str | None) -> None:
 
 def add(files: tuple[Path, ...], *, url: str | None, planned: dict[str, str], cache_dir: Path,
         ui: Any = None) -> list[tuple[Path, str, download.Fetched]]:
-    """Add each file under its URL; a file whose hash is wrong is refused (nothing is added for it)."""
-    check_files(files, url)
+    """Add each file (already through check_files) under its URL; a file whose hash is
+    wrong is refused (nothing is added for it)."""
     done = []
     for f in files:
         where = url or _url_for(f, planned)

@@ -613,16 +613,16 @@ def tune(obj: Obj, prefix: Path | None, cache_dir: Path | None, model: str | Non
     """Tune vLLM's FP8 GEMM for a model's shapes on this card and install the configs."""
     from . import tune as tn
 
+    where = _path(prefix or _default_prefix())
     if restore:
-        restored = tn.restore(_path(prefix or _default_prefix()))
+        restored = tn.restore(where)
         obj.ui.success(f"restored {len(restored)} tuned config(s)" if restored else "every tuned config is in place")
         return
     if not model:
-        where = _path(prefix or _default_prefix())
         raise UsageError("tune needs --model (or --restore)",
                          hint=command(where, "tune", "--model", "MODEL") + " (MODEL: a block-FP8 checkpoint "
                               "such as Qwen/Qwen3-8B-FP8)")
-    result = tn.run(_path(prefix or _default_prefix()), model, cache_dir=_path(cache_dir or _default_cache()),
+    result = tn.run(where, model, cache_dir=_path(cache_dir or _default_cache()),
                     tp=tp, batch_size=batch_size, ui=obj.ui)
     click.echo(tn.format_result(result))
 

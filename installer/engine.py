@@ -52,7 +52,7 @@ def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> act
         rerun_verb=_verb(settings),
         rerun_sets=tuple(o.removeprefix("--set ") for o in settings.pin_origins.values() if o.startswith("--set ")),
         rerun_pins=next((o for o in settings.pin_origins.values()
-                         if not o.startswith(("--set ", "target ", "lock "))), ""),
+                         if not o.startswith(("--set ", "target "))), ""),
     )
 
 

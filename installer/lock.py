@@ -11,8 +11,8 @@ on a second machine. The format is in docs/design.md ("The lock").
 from __future__ import annotations
 
 import json
-import shlex
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -245,11 +245,11 @@ def from_receipt(prefix: Path) -> dict[str, Any]:
 def settings_from(opts: dict[str, Any], sets: tuple[str, ...]) -> tuple[dict, dict[str, Any]]:
     """(pins, opts) for `install --lock FILE`: exactly the lock's pins and targets."""
     if sets or opts.get("pins_file"):
-        given = [*(f"--set {shlex.quote(s)}" for s in sets),
-                 *([f"--pins {shlex.quote(str(opts['pins_file']))}"] if opts.get("pins_file") else [])]
+        options = [*(f"--set {shlex.quote(s)}" for s in sets),
+                   *([f"--pins {shlex.quote(str(opts['pins_file']))}"] if opts.get("pins_file") else [])]
         raise UsageError("--lock installs exactly the lock's pins; --set, --pins, "
                          "--flash-attention-backend and --without flash-attention cannot change them",
-                         hint=f"make a new lock with those options: rdna4-install lock {' '.join(given)} -o FILE")
+                         hint=f"make a new lock with those options: rdna4-install lock {' '.join(options)} -o FILE")
     data = load(Path(opts["lock_file"]))
     archs = ",".join(data["archs"])
     given = opts.get("gpu_arch")

@@ -304,10 +304,9 @@ def refuse_foreign(dest: Path) -> None:
                       hint=f"move {stranger} elsewhere and rerun, or rerun with --force to delete it")
 
 
-def _place(tmp: Path, dest: Path, *, record: bool = False, force: bool = False) -> None:  # pragma: no mutate
+def _place(tmp: Path, dest: Path, *, record: bool, force: bool) -> None:
     """Rename tmp onto dest; an old dest is moved aside first, then removed. A
-    recorded tree replaces only a dest the installer made, in full, unless forced.
-    (Every caller passes record and force: their defaults are never used.)"""
+    recorded tree replaces only a dest the installer made, in full, unless forced."""
     old = None
     if os.path.lexists(dest):
         if record and not force:

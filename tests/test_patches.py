@@ -342,7 +342,10 @@ def test_precheck_skips_what_has_nothing_to_check(tmp_path, case):
         from dataclasses import replace
         item.recipe = replace(item.recipe, steps=(replace(item.recipe.steps[0], action="fetch-git"),))
     (tmp_path / "vllm-0.33.0.tar.gz").unlink()  # nothing is fetched either
-    patches.precheck([item], prefix=tmp_path, cache_dir=tmp_path / "cache", offline=True)
+    ui = Recorder()
+    # offline with no sdist and a conflicting tree: a check that ran would raise
+    patches.precheck([item], prefix=tmp_path, cache_dir=tmp_path / "cache", offline=True, ui=ui)
+    assert ui.said == [] and not (tmp_path / "cache").exists()
 
 
 def test_precheck_checks_the_sdist_against_its_pin(tmp_path):

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import hintcheck
-
+from e2e_fixtures import hint_command
 from installer import download, unpack
 from installer.state import read_stamp, write_stamp
 from therock_fixtures import make_toolchain_tarball, serve, sha256_of
@@ -60,11 +59,6 @@ class World:
 
     def install(self) -> subprocess.CompletedProcess:
         return self.cli("install", "--prefix", str(self.prefix), "--gpu-arch", "gfx1201", "--no-checks")
-
-    def hint_command(self, out: subprocess.CompletedProcess) -> list[str]:
-        """The rdna4-install command in the error's hint, as argv for this checkout."""
-        hint = next(line for line in out.stderr.splitlines() if line.startswith("hint: "))
-        return hintcheck.hint_argv(hint)
 
     def tree(self) -> Path:
         return self.prefix / f"rocm-{VERSION}"
@@ -108,7 +102,7 @@ def test_a_swapped_tarball_is_refused_by_the_prefix_record_even_with_a_fresh_cac
     assert download.recorded_sha256(world.url, world.cache) is None and world.cached_files() == []
     assert not list(world.prefix.glob(".rocm-*"))
     # the hint pins the new file; run as printed, it installs it
-    argv = world.hint_command(out)
+    argv = hint_command(out)
     assert f"--set therock.sha256={swapped}" in " ".join(argv)
     again = world.cli(*argv)
     assert again.returncode == 0, again.stderr
@@ -148,7 +142,7 @@ def test_a_refused_tarball_leaves_no_tree_and_no_trace_in_the_cache(world, bad):
     assert not list((world.cache / "downloads" / "partial").glob("*.part"))
     # the server is fixed: the command in the hint installs the good file
     good = world.serve_tarball()
-    again = world.cli(*world.hint_command(out))
+    again = world.cli(*hint_command(out))
     assert again.returncode == 0, again.stderr
     assert read_stamp(world.prefix, "therock")["facts"]["sha256"] == good
     assert (world.prefix / "rocm" / "bin" / "rocminfo").is_file()
@@ -175,9 +169,9 @@ def test_a_refused_cached_tarball_is_dropped_and_the_old_tree_kept(world):
     assert world.tree().stat().st_ino == tree_ino and (world.tree() / "bin/amd-smi").is_file()
     # the hint downloads it again; the server's file is not the one pinned, which is refused
     # with the next hint, pinning what the server has; that one installs it
-    again = world.cli(*world.hint_command(out))
+    again = world.cli(*hint_command(out))
     assert again.returncode == 1 and "sha256 mismatch" in again.stderr, again.stderr
-    assert world.cli(*world.hint_command(again)).returncode == 0
+    assert world.cli(*hint_command(again)).returncode == 0
     assert (world.tree() / "bin/amd-smi").is_file()
 
 
@@ -196,7 +190,7 @@ def test_a_user_file_in_the_toolchain_tree_is_never_deleted(world):
     assert mine.read_text() == "mine"
     assert len(world.srv.downloads(NAME)) == gets        # refused before downloading
     # the hint's --force command replaces the tree (and the file with it)
-    argv = world.hint_command(out)
+    argv = hint_command(out)
     assert "--force" in argv
     assert world.cli(*argv).returncode == 0
     assert not mine.exists() and (world.tree() / "bin" / "rocminfo").is_file()
@@ -227,7 +221,7 @@ def test_a_rocm_link_to_another_rocm_is_not_repointed(world, tmp_path):
     assert os.readlink(world.prefix / "rocm") == str(other)
     assert world.srv.downloads(NAME) == []               # refused before downloading
     assert not os.path.lexists(world.tree())
-    argv = world.hint_command(out)
+    argv = hint_command(out)
     assert world.cli(*argv).returncode == 0
     assert os.readlink(world.prefix / "rocm") == f"rocm-{VERSION}" and other.is_dir()
 
