@@ -248,6 +248,23 @@ def test_a_silent_proxy_fails_within_the_bound_and_is_named(tmp_path, monkeypatc
     assert ui.notes and all(n.startswith("downloads.example.com: no answer (timed out); retry ") for n in ui.notes)
 
 
+def test_a_silent_proxy_is_retried_within_a_short_budget_then_named(monkeypatch, silent_proxy):
+    # the same story as above with short timeouts: one retry fits in the budget, a second does not
+    for var in download.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
+    ui = Recorder()
+    url = "https://downloads.example.com/therock.tar.gz"
+    started = time.monotonic()
+    with pytest.raises(download.DownloadError) as err:
+        download.get(url, ui=ui, timeout=(0.3, 0.3), budget=2.5)
+    assert time.monotonic() - started < 2.5
+    assert err.value.message == (f"cannot download {url} through proxy {silent_proxy}: "
+                                 f"no answer (timed out) (after 2 tries)")
+    assert err.value.status is None
+    assert ui.notes == ["downloads.example.com: no answer (timed out); retry 1 of 4 in 1 s"]
+
+
 @pytest.mark.parametrize("status", [403, 404])
 def test_missing_files_fail_with_status_and_hint(tmp_path, tarball, status):
     with serve(tarball.parent) as srv:
@@ -376,7 +393,7 @@ def https_server(tmp_path):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield f"https://127.0.0.1:{server.server_address[1]}/file.bin", cert
     server.shutdown()
 

@@ -202,7 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(root: Path, **kw) -> Iterator[FileServer]:
     server = FileServer(Path(root), **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits up to one poll, and every test stops a server
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
