@@ -51,6 +51,7 @@ MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
                   "uv_env", "check_index_url", "expect_installed", "_guarded", "installed_versions",
                   "write_constraints", "check_unchanged", "guarded_install")]
               + ["installer.torchindex.*"]),
+    "lock": (["installer/lock.py"], ["tests/test_lockfile.py"], None),
     # state: less the SIGINT case, whose installer child inherits the SIGINT mutmut's
     # workers ignore (mutmut/workers/isolation.py) and so never stops
     "state": (["installer/state.py"], ["tests/test_state.py", "tests/test_interrupt.py", "tests/test_engine.py",
