@@ -2,12 +2,14 @@
 
     uv run --extra test python benchmarks/mutation_score.py [MODULE ...] [--max-children N]
 
-MODULE is one of the keys of MODULES (default: all). Each module runs on its own
+MODULE is one of the keys of MODULES or install.sh (default: all). Each module runs on its own
 copy of the repo (git ls-files, in a temp dir that is removed afterwards) with
 a [tool.mutmut] section naming that module and only the test files that cover
 it, so a run takes minutes rather than hours on 2 cores. Prints, per module,
 killed / total and the other verdicts; a mutant "no tests" is one no selected
 test reaches in-process (code run only in a subprocess counts as not killed).
+install.sh is shell, which mutmut cannot mutate: benchmarks/shell_mutants.py
+makes its mutants and runs tests/test_install_sh.py on each.
 
 Not part of .ci/run: on 2 cores each module takes a few minutes, except download
 (hours: each mutant of its fetch and resume code runs most of test_download.py).
@@ -28,20 +30,29 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import shell_mutants  # noqa: E402
+
+SHELL = "install.sh"   # not mutmut's: benchmarks/shell_mutants.py
+
+
+def _functions(path: str, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """mutmut's name globs for every function and method of a module but `leave_out`."""
+    import ast
+
+    module = path.removesuffix(".py").replace("/", ".")
+    tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
+    return ([f"{module}.x_{n.name}__mutmut_*" for n in tree.body
+             if isinstance(n, ast.FunctionDef) and n.name not in leave_out] + [f"{module}.x\u01c1*"])
+
 
 # module -> (files to mutate, test files that cover them, mutant-name globs or None = all)
 MODULES: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     "unpack": (["installer/unpack.py"], ["tests/test_unpack.py"], None),
     # download: all but session(), whose retry and backoff numbers only change timing
     # (mutating them turns tests into minutes-long waits, not failures)
-    "download": (["installer/download.py"], ["tests/test_download.py"],
-                 [f"installer.download.x_{f}__mutmut_*" for f in (
-                     "is_loopback", "local_path", "check_url", "filename_of", "_downloads", "_index_path",
-                     "_read_index", "locked", "_update_index", "sweep", "recorded_sha256", "cached_urls",
-                     "_cached_file", "forget", "fetch", "_digest", "_progress", "ca_bundle", "_proxies",
-                     "get", "_reason", "status_error", "_no_space", "_download", "_unlink", "_copy_local",
-                     "_chunks", "_pump", "_content_range", "_body", "_get_resumable", "_read_meta")]
-                 + ["installer.download.x\u01c1*"]),
+    "download": (["installer/download.py"], ["tests/test_download.py", "tests/test_download_http.py"],
+                 _functions("installer/download.py", leave_out=("session",))),
     "codeobjects": (["installer/codeobjects.py"], ["tests/test_codeobjects.py"], None),
     "patches": (["installer/patches.py"], ["tests/test_patches.py"], None),
     # pyenv: only the index and guard code (the rest drives uv and is covered end to end)
@@ -75,16 +86,13 @@ def _copy_repo(dest: Path) -> None:
 
 
 def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
+    if name == SHELL:
+        with _workdir(name, keep) as tmp:
+            return shell_mutants.run(REPO, Path(tmp), max_children, _copy_repo)
     mutate, tests, names = MODULES[name]
     mutmut = Path(sys.executable).parent / "mutmut"
-    # --keep: a directory that stays, for `mutmut show NAME` / `mutmut browse` in it
-    place = contextlib.nullcontext(str(keep / name)) if keep else tempfile.TemporaryDirectory(
-        prefix=f"mutmut-{name}-")
-    with place as tmp:
+    with _workdir(name, keep) as tmp:
         root = Path(tmp)
-        if keep:
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
         _copy_repo(root)
         with open(root / "pyproject.toml", "a", encoding="utf-8") as fh:
             fh.write("\n[tool.mutmut]\n"
@@ -117,6 +125,19 @@ def run_module(name: str, max_children: int, keep: Path | None = None) -> dict:
     return stats
 
 
+@contextlib.contextmanager
+def _workdir(name: str, keep: Path | None):
+    """A temp dir removed afterwards, or with --keep, DIR/MODULE emptied and left
+    there (for `mutmut show NAME` / `mutmut browse` in it)."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
+            yield tmp
+        return
+    shutil.rmtree(keep / name, ignore_errors=True)
+    (keep / name).mkdir(parents=True)
+    yield str(keep / name)
+
+
 VERDICTS = ("killed", "timeout", "survived", "no tests", "other")
 
 
@@ -136,20 +157,21 @@ def verdict(code: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE",
-                        help=f"one of {', '.join(MODULES)} (default: all)")
+                        help=f"one of {', '.join([*MODULES, SHELL])} (default: all)")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="run in DIR/MODULE and leave it there (to look at survivors)")
     args = parser.parse_args()
-    unknown = [m for m in args.modules if m not in MODULES]
+    known = [*MODULES, SHELL]
+    unknown = [m for m in args.modules if m not in known]
     if unknown:
-        parser.error(f"unknown module {unknown[0]!r}; modules: {', '.join(MODULES)}")
+        parser.error(f"unknown module {unknown[0]!r}; modules: {', '.join(known)}")
     results = {}
     # score = (killed + timed out) / mutants run: a mutant that hangs the tests fails CI too
     print(f"{'module':<12} {'killed':>7} {'timeout':>7} {'total':>6} {'score':>6} {'survived':>8} "
           f"{'no tests':>8} {'other':>6} {'seconds':>7}")
-    for name in args.modules or list(MODULES):
+    for name in args.modules or known:
         s = results[name] = run_module(name, args.max_children, args.keep.resolve() if args.keep else None)
         score = 100.0 * (s["killed"] + s["timeout"]) / s["total"]
         print(f"{name:<12} {s['killed']:>7} {s['timeout']:>7} {s['total']:>6} {score:>5.1f}% "

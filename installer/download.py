@@ -326,10 +326,11 @@ def ca_bundle() -> str | bool:
 
 
 def _proxies(url: str) -> dict | None:
-    # never send loopback traffic (tests, local mirrors) through a proxy
-    # "" rather than None: requests drops None entries and then takes the proxy
-    # from the environment anyway; an empty proxy means a direct connection
-    return dict.fromkeys(("http", "https", "all"), "") if is_loopback(urlsplit(url).hostname) else None
+    # never send loopback traffic (tests, local mirrors) through a proxy. "" rather
+    # than None: requests drops None entries, and a redirect's hop then takes the
+    # proxy from the environment; an empty proxy means a direct connection. The
+    # scheme's entry wins over ALL_PROXY's, and only http(s) gets here (check_url).
+    return dict.fromkeys(("http", "https"), "") if is_loopback(urlsplit(url).hostname) else None
 
 
 def _proxy_for(url: str) -> str | None:
@@ -354,8 +355,7 @@ def get(url: str, *, method: str = "GET", ui: Any = None, timeout: tuple[float, 
     import requests
 
     check_url(url)
-    if method == "HEAD":
-        kw.setdefault("allow_redirects", True)   # requests does not follow a HEAD's redirect by default
+    # Session.request follows redirects for every method, HEAD too (only requests.head() does not)
     started = time.monotonic()
     tries = 0
     while True:
@@ -464,8 +464,7 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
               accept: Accept | None = None, expected_from: str = "pinned",
               src: Path | None = None) -> Fetched:
     """Get `url` (or copy `src`, a file that stands for it), check it, then publish it."""
-    partial = _downloads(cache_dir) / "partial"
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = _downloads(cache_dir) / "partial"     # made by the caller's lock
     part = partial / f"{key}-{name}.part"
     meta = partial / f"{key}-{name}.json"
     from .mirror import rewrite
@@ -496,7 +495,7 @@ def _download(url: str, cache_dir: Path, name: str, key: str, what: str,
             raise _no_space(partial, what, None) from None
         raise
     dest = _downloads(cache_dir) / digest / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(exist_ok=True)
     os.replace(part, dest)
     _unlink(meta)
     if recorded != digest:      # first download, or a new pin replaced the recorded hash

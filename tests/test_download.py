@@ -161,9 +161,12 @@ def test_a_changed_file_restarts_instead_of_resuming(tmp_path, tarball):
 def test_retries_server_errors_then_succeeds(tmp_path, tarball):
     with serve(tarball.parent) as srv:
         srv.fail(NAME, ("status", 503), ("status", 502))
-        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+        ui = Recorder()
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui)
         assert len(srv.downloads(NAME)) == 3
     assert got.sha256 == sha256_of(tarball)
+    # the waits double
+    assert ui.notes == ["127.0.0.1: HTTP 503; retry 1 of 4 in 1 s", "127.0.0.1: HTTP 502; retry 2 of 4 in 2 s"]
 
 
 def test_each_retry_is_shown_at_v_and_written_to_the_log(tmp_path, tarball):
@@ -866,3 +869,103 @@ def test_a_refused_connection_is_retried_then_named_with_the_tries(tmp_path, mon
         download.get(url, ui=ui)
     assert err.value.message == f"cannot download {url}: connection refused (after 5 tries)"
     assert ui.notes == [f"127.0.0.1: connection refused; retry {i} of 4 in 0 s" for i in range(1, 5)]
+
+
+# --- the cache's choices, one by one -------------------------------------------------
+
+def test_a_new_download_is_not_from_the_cache_and_a_cached_one_keeps_its_size(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        first = download.fetch(srv.url + NAME, cache_dir=tmp_path / "a" / "b")
+        again = download.fetch(srv.url + NAME, cache_dir=tmp_path / "a" / "b", sha256=first.sha256)
+    assert first.from_cache is False and again.from_cache is True
+    assert again.size == first.size == tarball.stat().st_size and again.sha256 == first.sha256
+
+
+def test_a_file_added_by_hand_must_match_the_pin(tmp_path, tarball):
+    url = "https://mirror.example/" + NAME
+    with pytest.raises(download.HashMismatch) as err:
+        download.add_file(tarball, url, cache_dir=tmp_path / "cache", sha256="0" * 64)
+    assert err.value.message == (f"sha256 mismatch for {tarball}: expected {'0' * 64} (pinned), "
+                                 f"got {sha256_of(tarball)}")
+    assert err.value.hint == ("the file changed upstream or was corrupted; the download was deleted. "
+                              "If the change is expected, update the pin")
+    assert err.value.which == "pinned" and err.value.got == sha256_of(tarball)
+
+
+def test_a_hash_recorded_in_the_prefix_is_named_as_such(tmp_path, tarball):
+    with serve(tarball.parent) as srv, pytest.raises(download.HashMismatch) as err:
+        download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", trusted="1" * 64, what="TheRock")
+    assert err.value.message == (f"sha256 mismatch for TheRock: expected {'1' * 64} (recorded in this prefix), "
+                                 f"got {sha256_of(tarball)}")
+
+
+def test_ignoring_the_recorded_hash_downloads_the_changed_file_and_records_it(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        first = download.fetch(url, cache_dir=cache)
+        make_toolchain_tarball(tarball, "10.1.0", pad_bytes=1 << 20, seed=5)
+        got = download.fetch(url, cache_dir=cache, ignore_recorded=True)
+        assert len(srv.downloads(NAME)) == 2
+    assert got.sha256 == sha256_of(tarball) != first.sha256 and not got.from_cache
+    assert download.recorded_sha256(url, cache) == got.sha256
+
+
+def test_a_refused_cached_file_is_dropped_by_its_pinned_hash(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    mirror = download.fetch(str(tarball), cache_dir=cache, sha256=digest)   # no record for the URL below
+
+    def refuse(path):
+        raise download.Refused("unsafe archive", hint="x")
+    with pytest.raises(download.Refused):
+        download.fetch("https://mirror.example/" + NAME, cache_dir=cache, sha256=digest, offline=True,
+                       accept=refuse)
+    assert not mirror.path.exists() and not mirror.path.parent.exists()
+
+
+def test_the_asked_name_wins_among_copies_of_the_same_bytes(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    other = tmp_path / "a-first-name.tar.gz"
+    shutil.copy(tarball, other)
+    download.fetch(str(other), cache_dir=cache, sha256=digest)
+    download.add_file(tarball, "https://elsewhere.example/" + NAME, cache_dir=cache, sha256=digest)
+    got = download.fetch("https://mirror.example/" + NAME, cache_dir=cache, sha256=digest, offline=True)
+    assert got.path.name == NAME and sorted(p.name for p in got.path.parent.iterdir()) == [
+        "a-first-name.tar.gz", NAME]
+
+
+@pytest.mark.parametrize("how", ["pinned", "recorded"])
+def test_a_download_another_installer_finished_while_we_waited_is_not_repeated(tmp_path, tarball, how):
+    import threading
+
+    cache = tmp_path / "cache"
+    digest = sha256_of(tarball)
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        key = download.hashlib.sha256(url.encode()).hexdigest()[:16]
+        result = {}
+        with download.locked(cache / "downloads" / "partial" / f"{key}.lock"):
+            waiter = threading.Thread(target=lambda: result.update(got=download.fetch(
+                url, cache_dir=cache, sha256=digest if how == "pinned" else None)))
+            waiter.start()
+            time.sleep(0.3)                  # it found no file and waits for the lock
+            assert waiter.is_alive()
+            # the other installer: the file, and for an unpinned URL its recorded hash
+            (cache / "downloads" / digest).mkdir()
+            shutil.copy(tarball, cache / "downloads" / digest / NAME)
+            if how == "recorded":
+                download._update_index(cache, url, digest)
+        waiter.join(30)
+        assert srv.log == []
+    assert result["got"].from_cache and result["got"].sha256 == digest
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"x"', "7", "{", ""])
+def test_an_index_that_is_not_a_mapping_records_nothing(tmp_path, content):
+    index = tmp_path / "downloads" / "urls.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(content)
+    assert download.recorded_sha256("https://h.example/x.tar.gz", tmp_path) is None
+    assert download.cached_urls(tmp_path) == {}

@@ -5,8 +5,9 @@ with Content-Length, ETag, Range/If-Range (206/416) and HEAD; a directory URL
 answers with a listing in TheRock's index.html format (a `const files` JSON
 array), as S3 ListBucketResult XML (optionally paged), or as plain links.
 Faults are queued per path: an HTTP status, or a body cut off after N bytes;
-`redirects` maps a path to a 302's Location.
-Every request is logged in `server.log`.
+`redirects` maps a path to a 302's Location; `validator` picks what a file
+carries for If-Range (a strong or weak ETag, Last-Modified, or nothing).
+Every request is logged in `server.log`, with its headers as sent.
 
 `make_toolchain_tarball(path, version)` writes a .tar.gz shaped like a TheRock
 dist tarball (members "./bin/...", no top-level dir, the llvm -> lib/llvm and
@@ -33,12 +34,14 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 class FileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, listing: str = "json", page_size: int = 0, rate: int = 0):
+    def __init__(self, root: Path, listing: str = "json", page_size: int = 0, rate: int = 0,
+                 validator: str = "etag"):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = Path(root)
         self.listing = listing          # "json" | "s3" | "html"
         self.page_size = page_size      # S3 keys per page (0 = all)
         self.rate = rate                # bytes/second, 0 = unthrottled
+        self.validator = validator      # a file's: "etag" | "weak" (W/ ETag) | "last-modified" | "none"
         self.log: list[dict] = []
         self.faults: dict[str, list[tuple[str, int]]] = {}
         self.redirects: dict[str, str] = {}     # path -> Location of a 302
@@ -52,8 +55,10 @@ class FileServer(ThreadingHTTPServer):
         """Queue faults for `path`: ("status", 503), ("cut", nbytes), ("whole", 0): a Range
         request answered with the whole file (a server without ranges), ("shift", n): a
         resume answered from n bytes later than asked, ("gzip", 0): the file sent as is
-        but labelled Content-Encoding: gzip (as servers do for .gz files), or ("busy", n):
-        503 with Retry-After: n."""
+        but labelled Content-Encoding: gzip (as servers do for .gz files), ("busy", n):
+        503 with Retry-After: n, ("cap", n): a 206 of only the first n bytes asked for (a
+        server that caps its ranges), or ("badlength", 0): a Content-Length that is not a
+        number, the body ending when the connection closes."""
         self.faults.setdefault(path.lstrip("/"), []).extend(faults)
 
     def next_fault(self, path: str) -> tuple[str, int] | None:
@@ -83,7 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
         rel = unquote(parts.path).lstrip("/")
         self.server.log.append({"method": self.command, "path": rel,
                                 "range": self.headers.get("Range"),
-                                "if_range": self.headers.get("If-Range"), "query": parts.query})
+                                "if_range": self.headers.get("If-Range"), "query": parts.query,
+                                "headers": dict(self.headers.items())})   # names as sent
         if rel in self.server.redirects:
             self.send_response(302)
             self.send_header("Location", self.server.redirects[rel])
@@ -104,7 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, b"not found\n", head)
         kind = fault[0] if fault else ""
         self._file(target, head, cut=fault[1] if kind == "cut" else None, whole=kind == "whole",
-                   shift=fault[1] if kind == "shift" else 0, gzip=kind == "gzip")
+                   shift=fault[1] if kind == "shift" else 0, gzip=kind == "gzip",
+                   cap=fault[1] if kind == "cap" else 0, badlength=kind == "badlength")
 
     def _reply(self, code: int, body: bytes, head: bool, ctype: str = "text/plain",
                retry_after: int | None = None) -> None:
@@ -118,15 +125,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _file(self, path: Path, head: bool, cut: int | None, whole: bool = False, shift: int = 0,
-              gzip: bool = False) -> None:
+              gzip: bool = False, cap: int = 0, badlength: bool = False) -> None:
         st = path.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
+        validator = {"etag": ("ETag", etag), "weak": ("ETag", "W/" + etag), "none": None,
+                     "last-modified": ("Last-Modified", self.date_time_string(int(st.st_mtime)))}[
+                         self.server.validator]
         start, end, code = 0, size - 1, 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
-        if m and not whole and (if_range is None or if_range == etag):
+        if m and not whole and (if_range is None or (validator and if_range == validator[1])):
             if m.group(1):
                 start = int(m.group(1)) + shift
                 end = int(m.group(2)) if m.group(2) else size - 1
@@ -140,10 +150,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             end = min(end, size - 1)
             code = 206
+        if cap:
+            end, code = min(start + cap, size) - 1, 206
         self.send_response(code)
         self.send_header("Content-Type", "application/gzip")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("ETag", etag)
+        self.send_header("Content-Length", "unknown" if badlength else str(end - start + 1))
+        if badlength:
+            self.close_connection = True
+        if validator:
+            self.send_header(*validator)
         self.send_header("Accept-Ranges", "bytes")
         if gzip:
             self.send_header("Content-Encoding", "gzip")

@@ -1,0 +1,213 @@
+"""installer.download on the wire: the headers it sends, the validators it keeps
+for a resume, ranges a server caps or garbles, the free-space check, proxies for
+loopback, and the causes it names. Against the loopback server of therock_fixtures."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from installer import download
+from test_download import NAME, Recorder, _part, _partial, https_server  # noqa: F401 (a fixture)
+from therock_fixtures import make_toolchain_tarball, serve, sha256_of
+
+
+@pytest.fixture()
+def tarball(tmp_path):
+    return make_toolchain_tarball(tmp_path / "srv" / NAME, "10.1.0", pad_bytes=3 << 20)
+
+
+def test_a_download_asks_for_the_bytes_as_stored_and_a_resume_for_the_rest_of_the_same_file(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("cut", 700_000))
+        download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+        first, resume = (r["headers"] for r in srv.downloads(NAME))
+        etag = srv.downloads(NAME)[1]["if_range"]
+    assert first["Accept-Encoding"] == "identity" and "Range" not in first and "If-Range" not in first
+    assert resume["Accept-Encoding"] == "identity"
+    assert resume["Range"] == f"bytes={int(resume['Range'][6:-1])}-" and int(resume["Range"][6:-1]) >= 600_000
+    assert resume["If-Range"] == etag and etag.startswith('"')
+
+
+@pytest.mark.parametrize("kind, header", [("etag", "ETag"), ("last-modified", "Last-Modified"),
+                                          ("weak", None), ("none", None)])
+def test_a_later_run_resumes_only_with_a_strong_validator(tmp_path, tarball, kind, header):
+    """A weak ETag may name other bytes, so without a strong one a resume must not be conditional
+    on it: no If-Range is sent and no validator is kept."""
+    cache = tmp_path / "cache"
+    with serve(tarball.parent, validator=kind) as srv:
+        url = srv.url + NAME
+        srv.fail(NAME, *[("cut", 200_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError, match="broke off"):
+            download.fetch(url, cache_dir=cache)
+        sent = srv.downloads(NAME)[0]
+        meta = _part(cache, url).with_suffix(".json")
+        kept = json.loads(meta.read_text()) if meta.exists() else None
+        got = download.fetch(url, cache_dir=cache)
+        rerun = srv.downloads(NAME)[download.RESUMES + 1]["headers"]
+    assert got.sha256 == sha256_of(tarball)
+    assert rerun["Range"] == "bytes=800000-"
+    if header:
+        st = tarball.stat()
+        served = {"ETag": f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
+                  "Last-Modified": email.utils.formatdate(int(st.st_mtime), usegmt=True)}[header]
+        assert kept == {"url": url, "validator": served}
+        assert rerun["If-Range"] == served
+    else:
+        assert kept is None and "If-Range" not in rerun
+    assert "Range" not in sent["headers"]
+
+
+def test_a_capped_range_is_followed_by_another_until_the_file_is_whole(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("cap", 500_000), ("cap", 500_000))
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")
+        ranges = [r["range"] for r in srv.downloads(NAME)]
+    assert got.sha256 == sha256_of(tarball)
+    assert ranges == [None, "bytes=500000-", "bytes=1000000-"]
+
+
+def test_a_server_that_always_caps_is_named_after_the_last_resume(tmp_path, tarball):
+    size = tarball.stat().st_size
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cap", 100_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", what="TheRock")
+        assert len(srv.downloads(NAME)) == download.RESUMES + 1
+    got = (download.RESUMES + 1) * 100_000
+    assert err.value.message == f"TheRock: got {got} bytes, the server announced {size}"
+    assert err.value.hint == "rerun to resume; if it persists the mirror is broken"
+    assert _part(tmp_path / "cache", srv.url + NAME).stat().st_size == got    # kept for the rerun
+
+
+def test_a_length_that_is_not_a_number_is_ignored(tmp_path, tarball):
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("badlength", 0))
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui)
+    assert got.sha256 == sha256_of(tarball) and ui.total_seen == [None]
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("bytes 100-199/1000", (100, 1000)), ("bytes 100-199/*", (100, None)), ("bytes 0-0/1", (0, 1)),
+    (None, None), ("", None), ("items 1-2/3", None), ("bytes */1000", None), ("bytes x-1/2", None),
+    ("bytes 5-9/10/20", (5, None)), ("bytes 5-6-7/10", (5, 10)), ("bytes -5-9/10", None),
+])
+def test_content_range(value, parsed):
+    assert download._content_range(value) == parsed
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+@pytest.mark.parametrize("short", [0, 1])
+def test_a_resume_needs_room_for_the_rest_only(tmp_path, tarball, monkeypatch, short):
+    cache, data = tmp_path / "cache", tarball.read_bytes()
+    real = shutil.disk_usage
+    rest = len(data) - 1_000_000
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: Usage(1 << 40, 0, rest - short) if "partial" in str(p) else real(p))
+    with serve(tarball.parent) as srv:
+        url = srv.url + NAME
+        _partial(cache, url, data[:1_000_000])
+        if not short:
+            assert download.fetch(url, cache_dir=cache).sha256 == sha256_of(tarball)
+            return
+        with pytest.raises(download.InstallerError) as err:
+            download.fetch(url, cache_dir=cache, what="TheRock")
+    assert err.value.message == f"disk full while downloading TheRock into {_part(cache, url).parent}"
+    assert err.value.hint == (f"free {rest / 1e9:.1f} GB there (or set RDNA4_CACHE_DIR to a bigger disk) "
+                              "and rerun")
+
+
+def test_a_big_file_asks_for_its_size_in_gigabytes(tmp_path, monkeypatch):
+    err = download._no_space(tmp_path, "TheRock", 3_450_000_000)
+    assert err.hint.startswith("free 3.5 GB there") and str(tmp_path) in err.message
+    assert download._no_space(tmp_path, "TheRock", None).hint.startswith("free more space there")
+
+
+def test_progress_is_labelled_with_what_is_downloaded_or_read_from_the_cache(tmp_path, tarball):
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui, what="TheRock")
+        got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", ui=ui, what="TheRock",
+                             sink=lambda b: None)
+    assert ui.descs == ["TheRock", "TheRock (cached)"]
+    assert ui.total_seen == [got.size, got.size] and got.size == tarball.stat().st_size
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_failed_status_names_what_and_the_url(tmp_path, tarball, status):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("status", status))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", what="TheRock")
+    assert err.value.message == f"TheRock: HTTP {status} for {srv.url + NAME}" and err.value.status == status
+
+
+def test_a_broken_off_body_names_the_cause(tmp_path, tarball):
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, *[("cut", 300_000)] * (download.RESUMES + 1))
+        with pytest.raises(download.DownloadError) as err:
+            download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache", what="TheRock")
+    assert err.value.message.startswith("TheRock: download broke off at 1 MB (")
+    assert "None" not in err.value.message and "IncompleteRead" in err.value.message
+
+
+def test_a_file_that_changed_on_the_server_leaves_nothing_behind(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("cut", 500_000), ("whole", 0))
+        with pytest.raises(download.DownloadError, match="changed on the server"):
+            download.fetch(srv.url + NAME, cache_dir=cache, sink=lambda b: None)
+    assert sorted(p.name for p in _part(cache, srv.url + NAME).parent.iterdir()) == [
+        f"{_part(cache, srv.url + NAME).name[:16]}.lock"]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Failed to resolve 'mirror.example' ([Errno -2] Name or service not known)", "host name not found"),
+    ("Failed to resolve 'mirror.example'", "host name not found"),
+    ("nodename nor servname provided, or not known", "host name not found"),
+    ("Name or service not known", "host name not found"),
+    ("[SSL: WRONG_VERSION_NUMBER] wrong version number", "TLS handshake failed"),
+    ("SSLError(1, 'bad')", "TLS handshake failed"),
+    ("certificate verify failed: CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+    ("Read timed out. (read timeout=60)", "no answer (timed out)"),
+    ("[Errno 111] Connection refused", "connection refused"),
+    ("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))", "connection reset by the server"),
+    ("something else\nwith a second line", "something else"),
+])
+def test_reason(text, reason):
+    assert download._reason(OSError(text)) == reason
+
+
+def test_a_loopback_mirror_that_redirects_skips_a_dead_proxy_on_every_hop(tmp_path, tarball, monkeypatch):
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    with serve(tarball.parent) as srv:
+        srv.redirects["old/" + NAME] = srv.url + NAME
+        got = download.fetch(srv.url + "old/" + NAME, cache_dir=tmp_path / "cache")
+    assert got.sha256 == sha256_of(tarball)
+
+
+def test_a_loopback_https_mirror_skips_a_dead_proxy(https_server, tmp_path, monkeypatch):
+    url, cert = https_server
+    for var in ("NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setattr(download, "_SESSION", None)
+    assert download.fetch(url, cache_dir=tmp_path / "cache").size == 4096
+
+
+@pytest.mark.parametrize("url, name", [("https://h.example/a/file.tar.gz/", "file.tar.gz"),
+                                       ("https://h.example/a/b%20c.whl", "b c.whl")])
+def test_filename_of(url, name):
+    assert download.filename_of(url) == name
