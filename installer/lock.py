@@ -83,7 +83,7 @@ def artifacts(plan: Any, names: Iterable[str] | None = None) -> list[dict[str, A
             if rcp.unmet(step.when, item.vars, where):
                 continue
             args = dict(step.args)
-            if step.action == "fetch-git" and not args.get("url") and source is not None:
+            if step.action == "fetch-git" and source is not None:   # the step's own values win
                 args = {"url": source.url, "commit": source.commit, "tag": source.tag, **args}
             vals = _values(args, item, intent, resolvers)
             for art in _step_artifacts(item.name, step.action, vals):

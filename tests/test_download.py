@@ -307,10 +307,19 @@ def test_file_urls_and_paths_are_mirrors(tmp_path, tarball):
 
 
 def test_offline_miss_is_clear(tmp_path):
-    with pytest.raises(InstallerError, match="offline") as err:
-        download.fetch("https://stable.repo.amd.com/rocm/core/tarball/" + NAME,
-                       cache_dir=tmp_path, offline=True)
-    assert err.value.hint
+    url = "https://stable.repo.amd.com/rocm/core/tarball/" + NAME
+    cache = tmp_path / "my cache"
+    with pytest.raises(InstallerError) as err:
+        download.fetch(url, cache_dir=cache, offline=True, what="TheRock")
+    assert err.value.message == f"offline, and TheRock is not in the cache ({url})"
+    assert err.value.hint == (f"run once without --offline, or download {url} elsewhere and run: "
+                              f"rdna4-install cache add {NAME} --url {url} --cache-dir '{cache}'")
+
+
+def test_sha256_file_reads_every_chunk(tmp_path):
+    data = os.urandom(download.CHUNK * 2 + 17)
+    (tmp_path / "f").write_bytes(data)
+    assert download.sha256_file(tmp_path / "f") == download.hashlib.sha256(data).hexdigest()
 
 
 _CHILD = """

@@ -612,3 +612,150 @@ def test_a_named_reference_to_plain_http_is_refused(tmp_path, source):
     out = _source(f'source_spec "{source}"\nprintf "%s" "$RETVAL"', _env(tmp_path, os.defpath))
     assert out.returncode == 1 and out.stdout == ""
     assert "refusing '" in out.stderr and "only https:// URLs are allowed" in out.stderr
+
+
+# --- each safety check of the download, checksum, temp dir and PATH code, one by one
+# (benchmarks/shell_mutants.py deletes or negates them; these are the tests that notice)
+
+def _fake(tools: Path, name: str, calls: Path, body: str = "exit 0") -> None:
+    """A `name` in `tools` that notes its arguments in `calls`, then runs `body`."""
+    tools.mkdir(parents=True, exist_ok=True)
+    (tools / name).write_text(f'#!/bin/sh\nprintf "{name} %s\\n" "$*" >> "{calls}"\n{body}\n')
+    (tools / name).chmod(0o755)
+
+
+BASIC = ("sh", "grep", "cat", "mktemp", "rm", "chmod", "tr")
+
+
+@needs_dash
+def test_curl_is_held_to_https_on_every_redirect(tmp_path):
+    tools, calls = _tools_dir(tmp_path, BASIC), tmp_path / "calls"
+    _fake(tools, "curl", calls)
+    env = _env(tmp_path, str(tools))
+    for url, proto in (("https://example.invalid/x", "=https"), ("http://127.0.0.1:9/x", "=http,https")):
+        out = _source(f'downloader {url} "{tmp_path}/out"', env)
+        assert out.returncode == 0, out.stderr
+        args = calls.read_text().splitlines()[-1].split()
+        assert args[:6] == ["curl", "--proto", proto, "--proto-redir", proto, "--tlsv1.2"], args
+        assert args[-3:] == ["--output", f"{tmp_path}/out", url]
+
+
+@needs_dash
+def test_curl_from_snap_gives_way_to_wget_or_is_named(tmp_path):
+    tools, calls = _tools_dir(tmp_path, BASIC), tmp_path / "calls"
+    snap = tmp_path / "snap" / "bin"
+    _fake(snap, "curl", calls)
+    _fake(tools, "wget", calls, 'case "$1" in --help) echo "  --secure-protocol=PR";; esac')
+    env = _env(tmp_path, f"{snap}:{tools}")
+    out = _source(f'downloader https://example.invalid/x "{tmp_path}/out"', env)
+    assert out.returncode == 0, out.stderr
+    assert [c.split()[0] for c in calls.read_text().splitlines()] == ["wget", "wget"]   # --help, then the fetch
+    (tools / "wget").unlink()
+    out = _source(f'downloader https://example.invalid/x "{tmp_path}/out"\necho not reached', env)
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"curl from snap cannot write to {tmp_path}/out" in out.stderr
+
+
+@needs_dash
+def test_busybox_wget_is_called_with_what_it_knows(tmp_path):
+    tools, calls = _tools_dir(tmp_path, BASIC), tmp_path / "calls"
+    _fake(tools, "wget", calls, 'case "$1" in --help) echo "Usage: wget [-cqS] [-O FILE] URL";; esac')
+    out = _source(f'downloader https://example.invalid/x "{tmp_path}/out"', _env(tmp_path, str(tools)))
+    assert out.returncode == 0, out.stderr
+    assert calls.read_text().splitlines()[-1] == f"wget -q -O {tmp_path}/out https://example.invalid/x"
+
+
+@needs_dash
+def test_without_curl_or_wget_nothing_is_downloaded_and_it_says_so(tmp_path):
+    env = _env(tmp_path, str(_tools_dir(tmp_path, BASIC)), RDNA4_INSTALLER_SHA256="a" * 64)
+    out = _source(f'downloader https://example.invalid/x "{tmp_path}/out"\necho "rc=$?"', env)
+    assert out.stdout == "rc=1\n" and "need curl or wget to download https://example.invalid/x" in out.stderr
+    out = _source('fetch_verified https://example.invalid/x.whl\necho not reached', env)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "could not download https://example.invalid/x.whl" in out.stderr
+    assert "check the URL and the network, then rerun" in out.stderr
+
+
+@needs_dash
+@pytest.mark.parametrize("tool", ["sha256sum", "shasum", "openssl", None])
+def test_the_checksum_falls_back_from_sha256sum_to_shasum_to_openssl(tmp_path, tool):
+    data = tmp_path / "f"
+    data.write_bytes(b"rdna4" * 1000)
+    tools = _tools_dir(tmp_path, ("perl", *(() if tool is None else (tool,))))
+    out = _source(f'checksum_of "{data}"\nprintf "%s" "$RETVAL"', _env(tmp_path, str(tools)))
+    if tool is None:
+        assert out.returncode == 1 and out.stdout == ""
+        assert f"need sha256sum, shasum or openssl to check {data}" in out.stderr
+    else:
+        assert (out.returncode, out.stdout) == (0, hashlib.sha256(data.read_bytes()).hexdigest()), out.stderr
+
+
+@needs_dash
+def test_a_sha256_of_64_characters_that_are_not_hex_is_refused(tmp_path):
+    env = _env(tmp_path, os.defpath, RDNA4_INSTALLER_SHA256="g" * 64)
+    out = _source('fetch_verified https://example.invalid/x.whl\necho not reached', env)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "RDNA4_INSTALLER_SHA256 is not a sha256 (64 hex digits)" in out.stderr
+
+
+@needs_dash
+@pytest.mark.parametrize("url", ["http://10.0.0.1/x.whl", "http://192.168.1.1:8000/x.whl"])
+def test_a_private_address_is_not_loopback(tmp_path, url):
+    out = _source(f'if is_loopback_url "{url}"; then echo loopback; else echo remote; fi',
+                  _env(tmp_path, os.defpath))
+    assert out.stdout == "remote\n"
+
+
+@needs_dash
+def test_the_path_line_says_where_it_went_or_why_not(tmp_path):
+    env = _env(tmp_path, os.defpath)
+    home = Path(env["HOME"])
+    bin_dir = tmp_path / "bin"
+    out = _source(f'ensure_on_path "{bin_dir}"', env)
+    assert out.returncode == 0
+    assert f"added {bin_dir} to PATH in {home}/.profile (new shells will see it)" in out.stderr
+    (home / ".profile").unlink()
+    (home / ".profile").mkdir()           # cannot be written: the user is told to do it
+    out = _source(f'ensure_on_path "{bin_dir}"', env)
+    assert out.returncode == 0
+    assert f"could not write to {home}/.profile; add {bin_dir} to PATH yourself" in out.stderr
+    assert "added" not in out.stderr
+
+
+@needs_dash
+def test_a_dir_with_shell_special_characters_is_left_to_the_user(tmp_path):
+    env = _env(tmp_path, os.defpath)
+    odd = tmp_path / "a$b"
+    out = _source(f"ensure_on_path '{odd}'", env)
+    assert out.returncode == 0
+    assert f"not adding {odd} to PATH (it has shell-special characters); add it yourself" in out.stderr
+    assert not (Path(env["HOME"]) / ".profile").exists()
+
+
+@needs_dash
+def test_one_temp_dir_per_run_and_a_fresh_one_after_cleanup(tmp_path):
+    out = _source('make_tmpdir\na="$RETVAL"\nmake_tmpdir\nb="$RETVAL"\ncleanup\nmake_tmpdir\n'
+                  'printf "%s %s %s" "$a" "$b" "$RETVAL"\ntest -d "$RETVAL" && test ! -e "$a"',
+                  _env(tmp_path, os.defpath))
+    assert out.returncode == 0, out.stderr
+    first, again, fresh = out.stdout.split()
+    assert first == again != fresh and first.startswith(f"{tmp_path}/rdna4-install.")
+
+
+@needs_dash
+@pytest.mark.parametrize("signal, code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_removes_the_temp_dir(tmp_path, signal, code):
+    out = _source(f'make_tmpdir\nprintf "%s" "$RETVAL"\nkill -{signal} $$\nsleep 5\necho not reached',
+                  _env(tmp_path, os.defpath))
+    assert out.returncode == code and "not reached" not in out.stdout
+    assert out.stdout.startswith(f"{tmp_path}/rdna4-install.") and not Path(out.stdout).exists()
+
+
+@needs_dash
+def test_a_temp_dir_where_files_cannot_run_is_named(tmp_path):
+    tools = _tools_dir(tmp_path, ("sh", "mktemp", "rm"))
+    (tools / "chmod").write_text("#!/bin/sh\nexit 0\n")     # as on a noexec mount: the probe cannot run
+    (tools / "chmod").chmod(0o755)
+    out = _source("make_tmpdir\necho not reached", _env(tmp_path, str(tools)))
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"cannot execute files in {tmp_path} (is it mounted noexec?)" in out.stderr

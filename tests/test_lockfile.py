@@ -331,3 +331,21 @@ def test_from_receipt_fills_only_the_pin_that_holds_the_hash(tmp_path):
     assert got["pins"] == {"therock": {"version": "10.1.0"}}
     receipt_with(prefix, lk, {"source": {}})
     assert lock.from_receipt(prefix)["artifacts"][0]["sha256"] == ""
+
+
+def test_a_recipe_left_out_by_its_when_has_no_artifacts_even_if_its_steps_would(tmp_path):
+    import shutil
+
+    folder = tmp_path / "recipes"
+    shutil.copytree(rcp.default_recipes_dir(), folder)
+    recipe = folder / "flash-attention.toml"
+    # a later recipe whose fetch step has no `when` of its own
+    recipe.write_text(recipe.read_text().replace('when = { "flash-attention.backend" = "ck" }\n', "", 1))
+    pins = rcp.apply_overrides(rcp.load_pins(folder / rcp.PINS_FILE), sets=EXACT + ("flash-attention.backend=none",))
+    plan = make_plan(Settings(prefix=tmp_path / "p", cache_dir=tmp_path / "c", recipes_dir=folder,
+                              archs=("gfx1201",), pins=pins))
+    assert lock.artifacts(plan, ["flash-attention"]) == []
+    pins["flash-attention"]["backend"] = "triton"
+    plan = make_plan(Settings(prefix=tmp_path / "p", cache_dir=tmp_path / "c", recipes_dir=folder,
+                              archs=("gfx1201",), pins=pins))
+    assert [a["name"] for a in lock.artifacts(plan, ["flash-attention"])] == ["flash-attention.git"] * 2
