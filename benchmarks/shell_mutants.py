@@ -80,15 +80,18 @@ def mutants(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _run(copy: Path, script: str) -> str:
+def _run(copy: Path, script: str, show: bool = False) -> str:
     (copy / "install.sh").write_text(script)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
            "tests/test_install_sh.py", *(f"--deselect=tests/test_install_sh.py::{t}" for t in FORM_TESTS)]
     env = {**os.environ, "TMPDIR": str(copy.with_name(copy.name + ".tmp")), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
-        rc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, timeout=300).returncode
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         return "timeout"
+    rc = done.returncode
+    if show and rc:
+        print(done.stdout[-3000:], done.stderr[-2000:], file=sys.stderr)
     return {0: "survived", 1: "killed"}.get(rc, "other")
 
 
@@ -104,7 +107,7 @@ def run(repo: Path, workdir: Path, children: int, copy_repo: Callable[[Path], No
         subprocess.run(["git", "init", "-q", str(copy)], check=True)
         copy.with_name(copy.name + ".tmp").mkdir()
     started = time.monotonic()
-    if _run(copies[0], original) != "survived":
+    if _run(copies[0], original, show=True) != "survived":
         raise SystemExit("install.sh: tests/test_install_sh.py fails on the unchanged script")
     free = list(copies)
 

@@ -414,7 +414,7 @@ def _classify(exc: BaseException) -> tuple[str, bool]:
     return _reason(exc), False
 
 
-def network_error(url: str, reason: str, tries: int = 1) -> DownloadError:
+def network_error(url: str, reason: str, tries: int) -> DownloadError:
     """A download that the network stopped: what happened, and every way around it."""
     host = urlsplit(url).hostname or url
     proxy = _proxy_for(url)
@@ -454,7 +454,12 @@ def status_error(url: str, status: int, what: str) -> DownloadError:
 
 
 def _no_space(where: Path, what: str, need: int | None) -> InstallerError:
-    amount = f"{need / 1e9:.1f} GB" if need else "more space"
+    if not need:
+        amount = "more space"
+    elif need >= 10**9:
+        amount = f"{need / 1e9:.1f} GB"
+    else:
+        amount = f"{-(-need // 10**6)} MB"      # rounded up: never "0 MB"
     return InstallerError(f"disk full while downloading {what} into {where}",
                           hint=f"free {amount} there (or set RDNA4_CACHE_DIR to a bigger disk) and rerun")
 

@@ -612,6 +612,9 @@ def test_disk_full_names_the_place_and_the_size():
     assert err.message == "disk full while downloading TheRock into /c/partial"
     assert err.hint.startswith("free 3.2 GB there") and "RDNA4_CACHE_DIR" in err.hint
     assert download._no_space(Path("/c"), "x", None).hint.startswith("free more space there")
+    assert download._no_space(Path("/c"), "x", 10**9).hint.startswith("free 1.0 GB there")
+    assert download._no_space(Path("/c"), "x", 10**9 - 1).hint.startswith("free 1000 MB there")
+    assert download._no_space(Path("/c"), "x", 599_390).hint.startswith("free 1 MB there")
 
 
 def test_a_hash_mismatch_says_which_hash_and_keeps_its_hint(tmp_path, tarball):

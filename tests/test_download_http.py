@@ -12,7 +12,7 @@ from collections import namedtuple
 import pytest
 
 from installer import download
-from test_download import NAME, Recorder, _part, _partial, https_server  # noqa: F401 (a fixture)
+from test_download import NAME, Recorder, _part, _partial, https_server, silent_proxy  # noqa: F401 (fixtures)
 from therock_fixtures import make_toolchain_tarball, serve, sha256_of
 
 
@@ -120,14 +120,8 @@ def test_a_resume_needs_room_for_the_rest_only(tmp_path, tarball, monkeypatch, s
         with pytest.raises(download.InstallerError) as err:
             download.fetch(url, cache_dir=cache, what="TheRock")
     assert err.value.message == f"disk full while downloading TheRock into {_part(cache, url).parent}"
-    assert err.value.hint == (f"free {rest / 1e9:.1f} GB there (or set RDNA4_CACHE_DIR to a bigger disk) "
+    assert err.value.hint == (f"free {-(-rest // 10**6)} MB there (or set RDNA4_CACHE_DIR to a bigger disk) "
                               "and rerun")
-
-
-def test_a_big_file_asks_for_its_size_in_gigabytes(tmp_path, monkeypatch):
-    err = download._no_space(tmp_path, "TheRock", 3_450_000_000)
-    assert err.hint.startswith("free 3.5 GB there") and str(tmp_path) in err.message
-    assert download._no_space(tmp_path, "TheRock", None).hint.startswith("free more space there")
 
 
 def test_progress_is_labelled_with_what_is_downloaded_or_read_from_the_cache(tmp_path, tarball):
@@ -211,3 +205,83 @@ def test_a_loopback_https_mirror_skips_a_dead_proxy(https_server, tmp_path, monk
                                        ("https://h.example/a/b%20c.whl", "b c.whl")])
 def test_filename_of(url, name):
     assert download.filename_of(url) == name
+
+
+def test_the_cause_is_found_however_deep_requests_wraps_it():
+    import socket
+
+    import requests
+    import urllib3
+
+    unresolved = urllib3.exceptions.NameResolutionError("h.example", None, socket.gaierror(-2, "x"))
+    # urllib3's MaxRetryError holds the cause in .reason only
+    wrapped = requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/x", reason=unresolved))
+    assert download._classify(wrapped) == ("host name not found", True)
+    # one branch of the chain does not hide another
+    assert download._classify(requests.exceptions.ConnectionError(socket.gaierror(-2, "x"), OSError("y"))) == (
+        "host name not found", True)
+    assert download._classify(requests.exceptions.ConnectionError(OSError("[Errno 111] Connection refused"))) == (
+        "connection refused", False)
+
+
+@pytest.mark.parametrize("text, reason", [("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+                                          ("record layer failure", "TLS failed (record layer failure)")])
+def test_a_tls_failure_is_final_and_says_tls(text, reason):
+    import requests
+
+    assert download._classify(requests.exceptions.SSLError(text)) == (reason, True)
+
+
+def test_a_retry_that_could_not_end_within_the_budget_is_not_started(monkeypatch, silent_proxy):
+    # first try ends at ~0.9 s; a retry would wait 1 s and could take 0.9 s more: past 2.5 s
+    for var in download.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
+    ui = Recorder()
+    with pytest.raises(download.DownloadError) as err:
+        download.get("https://downloads.example.com/x", ui=ui, timeout=(0.9, 0.9), budget=2.5)
+    assert ui.notes == [] and "(after" not in err.value.message
+
+
+def test_the_proxy_named_is_the_one_requests_uses(monkeypatch):
+    for var in download.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert download._proxy_for("https://h.example/x") == "http://proxy.example:3128"
+    assert download._proxy_for("http://127.0.0.1:9/x") is None          # loopback goes direct
+    err = download.network_error("https://h.example/x", "connection refused", 1)
+    assert err.message == "cannot download https://h.example/x through proxy http://proxy.example:3128: connection refused"
+    assert err.hint.startswith("host h.example; proxy variables: HTTPS_PROXY=http://proxy.example:3128, "
+                               "https_proxy=http://proxy.example:3128. Fix the network")
+    assert download.network_error("http://127.0.0.1:9/x", "connection refused", 3).message == (
+        "cannot download http://127.0.0.1:9/x: connection refused (after 3 tries)")
+
+
+def test_a_file_added_by_hand_is_held_to_the_recorded_hash_and_records_its_own(tmp_path, tarball):
+    cache = tmp_path / "cache"
+    url = "https://mirror.example/" + NAME
+    ui = Recorder()
+    got = download.add_file(tarball, url, cache_dir=cache, ui=ui)        # no pin: its hash is recorded
+    assert download.recorded_sha256(url, cache) == got.sha256 == sha256_of(tarball)
+    assert ui.infos == [f"recorded sha256 {got.sha256} for {tarball}; later runs require the same file"]
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(b"not the same file")
+    with pytest.raises(download.HashMismatch, match=r"\(recorded on the first download\)"):
+        download.add_file(other, url, cache_dir=cache)
+
+
+def test_a_file_added_by_hand_waits_for_a_download_of_the_same_url(tmp_path, tarball):
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    url = "https://mirror.example/" + NAME
+    key = download.hashlib.sha256(url.encode()).hexdigest()[:16]
+    with download.locked(cache / "downloads" / "partial" / f"{key}.lock"):
+        adder = threading.Thread(target=download.add_file, args=(tarball, url), kwargs={"cache_dir": cache})
+        adder.start()
+        time.sleep(0.3)
+        assert adder.is_alive() and download.recorded_sha256(url, cache) is None
+    adder.join(30)
+    assert download.recorded_sha256(url, cache) == sha256_of(tarball)

@@ -743,10 +743,15 @@ def test_one_temp_dir_per_run_and_a_fresh_one_after_cleanup(tmp_path):
 
 
 @needs_dash
-@pytest.mark.parametrize("signal, code", [("INT", 130), ("TERM", 143)])
-def test_a_signal_removes_the_temp_dir(tmp_path, signal, code):
-    out = _source(f'make_tmpdir\nprintf "%s" "$RETVAL"\nkill -{signal} $$\nsleep 5\necho not reached',
-                  _env(tmp_path, os.defpath))
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_removes_the_temp_dir(tmp_path, sig, code):
+    import signal
+
+    script = f'. "{INSTALL_SH}"\nmake_tmpdir\nprintf "%s" "$RETVAL"\nkill -{sig} $$\nsleep 5\necho not reached'
+    # a shell started with SIGINT ignored (a background job) cannot trap it: start it as a terminal would
+    out = subprocess.run([DASH, "-c", script], env=dict(_env(tmp_path, os.defpath), RDNA4_INSTALL_SH_TESTING="1"),
+                         capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert out.returncode == code and "not reached" not in out.stdout
     assert out.stdout.startswith(f"{tmp_path}/rdna4-install.") and not Path(out.stdout).exists()
 
