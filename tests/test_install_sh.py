@@ -734,7 +734,8 @@ def test_a_dir_with_shell_special_characters_is_left_to_the_user(tmp_path):
 
 @needs_dash
 def test_one_temp_dir_per_run_and_a_fresh_one_after_cleanup(tmp_path):
-    out = _source('make_tmpdir\na="$RETVAL"\nmake_tmpdir\nb="$RETVAL"\ncleanup\nmake_tmpdir\n'
+    # (other functions set RETVAL in between)
+    out = _source('make_tmpdir\na="$RETVAL"\nRETVAL=other\nmake_tmpdir\nb="$RETVAL"\ncleanup\nmake_tmpdir\n'
                   'printf "%s %s %s" "$a" "$b" "$RETVAL"\ntest -d "$RETVAL" && test ! -e "$a"',
                   _env(tmp_path, os.defpath))
     assert out.returncode == 0, out.stderr
