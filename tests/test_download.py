@@ -967,11 +967,12 @@ def test_a_download_another_installer_finished_while_we_waited_is_not_repeated(t
             # the other installer: the file, and for an unpinned URL its recorded hash
             (cache / "downloads" / digest).mkdir()
             shutil.copy(tarball, cache / "downloads" / digest / NAME)
+            shutil.copy(tarball, cache / "downloads" / digest / "a-mirror-name.tar.gz")
             if how == "recorded":
                 download._update_index(cache, url, digest)
         waiter.join(30)
         assert srv.log == []
-    assert result["got"].from_cache and result["got"].sha256 == digest
+    assert result["got"].from_cache and result["got"].sha256 == digest and result["got"].path.name == NAME
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"x"', "7", "{", ""])

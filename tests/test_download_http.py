@@ -246,14 +246,15 @@ def test_a_retry_that_could_not_end_within_the_budget_is_not_started(monkeypatch
 def test_the_proxy_named_is_the_one_requests_uses(monkeypatch):
     for var in download.PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://proxy.example:3128")
     assert download._proxy_for("https://h.example/x") == "http://proxy.example:3128"
     assert download._proxy_for("http://127.0.0.1:9/x") is None          # loopback goes direct
     err = download.network_error("https://h.example/x", "connection refused", 1)
     assert err.message == "cannot download https://h.example/x through proxy http://proxy.example:3128: connection refused"
     assert err.hint.startswith("host h.example; proxy variables: HTTPS_PROXY=http://proxy.example:3128, "
-                               "https_proxy=http://proxy.example:3128. Fix the network")
+                               "https_proxy=http://proxy.example:3128, HTTP_PROXY=http://proxy.example:3128. "
+                               "Fix the network")
     assert download.network_error("http://127.0.0.1:9/x", "connection refused", 3).message == (
         "cannot download http://127.0.0.1:9/x: connection refused (after 3 tries)")
 
