@@ -286,3 +286,12 @@ def test_a_file_added_by_hand_waits_for_a_download_of_the_same_url(tmp_path, tar
         assert adder.is_alive() and download.recorded_sha256(url, cache) is None
     adder.join(30)
     assert download.recorded_sha256(url, cache) == sha256_of(tarball)
+
+
+def test_a_long_retry_after_is_cut_to_half_the_budget(tmp_path, tarball):
+    ui = Recorder()
+    with serve(tarball.parent) as srv:
+        srv.fail(NAME, ("busy", 5))
+        with download.get(srv.url + NAME, ui=ui, timeout=(0.2, 5), budget=4) as resp:
+            assert resp.status_code == 200
+    assert ui.notes == ["127.0.0.1: HTTP 503; retry 1 of 4 in 2 s"]
