@@ -233,11 +233,18 @@ def silent_proxy():
         conn.close()
 
 
-@pytest.mark.slow
-def test_a_silent_proxy_fails_within_the_bound_and_is_named(tmp_path, monkeypatch, silent_proxy):
+@pytest.fixture
+def behind_silent_proxy(monkeypatch, silent_proxy) -> str:
+    """HTTPS_PROXY is a silent proxy, and no other proxy variable is set."""
     for var in download.PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
+    return silent_proxy
+
+
+@pytest.mark.slow
+def test_a_silent_proxy_fails_within_the_bound_and_is_named(tmp_path, behind_silent_proxy):
+    silent_proxy = behind_silent_proxy
     ui = Recorder()
     url = "https://downloads.example.com/therock.tar.gz"
     started = time.monotonic()
@@ -251,11 +258,9 @@ def test_a_silent_proxy_fails_within_the_bound_and_is_named(tmp_path, monkeypatc
     assert ui.notes and all(n.startswith("downloads.example.com: no answer (timed out); retry ") for n in ui.notes)
 
 
-def test_a_silent_proxy_is_retried_within_a_short_budget_then_named(monkeypatch, silent_proxy):
+def test_a_silent_proxy_is_retried_within_a_short_budget_then_named(behind_silent_proxy):
     # the same story as above with short timeouts: one retry fits in the budget, a second does not
-    for var in download.PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
+    silent_proxy = behind_silent_proxy
     ui = Recorder()
     url = "https://downloads.example.com/therock.tar.gz"
     started = time.monotonic()

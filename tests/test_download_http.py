@@ -12,7 +12,8 @@ from collections import namedtuple
 import pytest
 
 from installer import download
-from test_download import NAME, Recorder, _part, _partial, https_server, silent_proxy  # noqa: F401 (fixtures)
+from test_download import (NAME, Recorder, _part, _partial, behind_silent_proxy,  # noqa: F401 (fixtures)
+                           https_server, silent_proxy)
 from therock_fixtures import make_toolchain_tarball, serve, sha256_of
 
 
@@ -232,11 +233,8 @@ def test_a_tls_failure_is_final_and_says_tls(text, reason):
     assert download._classify(requests.exceptions.SSLError(text)) == (reason, True)
 
 
-def test_a_retry_that_could_not_end_within_the_budget_is_not_started(monkeypatch, silent_proxy):
+def test_a_retry_that_could_not_end_within_the_budget_is_not_started(behind_silent_proxy):
     # first try ends at ~0.9 s; a retry would wait 1 s and could take 0.9 s more: past 2.5 s
-    for var in download.PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", silent_proxy)
     ui = Recorder()
     with pytest.raises(download.DownloadError) as err:
         download.get("https://downloads.example.com/x", ui=ui, timeout=(0.9, 0.9), budget=2.5)
