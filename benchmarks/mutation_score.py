@@ -11,8 +11,8 @@ test reaches in-process (code run only in a subprocess counts as not killed).
 install.sh is shell, which mutmut cannot mutate: benchmarks/shell_mutants.py
 makes its mutants and runs tests/test_install_sh.py on each.
 
-Not part of .ci/run: on 2 cores each module takes a few minutes, except download
-(hours: each mutant of its fetch and resume code runs most of test_download.py).
+Not part of .ci/run: on 2 cores each module takes a few minutes, except install.sh
+(about 10) and download (about 30: each mutant of get() runs most of its tests).
 """
 
 from __future__ import annotations
@@ -133,6 +133,11 @@ def _workdir(name: str, keep: Path | None):
         with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
             yield tmp
         return
+    keep.mkdir(parents=True, exist_ok=True)
+    # tests/conftest.py fails a test run whose checkout changed while it ran: inside
+    # this checkout every edit made meanwhile would kill the mutants then under test
+    if subprocess.run(["git", "-C", str(keep), "rev-parse", "--git-dir"], capture_output=True).returncode == 0:
+        raise SystemExit(f"--keep {keep} is inside a git checkout; pick a directory outside it")
     shutil.rmtree(keep / name, ignore_errors=True)
     (keep / name).mkdir(parents=True)
     yield str(keep / name)
