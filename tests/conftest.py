@@ -40,6 +40,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     logs = (base / "hints-shown.jsonl", base / "hints-ran.txt")
     session.config._hint_logs = logs  # type: ignore[attr-defined]
     os.environ[hintcheck.SHOWN], os.environ[hintcheck.RAN] = map(str, logs)
+    # module fixtures (the e2e worlds) run before a test's own TMPDIR is set: what they
+    # start (uv's build locks, say) leaves its temp files in basetemp, not in /tmp
+    session_tmp = base / "session-tmp"
+    session_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(session_tmp)
 
 
 def _whole_suite(config: pytest.Config) -> bool:

@@ -28,6 +28,8 @@ def test_a_representative_run_leaves_no_temp_files(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     after = sorted(p.name for p in tmp.iterdir())
     assert before == after == [], f"left in the temp dir: {sorted(set(after) - set(before))}"
+    # nor in the one the child's session gives its module fixtures (conftest.py)
+    assert sorted(p.name for p in (tmp_path / "basetemp" / "session-tmp").iterdir()) == []
 
 
 def test_run_sh_changes_no_python_configuration():
@@ -35,3 +37,15 @@ def test_run_sh_changes_no_python_configuration():
     code = [line.split("#")[0] for line in text.splitlines()]
     assert not [line for line in code if "BREAK_SYSTEM_PACKAGES" in line or "--user" in line]
     assert "--basetemp" in text and 'rm -rf "$BASETEMP"' in text
+
+
+@pytest.fixture(scope="module")
+def module_tmpdir() -> str:
+    return os.environ.get("TMPDIR", "")
+
+
+def test_module_fixtures_get_a_temp_dir_inside_the_run(module_tmpdir, tmp_path_factory):
+    """The e2e worlds are module fixtures, set up before a test's TMPDIR: the uv builds
+    they run left uv-setuptools-*.lock files in /tmp until the session set one."""
+    base = tmp_path_factory.getbasetemp()
+    assert module_tmpdir == str(base / "session-tmp") and Path(module_tmpdir).is_dir()
