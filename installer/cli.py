@@ -258,6 +258,7 @@ def _settings(opts: dict[str, Any], ui: UI, *, targets: tuple[str, ...] = (), fo
         jobs=jobs, only=tuple(opts.get("only") or ()),
         skip=tuple(opts.get("skip") or ()), without=without,
         targets=targets, force=force, adopt=adopt, offline=bool(opts.get("offline")), pin_origins=origins,
+        sets=sets, pins_file=opts.get("pins_file"),
         target=profile.name if profile else "",
         options={"editable": bool(opts.get("editable")),
                  "visible_devices": detection.visible_devices if detection is not None

@@ -50,9 +50,7 @@ def _context(item: Item, settings: Settings, ui: UI, env: dict[str, str]) -> act
         source=source, patches=item.patches,
         force=settings.force and (not settings.targets or item.name in settings.targets),
         rerun_verb=_verb(settings),
-        rerun_sets=tuple(o.removeprefix("--set ") for o in settings.pin_origins.values() if o.startswith("--set ")),
-        rerun_pins=next((o for o in settings.pin_origins.values()
-                         if not o.startswith(("--set ", "target "))), ""),
+        rerun_sets=settings.sets, rerun_pins=str(settings.pins_file or ""),
     )
 
 

@@ -52,6 +52,8 @@ class Settings:
     offline: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     pin_origins: dict[str, str] = field(default_factory=dict)   # RECIPE.KEY -> "--set ..." / pins file
+    sets: tuple[str, ...] = ()        # the --set RECIPE.KEY=VALUE overrides, as given (rerun hints repeat them)
+    pins_file: Path | None = None     # --pins
     target: str = ""                  # the target profile (recipes/targets/<name>.toml); "" = none
 
 

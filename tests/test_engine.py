@@ -281,3 +281,23 @@ def test_second_installer_on_the_prefix_is_refused_and_a_dead_holder_is_taken_ov
     out, _ = third.communicate(timeout=60)
     assert third.returncode == 0, out
     assert state.read_stamp(prefix, "activate")["status"] == "done"
+
+
+def test_a_rerun_hint_repeats_the_run_with_its_sets_and_pins_file(tmp_path):
+    """The hint after a refused download is this run again (selection, --set, --pins,
+    --gpu-arch), with the one pin it proposes replacing the user's."""
+    from types import SimpleNamespace
+
+    from installer import engine
+    from installer.plan import Settings
+
+    settings = Settings(prefix=tmp_path / "p", cache_dir=tmp_path / "c", recipes_dir=tmp_path, archs=("gfx1201",),
+                        pins={}, only=("therock",), sets=("therock.version=10.1.1", "therock.sha256=" + "a" * 64),
+                        pins_file=Path("my pins.toml"))
+    item = SimpleNamespace(name="therock", recipe=SimpleNamespace(source=None), vars={}, patches=())
+    ctx = engine._context(item, settings, ui=None, env={})
+    tail = f"--pins 'my pins.toml' --gpu-arch gfx1201 --cache-dir {tmp_path / 'c'} --prefix {tmp_path / 'p'}"
+    assert ctx.again_command(pin=("therock.sha256", "b" * 64)) == (
+        f"rdna4-install install --only therock --set therock.version=10.1.1 --set therock.sha256={'b' * 64} {tail}")
+    assert ctx.rerun_command("--force") == (
+        f"rdna4-install run therock --force --set therock.version=10.1.1 --set therock.sha256={'a' * 64} {tail}")
