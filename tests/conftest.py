@@ -86,8 +86,9 @@ def uv_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uv_cache: Path) -> Path:
     for key in list(os.environ):
-        if key not in (hintcheck.SHOWN, hintcheck.RAN) and key.startswith(("RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
-                           "HSA_", "HIP_", "ROCR_", "ROCM_", "PYTORCH_ROCM")):
+        if key not in (hintcheck.SHOWN, hintcheck.RAN) and key.startswith((
+                "RDNA4_", "PIP_", "UV_", "VIRTUAL_ENV", "CONDA", "PYTHONPATH",
+                "HSA_", "HIP_", "ROCR_", "ROCM_", "PYTORCH_ROCM")):
             monkeypatch.delenv(key, raising=False)
     home = tmp_path / "home"
     home.mkdir()

@@ -555,6 +555,12 @@ def test_sweep_removes_index_temps_only(tmp_path, tarball):
     (OSError("ConnectTimeoutError(<HTTPSConnection>, 'Connection to x.example')"), "no answer (timed out)"),
     (OSError("x" * 300), "x" * 200),
     (OSError(), "OSError"),
+    (OSError("Failed to resolve 'mirror.example'"), "host name not found"),
+    (OSError("nodename nor servname provided, or not known"), "host name not found"),
+    (OSError("Name or service not known"), "host name not found"),
+    (OSError("SSLError(1, 'bad')"), "TLS handshake failed"),
+    (OSError("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))"),
+     "connection reset by the server"),
 ])
 def test_reason_gives_a_short_cause(exc, say):
     assert download._reason(exc) == say
@@ -629,12 +635,17 @@ def test_a_hash_mismatch_says_which_hash_and_keeps_its_hint(tmp_path, tarball):
     assert "update the pin" in err.value.hint
 
 
-def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, monkeypatch):
-    """A dead proxy in the environment: loopback mirrors (and these tests) still work."""
+@pytest.fixture
+def dead_proxies(monkeypatch) -> None:
+    """Every proxy variable names a port nothing listens on, and NO_PROXY is unset."""
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
+
+
+def test_loopback_downloads_bypass_a_configured_proxy(tmp_path, tarball, dead_proxies):
+    """A dead proxy in the environment: loopback mirrors (and these tests) still work."""
     assert download._proxies("https://repo.amd.com/x") is None       # remote: the proxy applies
     with serve(tarball.parent) as srv:
         got = download.fetch(srv.url + NAME, cache_dir=tmp_path / "cache")

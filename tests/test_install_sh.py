@@ -587,9 +587,7 @@ def test_wget_alone_is_held_to_https(tmp_path):
         pytest.skip("wget is not installed")
     tools = _tools_dir(tmp_path, ("sh", "grep", "cat", "mktemp", "rm", "chmod", "dirname"))
     calls = tmp_path / "wget-calls"
-    wrapper = tools / "wget"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
-    wrapper.chmod(0o755)
+    _fake(tools, "wget", calls, f'exec "{real}" "$@"')
     env = _env(tmp_path, str(tools))
     out = _source(f'downloader https://example.invalid/x "{tmp_path}/x"', env)
     assert out.returncode != 0          # example.invalid does not resolve
